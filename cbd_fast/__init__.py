@@ -1,0 +1,53 @@
+"""cbd_fast: label-free backdoor purification of vision backbones (Contrastive Backdoor Defense).
+
+Lean by design: importing the package loads neither the compiled extension nor Triton nor CUDA.
+Heavy parts are imported on first attribute access.
+
+Example:
+    >>> from cbd_fast import purify                                   # doctest: +SKIP
+    >>> clean_backbone = purify(backbone, unlabeled_images, epochs=5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from cbd_fast.backends import available_backends
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily on first access)
+_LAZY = {
+    "purify": "cbd_fast.purify",
+    "Purifier": "cbd_fast.purify",
+    "PurifyResult": "cbd_fast.purify",
+    "PurifyConfig": "cbd_fast.config",
+    "NTXentLoss": "cbd_fast.losses",
+    "ops": "cbd_fast.ops",
+    "attack": "cbd_fast.attack",
+    "build_info": "cbd_fast.build_info",
+}
+
+__all__ = ["__version__", "available_backends", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cbd_fast import attack, ops
+    from cbd_fast.build_info import build_info
+    from cbd_fast.config import PurifyConfig
+    from cbd_fast.losses import NTXentLoss
+    from cbd_fast.purify import Purifier, PurifyResult, purify
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cbd_fast' has no attribute {name!r}")
+    mod = importlib.import_module(module)
+    value = mod if module.endswith("." + name) else getattr(mod, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
