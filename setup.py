@@ -50,8 +50,11 @@ def _base_record() -> dict:
         "version": VERSION,
         "python": sys.version.split()[0],
         "build_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "flags": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("CBD_FAST_")
-                  or k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "MAX_JOBS")},
+        "flags": {
+            k: os.environ[k]
+            for k in sorted(os.environ)
+            if k.startswith("CBD_FAST_") or k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "MAX_JOBS")
+        },
     }
     try:
         import torch
@@ -67,8 +70,14 @@ def _base_record() -> dict:
 def _pure_python_setup(reason: str) -> None:
     from setuptools.command.build_py import build_py
 
-    record = {**_base_record(), "extension_built": False, "cuda_compiled": False,
-              "backends_compiled": [], "cuda_archs": [], "note": reason}
+    record = {
+        **_base_record(),
+        "extension_built": False,
+        "cuda_compiled": False,
+        "backends_compiled": [],
+        "cuda_archs": [],
+        "note": reason,
+    }
 
     class BuildPy(build_py):
         def run(self):
@@ -87,28 +96,42 @@ def _setup(**kwargs) -> None:
     )
 
 
+def _toolkit_problem(home: str | None) -> str | None:
+    """Why ``home`` is not a usable CUDA toolkit root (None when it is): needs bin/nvcc and headers."""
+    if not home:
+        return "no CUDA toolkit found (CUDA_HOME unset and no nvcc on PATH)"
+    if shutil.which("nvcc", path=os.path.join(home, "bin")) is None:
+        return f"CUDA_HOME={home} has no bin/nvcc"
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        return f"CUDA_HOME={home} has no include/cuda_runtime.h"
+    return None
+
+
 def _cuda_wanted() -> tuple[bool, str]:
+    """Whether to compile the CUDA kernels, and why (recorded in the build record)."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     if _flag("CBD_FAST_NO_CUDA"):
         return False, "CBD_FAST_NO_CUDA=1"
+    problem = _toolkit_problem(CUDA_HOME)
     if _flag("CBD_FAST_FORCE_CUDA"):
-        if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        if problem is not None:
             sys.exit(
-                "cbd_fast: CBD_FAST_FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to "
-                "the toolkit's root (the folder holding bin/nvcc), e.g. CUDA_HOME=/usr/local/cuda"
+                f"cbd_fast: CBD_FAST_FORCE_CUDA=1 but {problem}: set CUDA_HOME to the toolkit's "
+                "root (the folder holding bin/nvcc and include/cuda_runtime.h), "
+                "e.g. CUDA_HOME=/usr/local/cuda"
             )
         if torch.version.cuda is None:
             sys.exit(
                 "cbd_fast: CBD_FAST_FORCE_CUDA=1 but the installed torch "
                 f"{torch.__version__} is a CPU-only build: install a CUDA build of torch"
             )
-        return True, "CBD_FAST_FORCE_CUDA=1"
+        return True, f"CBD_FAST_FORCE_CUDA=1, torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU-only build"
-    if CUDA_HOME is None:
-        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    if problem is not None:
+        return False, f"{problem} (set CUDA_HOME to build the CUDA kernels)"
     return True, f"torch CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
 
 
@@ -138,13 +161,21 @@ def main() -> None:
     cpu_sources = [p for p in rel("csrc/torch/*.cpp") if not p.endswith("_cuda.cpp")]
     cuda_sources = rel("csrc/torch/*_cuda.cpp") + rel("csrc/kernels/*.cu")
     include_dirs = [str(ROOT / "csrc")]
-    cxx = [*opt, "-std=c++17", "-fopenmp", "-DCBD_FAST_WITH_OPENMP"]
+    # No -std flag: torch's cpp_extension adds the standard its headers need (C++20 for torch >= 2.14,
+    # whose headers use `requires`); the torch-free cores in csrc/kernels/ stay C++17 (CMakeLists.txt).
+    cxx = [*opt, "-fopenmp", "-DCBD_FAST_WITH_OPENMP"]
     if sys.platform == "darwin":
         cxx.remove("-fopenmp")
 
     if with_cuda:
-        nvcc = [*opt, "-std=c++17", "--use_fast_math", "-lineinfo", "-DCBD_FAST_WITH_CUDA",
-                "--expt-relaxed-constexpr"]
+        # No --use_fast_math: it flushes denormals and relaxes division in every kernel, which would
+        # break the bit-exact PGD step; kernels use fast intrinsics (__expf, ...) explicitly.
+        nvcc = [
+            *opt,
+            "-lineinfo",
+            "-DCBD_FAST_WITH_CUDA",
+            "--expt-relaxed-constexpr",
+        ]
         ext = CUDAExtension(
             "cbd_fast._C",
             sources=cpu_sources + cuda_sources,
@@ -161,9 +192,15 @@ def main() -> None:
             extra_link_args=[] if sys.platform == "darwin" else ["-fopenmp"],
         )
 
-    record = {**_base_record(), "extension_built": True, "cuda_compiled": with_cuda,
-              "cuda_reason": cuda_why, "cuda_archs": archs,
-              "backends_compiled": ["cpp", "cuda"] if with_cuda else ["cpp"], "debug": debug}
+    record = {
+        **_base_record(),
+        "extension_built": True,
+        "cuda_compiled": with_cuda,
+        "cuda_reason": cuda_why,
+        "cuda_archs": archs,
+        "backends_compiled": ["cpp", "cuda"] if with_cuda else ["cpp"],
+        "debug": debug,
+    }
 
     class BuildExt(BuildExtension):
         def run(self):

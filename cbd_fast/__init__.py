@@ -17,11 +17,13 @@ from cbd_fast.backends import available_backends
 
 __version__ = "0.1.0"
 
+# Eager (torch-only, no Triton/extension/CUDA): the submodule cbd_fast.purify shares its name with the
+# function; importing it here first binds the name to the function for good (a lazy import would let
+# Python's import system rebind cbd_fast.purify to the submodule).
+from cbd_fast.purify import Purifier, PurifyResult, purify  # noqa: E402
+
 # public name -> module that defines it (imported lazily on first access)
 _LAZY = {
-    "purify": "cbd_fast.purify",
-    "Purifier": "cbd_fast.purify",
-    "PurifyResult": "cbd_fast.purify",
     "PurifyConfig": "cbd_fast.config",
     "NTXentLoss": "cbd_fast.losses",
     "ops": "cbd_fast.ops",
@@ -29,14 +31,13 @@ _LAZY = {
     "build_info": "cbd_fast.build_info",
 }
 
-__all__ = ["__version__", "available_backends", *_LAZY]
+__all__ = ["__version__", "available_backends", "purify", "Purifier", "PurifyResult", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbd_fast import attack, ops
     from cbd_fast.build_info import build_info
     from cbd_fast.config import PurifyConfig
     from cbd_fast.losses import NTXentLoss
-    from cbd_fast.purify import Purifier, PurifyResult, purify
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ _state: dict[str, object] = {}
 def load() -> ModuleType | None:
     """The extension module, or None if it is not built/importable (see ``load_error``)."""
     if "module" not in _state:
-        if os.environ.get("CBD_FAST_DISABLE_EXT", "0") not in ("", "0"):
+        if os.environ.get("CBD_FAST_DISABLE_EXT", "0").strip().lower() not in ("", "0", "false", "no"):
             _state["module"] = None
             _state["error"] = "disabled by CBD_FAST_DISABLE_EXT=1"
         else:

@@ -83,9 +83,7 @@ def backend_status(device: str | torch.device | None = "cpu") -> dict[str, str |
     if importlib.util.find_spec("triton") is None:
         status["triton"] = "the triton package is not installed"
     elif dev == "cpu":
-        status["triton"] = (
-            None if triton_interpret() else "CPU tensors need TRITON_INTERPRET=1 (interpreter)"
-        )
+        status["triton"] = None if triton_interpret() else "CPU tensors need TRITON_INTERPRET=1 (interpreter)"
     elif dev == "cuda":
         status["triton"] = None if torch.cuda.is_available() else _cuda_reason(dev)
     else:
@@ -144,9 +142,7 @@ def select_backend(
             requested, source = env, f"{ENV_VAR} environment variable"
     if requested is not None:
         if not isinstance(requested, str) or requested.lower() not in BACKENDS:
-            raise ValueError(
-                f"{source} must be one of {list(BACKENDS)} or None; got {requested!r}"
-            )
+            raise ValueError(f"{source} must be one of {list(BACKENDS)} or None; got {requested!r}")
         requested = requested.lower()
         reason = backend_status(device)[requested]
         if reason is not None:
@@ -159,9 +155,12 @@ def select_backend(
     dev = _device_type(device)
     if priority is None:
         priority = ("cuda", "triton", "cpp", "torch") if dev == "cuda" else ("cpp", "torch")
+    unknown = [name for name in priority if name not in BACKENDS]
+    if unknown:
+        raise ValueError(f"priority must name backends from {list(BACKENDS)}; got {list(priority)!r}")
     status = backend_status(device)
     for name in priority:
-        if status.get(name) is None:
+        if status[name] is None:
             return name
         logger.debug("%s: skipping backend %r on %s: %s", op, name, dev, status[name])
     return "torch"

@@ -70,8 +70,8 @@ def pgd_step_reference(
     """
     compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
     xa, g, xc = x_adv.to(compute), grad.to(compute), x_clean.to(compute)
-    # 1. Ascent step: sign(0) = 0, sign(NaN) = NaN.
-    y = xa + step_size * torch.sign(g)
+    # 1. Ascent step: sign(0) = 0, sign(NaN) = NaN (torch.sign alone maps NaN to 0).
+    y = xa + step_size * torch.where(torch.isnan(g), g, torch.sign(g))
     # 2. Projection on the L-inf ball around x_clean (torch.clamp with tensor bounds propagates NaN).
     y = torch.clamp(y, min=xc - epsilon, max=xc + epsilon)
     # 3. Projection on the box [lower, upper].

@@ -1,12 +1,317 @@
-"""NT-Xent op (placeholder: reference only; the fused backends replace this)."""
+"""The fused NT-Xent loss (SimCLR's normalized temperature-scaled cross entropy), forward and backward.
+
+CBD evaluates this loss K + 1 times per batch (every PGD step and the fine-tuning step). The naive
+form builds the 2N x 2N score matrix; the fused kernels never do: the forward keeps only a running
+log-sum-exp per row (flash-style) and saves ``lse`` [2N]; the backward recomputes score tiles.
+
+Pipeline of ``nt_xent(a, b, temperature)``:
+
+1. Rows are L2-normalised in float32 (float64 for float64 inputs) with ``F.normalize(eps=1e-12)``:
+   a zero row stays zero. Autograd differentiates this step (the normalisation Jacobian).
+2. The kernels take the normalised views ``za, zb`` [N, D] and ``inv_temp = 1 / temperature``.
+   cpp and torch receive them in float32 (float64); triton and cuda receive bfloat16/float16
+   inputs' normalised rows rounded back to the input dtype (tensor-core dot products, float32
+   accumulation).
+3. One ``torch.autograd.Function`` sits above dispatch: it saves ``za, zb, lse`` only when a
+   gradient is needed, and the backward computes only the rows of the side(s) that need one (the
+   PGD phase, where the clean anchors ``b`` are constants, costs half a backward).
+
+Backends (``cbd_fast.backends``): ``cuda`` and ``cpp`` are ``torch.ops.cbd_fast.nt_xent_fwd/bwd``
+from the compiled extension (csrc/kernels/nt_xent.cu, csrc/kernels/nt_xent_cpu.h); ``triton`` is
+``torch.ops.cbd_fast.nt_xent_fwd_triton/bwd_triton`` (cbd_fast/kernels/triton/nt_xent.py, also on
+CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` is ``cbd_fast.reference.nt_xent_reference``.
+Automatic choice: CUDA tensors try triton, cuda, torch; CPU tensors cpp, torch. float64 runs on
+cpp or torch only. All four ops have fake (meta) implementations registered here, so
+``torch.compile(fullgraph=True)`` traces ``nt_xent`` and ``torch.library.opcheck`` passes.
+
+The loss is returned as float32 for float32/bfloat16/float16 inputs (float64 for float64 inputs).
+A NaN or Inf anywhere in the inputs gives a NaN loss (and NaN gradients); nothing crashes.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+import torch.nn.functional as F
 
-from cbd_fast.reference import nt_xent_reference
+from cbd_fast import _ext
+from cbd_fast.backends import select_backend
+from cbd_fast.reference import NORM_EPS, nt_xent_reference
+
+__all__ = ["nt_xent", "nt_xent_value_and_grad", "check_nt_xent_args"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_BACKEND_DTYPES = {
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "cpp": _FLOAT_DTYPES,
+    "torch": _FLOAT_DTYPES,
+}
 
 
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5, *,
-            backend: str | None = None) -> torch.Tensor:
-    return nt_xent_reference(a, b, temperature)
+# ---- torch.library registrations ------------------------------------------------------------------
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fwd_fake(za: torch.Tensor, zb: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    dt = _loss_dtype(za.dtype)
+    return za.new_empty((), dtype=dt), za.new_empty((2 * za.shape[0],), dtype=dt)
+
+
+def _bwd_fake(
+    grad: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temp: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ga = torch.empty_like(za) if need_a else za.new_empty((0,))
+    gb = torch.empty_like(zb) if need_b else zb.new_empty((0,))
+    return ga, gb
+
+
+@torch.library.custom_op("cbd_fast::nt_xent_fwd_triton", mutates_args=())
+def _fwd_triton_op(za: torch.Tensor, zb: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from cbd_fast.kernels.triton.nt_xent import nt_xent_fwd_triton  # imports triton on first use only
+
+    return nt_xent_fwd_triton(za, zb, inv_temp)
+
+
+@torch.library.custom_op("cbd_fast::nt_xent_bwd_triton", mutates_args=())
+def _bwd_triton_op(
+    grad: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temp: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from cbd_fast.kernels.triton.nt_xent import nt_xent_bwd_triton
+
+    return nt_xent_bwd_triton(grad, za, zb, lse, inv_temp, need_a, need_b)
+
+
+_fwd_triton_op.register_fake(_fwd_fake)
+_bwd_triton_op.register_fake(_bwd_fake)
+
+
+def _register_native_fakes() -> None:
+    """Fake impls of the compiled ops, when the extension loads (a missing one is not an error)."""
+    if _ext.load() is None:
+        return
+    for name, fn in (("cbd_fast::nt_xent_fwd", _fwd_fake), ("cbd_fast::nt_xent_bwd", _bwd_fake)):
+        try:
+            torch.library.register_fake(name)(fn)
+        except RuntimeError as exc:  # registered already (a module reload): keep the first one
+            if "already" not in str(exc):
+                raise
+
+
+_register_native_fakes()
+
+
+def _fwd_op(backend: str):
+    return torch.ops.cbd_fast.nt_xent_fwd_triton if backend == "triton" else torch.ops.cbd_fast.nt_xent_fwd
+
+
+def _bwd_op(backend: str):
+    return torch.ops.cbd_fast.nt_xent_bwd_triton if backend == "triton" else torch.ops.cbd_fast.nt_xent_bwd
+
+
+# ---- autograd ----------------------------------------------------------------------------------------
+
+
+class _NTXentFunction(torch.autograd.Function):
+    """loss = NT-Xent of the already-normalised views; d loss / d(za, zb) from the fused backward."""
+
+    @staticmethod
+    def forward(ctx, za: torch.Tensor, zb: torch.Tensor, inv_temp: float, backend: str) -> torch.Tensor:
+        loss, lse = _fwd_op(backend)(za, zb, inv_temp)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            ctx.save_for_backward(za, zb, lse)
+        ctx.inv_temp = inv_temp
+        ctx.backend = backend
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        za, zb, lse = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ga, gb = _bwd_op(ctx.backend)(grad.float().contiguous(), za, zb, lse, ctx.inv_temp, need_a, need_b)
+        return (ga if need_a else None), (gb if need_b else None), None, None
+
+
+# ---- validation and dispatch -------------------------------------------------------------------------
+
+
+def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> float:
+    """Validate ``nt_xent``'s arguments (see there); return ``temperature`` as a Python float.
+
+    Raises:
+        TypeError: ``a``/``b`` are not tensors or not of a float dtype, their dtypes differ, or
+            ``temperature`` is not a real number.
+        ValueError: not 2-D, shapes differ, N < 2 or D < 1, devices differ, or ``temperature`` is
+            not finite and > 0.
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float32, bfloat16, float16 or float64 tensor; got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D [N, D]; got {t.dim()}-D shape {tuple(t.shape)}")
+    if b.shape != a.shape:
+        raise ValueError(f"b must have a's shape {tuple(a.shape)}; got {tuple(b.shape)}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b must have a's dtype {a.dtype}; got {b.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"a and b must be on the same device; got a on {a.device}, b on {b.device}")
+    if a.shape[0] < 2:
+        raise ValueError(f"a must have N >= 2 rows (each row needs a negative); got N={a.shape[0]}")
+    if a.shape[1] < 1:
+        raise ValueError(f"a must have D >= 1 features; got D={a.shape[1]}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number; got {type(temperature).__name__} {temperature!r}")
+    tau = float(temperature)
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"temperature must be finite and > 0; got {temperature}")
+    return tau
+
+
+@torch.compiler.assume_constant_result
+def _select(device: str, is_f64: bool, backend: str | None) -> str:
+    """Backend choice for (device, dtype class, request); a constant while torch.compile traces."""
+    dev = torch.device(device)
+    if backend is None and is_f64:
+        priority = ("cpp", "torch") if dev.type == "cpu" else ("torch",)
+    else:
+        priority = ("triton", "cuda", "torch") if dev.type == "cuda" else ("cpp", "torch")
+    return select_backend("nt_xent", dev, backend, priority=priority)
+
+
+def _resolve_backend(a: torch.Tensor, backend: str | None) -> str:
+    name = _select(str(a.device), a.dtype == torch.float64, backend)
+    if a.dtype not in _BACKEND_DTYPES[name]:
+        raise TypeError(
+            f"nt_xent: backend {name!r} serves {[str(d) for d in _BACKEND_DTYPES[name]]} tensors; "
+            f"got a of dtype {a.dtype} (use backend='cpp', 'torch' or None)"
+        )
+    return name
+
+
+def _normalized(x: torch.Tensor, backend: str) -> torch.Tensor:
+    """Step 1-2: float32/float64 L2 normalisation; 16-bit rows go back to 16 bits for triton/cuda."""
+    z = F.normalize(x.to(_loss_dtype(x.dtype)), dim=1, eps=NORM_EPS)
+    if backend in ("triton", "cuda") and x.dtype in (torch.bfloat16, torch.float16):
+        z = z.to(x.dtype)
+    return z.contiguous()
+
+
+def nt_xent(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """SimCLR's NT-Xent loss of two views, fused: no 2N x 2N matrix is ever stored.
+
+    ``(1/2N) * sum_i [ logsumexp_{j != i} s_ij - s_{i,p(i)} ]`` with ``s_ij = <u_i, u_j> / tau``,
+    ``u = [normalize(a); normalize(b)]`` (2N rows) and ``p(i)`` the partner of row ``i`` in the
+    other view; equal to ``cbd_fast.reference.nt_xent_reference`` up to rounding.
+
+    Differentiable with respect to ``a`` and ``b``; when only one of them requires grad (CBD's PGD
+    phase: the clean anchors are constants) the backward spends no work on the other.
+
+    Args:
+        a: [N, D] features of view one, N >= 2, D >= 1; float32, bfloat16, float16 or float64
+            (float64: cpp and torch backends). Any strides.
+        b: [N, D] features of view two, same shape, dtype and device; row ``i`` of ``b`` is the
+            positive of row ``i`` of ``a``.
+        temperature: tau, finite and > 0 (0.5 is SimCLR's and CBD's default).
+        backend: "cuda", "triton", "cpp", "torch" or None (automatic; ``CBD_FAST_BACKEND``
+            overrides). A named backend that cannot serve these tensors raises RuntimeError.
+
+    Returns:
+        0-dim tensor, float32 (float64 for float64 inputs), on ``a``'s device. NaN when any input
+        element is NaN or Inf.
+
+    Raises:
+        TypeError / ValueError: bad arguments, naming the argument and its value.
+        RuntimeError: the backend asked for cannot serve the tensors.
+
+    Example:
+        >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss = nt_xent(a, b, temperature=0.5)
+        >>> bool(torch.isclose(loss, cbd_fast.reference.nt_xent_reference(a, b, 0.5)))  # doctest: +SKIP
+        True
+    """
+    tau = check_nt_xent_args(a, b, temperature)
+    name = _resolve_backend(a, backend)
+    if name == "torch":
+        return nt_xent_reference(a, b, tau)
+    za, zb = _normalized(a, name), _normalized(b, name)
+    return _NTXentFunction.apply(za, zb, 1.0 / tau, name)
+
+
+def nt_xent_value_and_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    temperature: float = 0.5,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and its gradient with respect to ``a`` only, in one call, without autograd.
+
+    What CBD's PGD phase needs (``b`` holds constant clean anchors): the forward, then the backward
+    for the N rows of ``a`` only, then the normalisation Jacobian
+    ``dL/da_i = (g_i - z_i <z_i, g_i>) / ||a_i||`` (``g_i / eps`` for rows with ``||a_i|| <= eps``,
+    as ``F.normalize`` differentiates). Nothing is recorded on the autograd tape.
+
+    Args:
+        a: [N, D] features that the gradient is taken with respect to (see ``nt_xent``).
+        b: [N, D] the other view (treated as a constant).
+        temperature: tau, finite and > 0.
+        backend: as for ``nt_xent``.
+
+    Returns:
+        ``(loss, grad_a)``: the 0-dim loss (float32, float64 for float64 inputs) and ``grad_a``
+        [N, D] in ``a``'s dtype, equal to ``torch.autograd.grad(nt_xent(a, b, tau), a)``.
+
+    Example:
+        >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
+        >>> loss, grad_a = nt_xent_value_and_grad(a, b)
+        >>> grad_a.shape
+        torch.Size([8, 16])
+    """
+    tau = check_nt_xent_args(a, b, temperature)
+    name = _resolve_backend(a, backend)
+    with torch.no_grad():
+        if name == "torch":
+            with torch.enable_grad():
+                a_ = a.detach().requires_grad_(True)
+                loss = nt_xent_reference(a_, b.detach(), tau)
+                (grad_a,) = torch.autograd.grad(loss, a_)
+            return loss.detach(), grad_a
+        compute = _loss_dtype(a.dtype)
+        x = a.to(compute)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        za, zb = _normalized(a, name), _normalized(b, name)
+        inv_temp = 1.0 / tau
+        loss, lse = _fwd_op(name)(za, zb, inv_temp)
+        one = torch.ones((), dtype=torch.float32, device=a.device)
+        g_z, _ = _bwd_op(name)(one, za, zb, lse, inv_temp, True, False)
+        # normalisation Jacobian of z = x / max(||x||, eps), applied to g = dL/dz
+        g = g_z.to(compute)
+        z = x / norm.clamp_min(NORM_EPS)
+        radial = (z * g).sum(dim=1, keepdim=True)
+        grad_a = torch.where(norm > NORM_EPS, (g - z * radial) / norm.clamp_min(NORM_EPS), g / NORM_EPS)
+        return loss, grad_a.to(a.dtype)

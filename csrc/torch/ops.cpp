@@ -1,6 +1,6 @@
 // The schemas of every cbd_fast op, in one place. Implementations register per device key in
 // nt_xent_cpu.cpp / pgd_cpu.cpp (CPU) and nt_xent_cuda.cpp / pgd_cuda.cpp (CUDA).
-// Fake (meta) implementations live in Python (cbd_fast/ops/_fake.py) via torch.library.register_fake.
+// Fake (meta) implementations live in each op's Python module (cbd_fast/ops/*.py), torch.library.register_fake.
 #include <torch/library.h>
 
 TORCH_LIBRARY(cbd_fast, m) {

@@ -1,0 +1,244 @@
+"""Adversaries used inside the CBD loop (step 2: evoke the backdoor), as a small registry.
+
+``PurifyConfig.adversary`` names an entry of :data:`ADVERSARIES`. An adversary receives an
+:class:`AttackInputs` (clean batch, clean anchors, sample indices, epoch, ...) and returns the
+detached adversarial batch. Adding a candidate is one class:
+
+    >>> from cbd_fast.adversaries import Adversary, register_adversary
+    >>> @register_adversary("noise")                                         # doctest: +SKIP
+    ... class UniformNoise(Adversary):
+    ...     def __call__(self, inp):
+    ...         u = per_sample_uniform(inp.indices, inp.x.shape[1:], seed=inp.config.seed, epoch=inp.epoch)
+    ...         return random_start(inp.x, u, inp.config.epsilon)
+
+Randomness is drawn per sample from (seed, epoch, sample index) by :func:`per_sample_uniform`, a
+counter-based hash evaluated on the images' device: the same sample gets the same random start
+whatever the batch composition, the number of ranks or the device, so distributed runs and resumed
+runs reproduce single-process ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cbd_fast.config import PurifyConfig
+
+__all__ = [
+    "AttackInputs",
+    "Adversary",
+    "ADVERSARIES",
+    "register_adversary",
+    "make_adversary",
+    "per_sample_uniform",
+    "random_start",
+]
+
+
+@dataclass
+class AttackInputs:
+    """What an adversary may use, for one batch.
+
+    Attributes:
+        encoder: the module being purified, mapping images [B, C, H, W] to features [B, D] (already
+            flattened; NOT wrapped in DDP). The adversary must leave its flags and requires_grad as
+            it found them (``cbd_fast.attack.contrastive_pgd`` does).
+        x: [B, C, H, W] float clean images in [0, 1] on the device (this rank's slice).
+        clean_features: [B_global, D] float32 clean anchors f_theta(x) (no gradient; gathered over
+            ranks when distributed, with this rank's rows at its offset).
+        indices: [B] int64 sample indices on the device, the key of the per-sample randomness.
+        epoch: 0-based epoch.
+        gather: None in one process; when distributed, [B, D] -> [B_global, D] all-gather that keeps
+            the local rows' gradient path (for the attack's features).
+        config: the run's PurifyConfig (epsilon, step_size, steps, temperature, backend, seed...).
+    """
+
+    encoder: nn.Module
+    x: torch.Tensor
+    clean_features: torch.Tensor
+    indices: torch.Tensor
+    epoch: int
+    gather: Callable[[torch.Tensor], torch.Tensor] | None
+    config: PurifyConfig
+
+
+class Adversary:
+    """Base class: ``__call__(inputs) -> x_adv`` (detached, same shape/dtype/device as ``inputs.x``)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: PurifyConfig) -> None:
+        self.config = config
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+#: name -> Adversary subclass. ``PurifyConfig.adversary`` must be one of these keys.
+ADVERSARIES: dict[str, type[Adversary]] = {}
+
+
+def register_adversary(name: str) -> Callable[[type[Adversary]], type[Adversary]]:
+    """Class decorator adding an :class:`Adversary` subclass to :data:`ADVERSARIES` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string; got {name!r}")
+
+    def deco(cls: type[Adversary]) -> type[Adversary]:
+        if not (isinstance(cls, type) and issubclass(cls, Adversary)):
+            raise TypeError(f"an adversary must subclass Adversary; got {cls!r}")
+        cls.name = name
+        ADVERSARIES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_adversary(config: PurifyConfig) -> Adversary:
+    """Instantiate the adversary ``config.adversary`` names (ValueError listing registered names)."""
+    cls = ADVERSARIES.get(config.adversary)
+    if cls is None:
+        raise ValueError(f"adversary must be one of {sorted(ADVERSARIES)}; got {config.adversary!r}")
+    return cls(config)
+
+
+@register_adversary("pgd")
+class ContrastivePGD(Adversary):
+    """The paper's attack: uniform random start in the eps-ball (per sample), then K steps of signed
+    gradient ascent on NT-Xent(f(x_adv), clean anchors) via ``cbd_fast.attack.contrastive_pgd``
+    (input-only gradients, BatchNorm/dropout in eval mode)."""
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        from cbd_fast.attack import contrastive_pgd
+
+        cfg = self.config
+        x_init = None
+        if cfg.epsilon > 0:
+            u = per_sample_uniform(inp.indices, inp.x.shape[1:], seed=cfg.seed, epoch=inp.epoch)
+            x_init = random_start(inp.x, u, cfg.epsilon)
+        if cfg.steps == 0 or cfg.epsilon == 0 or cfg.step_size == 0:
+            return (inp.x if x_init is None else x_init).detach()
+        kwargs = {} if inp.gather is None else {"gather": inp.gather}
+        return contrastive_pgd(
+            inp.encoder,
+            inp.x,
+            inp.clean_features,
+            epsilon=cfg.epsilon,
+            step_size=cfg.step_size,
+            steps=cfg.steps,
+            temperature=cfg.temperature,
+            random_start=True,
+            backend=cfg.backend,
+            x_init=x_init,
+            **kwargs,
+        )
+
+
+@register_adversary("none")
+class NoAdversary(Adversary):
+    """x_adv = x: CBD's loss without an attack, i.e. plain contrastive fine-tuning (a baseline)."""
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        return inp.x.detach()
+
+
+def random_start(x: torch.Tensor, u: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``clamp(clamp(x + (2u - 1) * eps, x - eps, x + eps), 0, 1)`` computed in float32, in x's dtype.
+
+    Args:
+        x: [B, ...] float clean images in [0, 1].
+        u: uniform [0, 1) noise of x's shape (float32, same device), e.g. from :func:`per_sample_uniform`.
+        epsilon: L-inf radius (>= 0).
+
+    Returns:
+        a new tensor like ``x`` (same dtype and memory format).
+    """
+    xf = x.float()
+    y = xf + (2.0 * u - 1.0) * epsilon
+    y = torch.clamp(torch.minimum(torch.maximum(y, xf - epsilon), xf + epsilon), 0.0, 1.0)
+    fmt = (
+        torch.channels_last
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+    return y.to(x.dtype).contiguous(memory_format=fmt)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, b: int) -> torch.Tensor:
+    """(a * b) mod 2^32 for int64 ``a`` in [0, 2^32) and a constant ``b`` < 2^32, without int64 overflow."""
+    lo, hi = b & 0xFFFF, b >> 16
+    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def per_sample_uniform(
+    indices: torch.Tensor,
+    sample_shape: torch.Size | tuple[int, ...],
+    *,
+    seed: int,
+    epoch: int,
+    stream: int = 0,
+    chunk_elements: int = 1 << 24,
+) -> torch.Tensor:
+    """Uniform [0, 1) float32 noise per sample, a pure function of (seed, epoch, stream, index, element).
+
+    Args:
+        indices: [B] integer tensor of sample indices (>= 0) on the target device.
+        sample_shape: the shape of one sample's noise, e.g. (C, H, W).
+        seed: run seed (>= 0).
+        epoch: 0-based epoch (>= 0).
+        stream: an extra key to draw independent noises for the same sample (>= 0).
+        chunk_elements: bound on the elements hashed at once (memory: ~5 int64 temporaries each).
+
+    Returns:
+        [B, *sample_shape] float32 tensor on ``indices.device``. On CPU each sample's row comes from a
+        torch.Generator seeded with the sample's 32-bit key; on other devices from a counter-based hash
+        evaluated there (24 random bits per value). Either way a sample's noise depends only on
+        (seed, epoch, stream, index), not on the batch or rank it lands in; CPU and CUDA values differ.
+    """
+    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype.is_complex:
+        raise ValueError(f"indices must be a 1-D integer tensor; got {indices.dtype} {tuple(indices.shape)}")
+    dev = indices.device
+    m = 1
+    for s in sample_shape:
+        m *= int(s)
+    # 1. key_i = H(H(H(H(seed) ^ epoch) ^ stream) ^ index_lo ^ H(index_hi)): one 32-bit key per sample.
+    k = _hash32(torch.full((1,), int(seed) & _MASK32, dtype=torch.int64, device=dev) ^ 0x5BD1E995)
+    k = _hash32(k ^ (int(epoch) & _MASK32))
+    k = _hash32(k ^ (int(stream) & _MASK32))
+    idx = indices.to(torch.int64)
+    key = _hash32(k ^ (idx & _MASK32) ^ _hash32((idx >> 32) & _MASK32))  # [B]
+    out = torch.empty((indices.shape[0], m), dtype=torch.float32, device=dev)
+    if dev.type == "cpu":
+        # 2'. CPU: one small generator per sample seeded with its key (seeding is ~microseconds,
+        #     much cheaper than hashing every element with unfused int64 ops).
+        gen = torch.Generator()
+        for r, ki in enumerate(key.tolist()):
+            gen.manual_seed(int(ki) | (1 << 32))
+            torch.rand((m,), generator=gen, out=out[r])
+        return out.view(indices.shape[0], *[int(s) for s in sample_shape])
+    rows = max(1, chunk_elements // max(m, 1))
+    j = torch.arange(m, dtype=torch.int64, device=dev)
+    jh = _hash32(_mul32(j, 0x9E3779B1) ^ 0x68E31DA4)  # 2. a per-element counter hash [M]
+    for r0 in range(0, indices.shape[0], rows):
+        # 3. value_ij = H(H(key_i ^ jh_j) + key_i): two rounds over the pair.
+        kk = key[r0 : r0 + rows, None]
+        v = _hash32((_hash32(kk ^ jh[None, :]) + kk) & _MASK32)
+        # 4. top 24 bits -> float32 in [0, 1) exactly representable.
+        out[r0 : r0 + rows] = (v >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return out.view(indices.shape[0], *[int(s) for s in sample_shape])

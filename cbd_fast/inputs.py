@@ -1,0 +1,342 @@
+"""The user's data -> a stream of image batches (with sample indices) for the CBD loop.
+
+Accepted forms (labels, if present, are never read):
+
+* a Tensor ``[N, C, H, W]``: float in [0, 1] or uint8 (scaled by 1/255);
+* a ``Dataset`` whose items are an image tensor ``[C, H, W]`` (or a numpy array) or a tuple/list
+  whose first element / a dict whose ``"image"`` key is one;
+* a ``DataLoader``: used as is (its own order, batch size and workers); its batches are parsed the
+  same way (a Tensor, a tuple/list -> first element, a dict -> ``"image"``).
+
+For Tensor and Dataset inputs the stream owns the order: a permutation drawn from (seed, epoch) each
+epoch (or the distributed sampler's, sharded over ranks), batches of the per-rank batch size, and the
+dataset index of every image, the key of its per-sample random start. A user DataLoader carries no
+indices: images are numbered by their position in the epoch's stream (batch offset + row), so random
+starts depend on that loader's order; make it reproducible with its own ``generator`` (cbd_fast saves
+and restores that generator's state in checkpoints).
+
+Data is streamed: batches are moved to the device one at a time (uint8 is moved as uint8 and scaled
+there); the whole dataset never is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
+
+__all__ = ["ImageStream", "EpochShuffleSampler", "extract_images", "check_images", "epoch_seed"]
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """A 63-bit seed derived from (seed, epoch, salt) by a SplitMix64-style mix (deterministic)."""
+    z = (
+        int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(salt) * 0x94D049BB133111EB
+    ) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(n)`` that is a pure function of (seed, epoch).
+
+    Call :meth:`set_epoch` before iterating (like ``DistributedSampler``); no hidden generator state,
+    so a resumed run sees exactly the order an uninterrupted run saw.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, salt=1))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(dtype={x.dtype}, shape={tuple(x.shape)})"
+    return type(x).__module__ + "." + type(x).__qualname__
+
+
+def extract_images(item: Any, *, what: str = "data item") -> torch.Tensor:
+    """The image tensor inside one dataset item or one DataLoader batch.
+
+    Args:
+        item: a Tensor, a numpy array, a tuple/list (first element taken) or a dict (``"image"`` key).
+        what: how to name ``item`` in error messages.
+
+    Returns:
+        the image tensor (not copied, not checked: see :func:`check_images`).
+    """
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, np.ndarray):
+        return torch.from_numpy(item)
+    if isinstance(item, (tuple, list)):
+        if len(item) == 0:
+            raise ValueError(f"{what} is an empty {type(item).__name__}; expected images first")
+        return extract_images(item[0], what=f"{what}[0]")
+    if isinstance(item, Mapping):
+        if "image" not in item:
+            raise ValueError(
+                f"{what} is a dict without an 'image' key; got keys {sorted(map(str, item.keys()))}"
+            )
+        return extract_images(item["image"], what=f"{what}['image']")
+    hint = " (convert PIL images with a ToTensor-like transform)" if "PIL" in type(item).__module__ else ""
+    raise TypeError(
+        f"{what} must be an image tensor, or a tuple/list/dict holding one; got {_describe(item)}{hint}"
+    )
+
+
+def check_images(x: torch.Tensor, *, what: str = "images", values: bool = True) -> None:
+    """Validate an image batch: [B, C, H, W], uint8 or float, non-empty; float values finite in [0, 1].
+
+    Args:
+        x: the batch (any device).
+        what: how to name it in error messages.
+        values: also check the values (one host sync on an accelerator).
+
+    Raises:
+        TypeError: not a tensor, or an integer (other than uint8), bool or complex dtype.
+        ValueError: wrong rank, an empty dimension, NaN/Inf, or values outside [0, 1].
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor; got {_describe(x)}")
+    if x.dtype != torch.uint8 and not x.dtype.is_floating_point:
+        raise TypeError(f"{what} must be float in [0, 1] or uint8 (0..255); got dtype {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+    if any(s == 0 for s in x.shape):
+        raise ValueError(f"{what} must be non-empty; got shape {tuple(x.shape)}")
+    if values and x.dtype != torch.uint8:
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            n_bad = int((~finite).sum())
+            raise ValueError(f"{what} contain {n_bad} NaN/Inf value(s); images must be finite in [0, 1]")
+        lo, hi = torch.aminmax(x)
+        lo_v, hi_v = float(lo), float(hi)
+        if lo_v < 0.0 or hi_v > 1.0:
+            raise ValueError(f"{what} must be in [0, 1]; got min {lo_v:g}, max {hi_v:g}")
+
+
+class _IndexedDataset(Dataset):
+    """Wraps a map-style Dataset: item i -> (i, image tensor) (labels dropped in the worker)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        img = extract_images(self.ds[i], what=f"dataset item {i}")
+        if not isinstance(img, torch.Tensor) or img.dim() != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else None
+            raise ValueError(f"dataset item {i} must hold a [C, H, W] image; got shape {shape}")
+        return i, img
+
+
+class _TensorBatches(Dataset):
+    """A Tensor [N, C, H, W] fetched a whole batch at a time: a list of indices -> (indices, images)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        i = torch.as_tensor(idx, dtype=torch.int64)
+        return i, self.images[i.to(self.images.device)]
+
+
+class ImageStream:
+    """Batches of (images on the device, sample indices) for one epoch at a time.
+
+    Args:
+        data: a Tensor, Dataset or DataLoader (see the module docstring).
+        batch_size: images per batch on this rank (Tensor/Dataset inputs; a DataLoader keeps its own).
+        seed: the run seed (data order).
+        device: where batches go.
+        dtype: float dtype of the images handed out (the encoder's parameter dtype).
+        num_workers: DataLoader workers (Tensor/Dataset inputs).
+        sampler: a per-sample sampler with ``set_epoch`` (the distributed one); None = this module's
+            :class:`EpochShuffleSampler`.
+
+    Construction validates everything that can be checked cheaply: the type, the number of images
+    (>= 2), and for a Tensor its dtype, rank and values (on its own device, once).
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        num_workers: int = 0,
+        sampler: Sampler | None = None,
+    ) -> None:
+        self.device, self.dtype, self.seed, self.batch_size = device, dtype, seed, batch_size
+        self.user_loader: DataLoader | None = None
+        self._sampler = sampler
+        pin = device.type == "cuda"
+        if isinstance(data, DataLoader):
+            self.user_loader = data
+            self.loader: Any = data
+            try:
+                self.num_samples: int | None = len(data.dataset)  # type: ignore[arg-type]
+            except TypeError:
+                self.num_samples = None
+        elif isinstance(data, torch.Tensor):
+            check_images(data, what="data")
+            if data.shape[0] < 2:
+                raise ValueError(
+                    f"data must hold at least 2 images (NT-Xent needs negatives); got {data.shape[0]}"
+                )
+            self.num_samples = int(data.shape[0])
+            self._sampler = sampler if sampler is not None else EpochShuffleSampler(self.num_samples, seed)
+            batches = BatchSampler(self._sampler, batch_size, drop_last=False)
+            self.loader = DataLoader(
+                _TensorBatches(data),
+                sampler=batches,
+                batch_size=None,
+                num_workers=num_workers,
+                pin_memory=pin and data.device.type == "cpu",
+            )
+        elif isinstance(data, IterableDataset):
+            raise TypeError(
+                "data is an IterableDataset: wrap it in a DataLoader yourself (cbd_fast then uses it as is)"
+            )
+        elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+            if isinstance(data, (str, bytes, Mapping)):
+                raise TypeError(f"data must be a Tensor, Dataset or DataLoader; got {_describe(data)}")
+            n = len(data)
+            if n < 2:
+                raise ValueError(f"data must hold at least 2 images (NT-Xent needs negatives); got {n}")
+            self.num_samples = n
+            first = extract_images(data[0], what="dataset item 0")
+            check_images(first.unsqueeze(0) if first.dim() == 3 else first, what="dataset item 0")
+            self._sampler = sampler if sampler is not None else EpochShuffleSampler(n, seed)
+            self.loader = DataLoader(
+                _IndexedDataset(data),
+                batch_sampler=BatchSampler(self._sampler, batch_size, drop_last=False),
+                num_workers=num_workers,
+                pin_memory=pin,
+            )
+        else:
+            raise TypeError(
+                f"data must be a Tensor [N, C, H, W], a Dataset or a DataLoader; got {_describe(data)}"
+            )
+        if self.user_loader is not None and self.num_samples is not None and self.num_samples < 2:
+            raise ValueError(
+                f"data must hold at least 2 images (NT-Xent needs negatives); got {self.num_samples}"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch (TypeError when a user DataLoader has no length)."""
+        return len(self.loader)
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches per epoch, or None when unknown."""
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
+
+    # ------------------------------------------------------------------ RNG state of a user loader
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """States of the torch.Generators a user DataLoader carries (loader and sampler), for checkpoints."""
+        out = {}
+        if self.user_loader is not None:
+            for name, g in self._user_generators():
+                out[name] = g.get_state()
+        return out
+
+    def set_generator_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`generator_states` returned."""
+        for name, g in self._user_generators():
+            if name in states:
+                g.set_state(states[name])
+
+    def _user_generators(self) -> list[tuple[str, torch.Generator]]:
+        found = []
+        ld = self.user_loader
+        if ld is None:
+            return found
+        for name, obj in (("loader", ld), ("sampler", ld.sampler), ("batch_sampler", ld.batch_sampler)):
+            g = getattr(obj, "generator", None)
+            if isinstance(g, torch.Generator):
+                found.append((name, g))
+        inner = getattr(ld.batch_sampler, "sampler", None)
+        g = getattr(inner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not h for _, h in found):
+            found.append(("batch_sampler.sampler", g))
+        return found
+
+    # ------------------------------------------------------------------ iteration
+    def first_batch(self) -> torch.Tensor:
+        """The first batch of epoch 0, fully validated (on the host side), as given (not moved)."""
+        self.set_epoch(0)
+        it = iter(self.loader)
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise ValueError("data yielded no batch") from None
+        finally:
+            del it
+        images = self._parse(batch, 0)[1]
+        check_images(images, what="data batch 0")
+        return images
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in (self._sampler, getattr(self.loader, "sampler", None)):
+            if s is not None and hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+
+    def _parse(self, batch: Any, position: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if self.user_loader is None:
+            idx, images = batch
+            return torch.as_tensor(idx, dtype=torch.int64), images
+        return None, extract_images(batch, what="DataLoader batch")
+
+    def epoch(self, epoch: int, *, check: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images, indices)`` for one epoch.
+
+        Args:
+            epoch: 0-based epoch (selects the order).
+            check: validate each batch (dtype/rank always; values on the host for CPU runs).
+
+        Yields:
+            images: [B, C, H, W] ``self.dtype`` in [0, 1] on ``self.device`` (uint8 scaled on the device).
+            indices: [B] int64 sample indices on ``self.device`` (stream positions for a user loader).
+        """
+        self.set_epoch(epoch)
+        position = 0
+        for b, batch in enumerate(self.loader):
+            idx, images = self._parse(batch, position)
+            if check:
+                check_images(
+                    images, what=f"data batch {b} of epoch {epoch + 1}", values=self.device.type == "cpu"
+                )
+            n = images.shape[0]
+            if idx is None:
+                idx = torch.arange(position, position + n, dtype=torch.int64)
+            position += n
+            nb = self.device.type == "cuda"
+            x = images.to(self.device, non_blocking=nb)
+            x = x.to(self.dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(self.dtype)
+            yield x, idx.to(self.device, non_blocking=nb)

@@ -1,0 +1,376 @@
+// NT-Xent on the CPU: torch-free core, templates on raw pointers (float and double).
+//
+// Inputs are the L2-normalised views za, zb: [n, d] row-major, contiguous. Row i of the virtual
+// matrix u = [za; zb] (2n rows) is za[i] for i < n and zb[i - n] otherwise; no concatenation copy.
+// The partner of row i is p(i) = i + n (i < n) or i - n. The math, numbered as in the code:
+//
+//   (1) s_ij = inv_temp * <u_i, u_j>                                  (score tile, recomputed)
+//   (2) lse_i = log sum_{j != i} exp(s_ij)                             (online log-sum-exp, fwd)
+//   (3) loss  = (1 / 2n) * sum_i (lse_i - s_{i,p(i)})                  (the caller sums `term`)
+//   (4) with G = dL/ds = (1/2n)(P - onehot(p)), P_ij = exp(s_ij - lse_i), P_ii = 0, and s symmetric:
+//       dL/du_k = grad * inv_temp / (2n) * ( sum_{j != k} W_kj u_j - 2 u_{p(k)} ),
+//       W_kj = exp(s_kj - lse_k) + exp(s_kj - lse_j)                    (bwd, per needed row k)
+//
+// Work is split into row blocks of at most kBlockRows rows that never straddle the za/zb boundary;
+// each call handles a row range [r0, r1) of u (the torch glue runs calls in parallel). Nothing of
+// size O(n^2) is ever stored: per call the scratch is O(kBlockRows * d + kBlockRows * kBlockCols).
+//
+// Vectorisation: the two micro-kernels below have fixed-size accumulators that GCC/Clang
+// vectorise; on x86-64 the float entry points are compiled three times (AVX-512, AVX2+FMA,
+// baseline) and picked at run time with __builtin_cpu_supports: no -march flag is needed.
+//
+// NaN/Inf: a NaN anywhere in a row's scores makes that row's lse NaN (so the loss is NaN); no
+// input crashes. Do not compile this file with -ffast-math (the exp below relies on exact rounding).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CBD_NTX_X86 1
+#define CBD_NTX_FLATTEN __attribute__((flatten))
+#define CBD_NTX_INLINE inline __attribute__((always_inline))
+#else
+#define CBD_NTX_X86 0
+#define CBD_NTX_FLATTEN
+#define CBD_NTX_INLINE inline
+#endif
+
+namespace cbd_fast {
+namespace nt_xent_cpu {
+
+constexpr int64_t kBlockRows = 64;  // rows of u per block (register-blocked by kMR)
+constexpr int64_t kBlockCols = 64;  // columns of the score tile (register-blocked by kNR)
+constexpr int kMR = 8;              // score micro-tile: kMR rows x kNR columns of accumulators
+constexpr int kNR = 16;
+constexpr int kWR = 4;   // W @ U micro-tile: kWR rows x kWD features of accumulators
+constexpr int kWD = 32;
+
+// exp(x) for float without libm, vectorisable: exp(x) = 2^k * exp(r), k = round(x / ln 2),
+// r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two for an exact product), exp(r) by its
+// degree-7 Taylor polynomial (relative error < 2e-7). x < -87.3 gives exactly 0, NaN gives NaN.
+CBD_NTX_INLINE float fast_exp(float x) {
+  const float hi = 88.3f;
+  x = x > hi ? hi : x;  // keeps NaN
+  const float t = x * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+  const float kf = t - 12582912.0f;
+  float r = x - kf * 0.693145751953125f;
+  r = r - kf * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const uint32_t scale_bits = ((tb - 0x4B400000u) + 127u) << 23;  // 2^k, k in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  const float y = p * scale;
+  return x < -87.3f ? 0.0f : y;
+}
+
+CBD_NTX_INLINE double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+struct Rows {
+  const T* za;
+  const T* zb;
+  int64_t n;
+  int64_t d;
+  const T* row(int64_t i) const { return i < n ? za + i * d : zb + (i - n) * d; }
+  int64_t partner(int64_t i) const { return i < n ? i + n : i - n; }
+};
+
+// dst[k * ld + r] = scale * u[i0 + r][k] for r < rows, 0 for rows <= r < ld (transposed pack).
+template <typename T>
+CBD_NTX_INLINE void pack_transposed(const Rows<T>& u, int64_t i0, int64_t rows, int64_t ld, T scale,
+                                    T* dst) {
+  const int64_t d = u.d;
+  const T* src = u.row(i0);  // a block never straddles the za/zb boundary: rows are contiguous
+  for (int64_t k = 0; k < d; ++k) {
+    T* out = dst + k * ld;
+    for (int64_t r = 0; r < rows; ++r) out[r] = scale * src[r * d + k];
+    for (int64_t r = rows; r < ld; ++r) out[r] = T(0);
+  }
+}
+
+// C[r][j] (+)= sum_k Ap[k][r] * Bp[k][j] for one kMR x kNR micro-tile, Ap and Bp "packed
+// transposed" (k-major). Used for (1) the score tile (k = feature) and for (4) W @ U (k = column).
+template <typename T, bool kAccumulate>
+CBD_NTX_INLINE void micro_kernel(const T* __restrict__ ap, int64_t lda, const T* __restrict__ bp,
+                                 int64_t ldb, int64_t kdim, T* __restrict__ c, int64_t ldc) {
+  T acc[kMR][kNR];
+  for (int r = 0; r < kMR; ++r)
+    for (int j = 0; j < kNR; ++j) acc[r][j] = kAccumulate ? c[r * ldc + j] : T(0);
+  for (int64_t k = 0; k < kdim; ++k) {
+    const T* a = ap + k * lda;
+    const T* b = bp + k * ldb;
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const T ar = a[r];
+#pragma GCC unroll 16
+      for (int j = 0; j < kNR; ++j) acc[r][j] += ar * b[j];
+    }
+  }
+  for (int r = 0; r < kMR; ++r)
+    for (int j = 0; j < kNR; ++j) c[r * ldc + j] = acc[r][j];
+}
+
+// (1) St[c][r] = sum_k Bp[k][c] * Ap[k][r]: the score tile, transposed ([nbp][mbp]) so that the
+// weights of (4) come out k-major for the W @ U product. mbp % kNR == 0 and nbp % kMR == 0.
+template <typename T>
+CBD_NTX_INLINE void score_block_t(const T* ap, int64_t mbp, const T* bp, int64_t nbp, int64_t d, T* st) {
+  for (int64_t c0 = 0; c0 < nbp; c0 += kMR)
+    for (int64_t r0 = 0; r0 < mbp; r0 += kNR)
+      micro_kernel<T, false>(bp + c0, nbp, ap + r0, mbp, d, st + c0 * mbp + r0, mbp);
+}
+
+// (1) S[r][c] = sum_k Ap[k][r] * Bp[k][c]: the score tile [mbp][nbp] (mbp % kMR == 0, nbp % kNR == 0).
+template <typename T>
+CBD_NTX_INLINE void score_block(const T* ap, int64_t mbp, const T* bp, int64_t nbp, int64_t d, T* s) {
+  for (int64_t r0 = 0; r0 < mbp; r0 += kMR)
+    for (int64_t c0 = 0; c0 < nbp; c0 += kNR)
+      micro_kernel<T, false>(ap + r0, mbp, bp + c0, nbp, d, s + r0 * nbp + c0, nbp);
+}
+
+// (4) acc[r][:] += sum_{c < nb} Wt[c][r] * ub[c][:] for r < mbp; Wt is [nb][mbp], ub row-major [nb, d].
+template <typename T>
+CBD_NTX_INLINE void wu_block(const T* wt, int64_t mbp, const T* ub, int64_t nb, int64_t d, T* acc) {
+  const int64_t d_main = d - d % kNR;
+  for (int64_t r0 = 0; r0 < mbp; r0 += kMR) {
+    for (int64_t x0 = 0; x0 < d_main; x0 += kNR)
+      micro_kernel<T, true>(wt + r0, mbp, ub + x0, d, nb, acc + r0 * d + x0, d);
+    for (int64_t c = 0; c < nb && d_main < d; ++c) {  // feature tail (d % kNR columns)
+      const T* urow = ub + c * d;
+      for (int r = 0; r < kMR; ++r) {
+        const T w = wt[c * mbp + r0 + r];
+        T* out = acc + (r0 + r) * d;
+        for (int64_t x = d_main; x < d; ++x) out[x] += w * urow[x];
+      }
+    }
+  }
+}
+
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Calls fn(i0, rows) for the blocks of [r0, r1): at most kBlockRows rows, never straddling n.
+template <typename Fn>
+CBD_NTX_INLINE void for_each_block(int64_t n, int64_t r0, int64_t r1, Fn&& fn) {
+  int64_t i0 = r0;
+  while (i0 < r1) {
+    const int64_t side_end = i0 < n ? std::min<int64_t>(n, r1) : r1;
+    const int64_t rows = std::min<int64_t>(kBlockRows, side_end - i0);
+    fn(i0, rows);
+    i0 += rows;
+  }
+}
+
+template <typename T>
+CBD_NTX_INLINE T dot(const T* x, const T* y, int64_t d) {
+  T acc = T(0);
+  for (int64_t k = 0; k < d; ++k) acc += x[k] * y[k];
+  return acc;
+}
+
+// Forward over the rows [r0, r1) of u: lse[i] (2) and term[i] = lse_i - s_{i,p(i)} (3).
+template <typename T>
+CBD_NTX_INLINE void fwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d, T inv_temp, int64_t r0,
+                                  int64_t r1, T* lse, T* term) {
+  const Rows<T> u{za, zb, n, d};
+  const int64_t mbp = round_up(kBlockRows, kMR), nbp = round_up(kBlockCols, kNR);
+  std::vector<T> ap(static_cast<size_t>(d * mbp)), bp(static_cast<size_t>(d * nbp)),
+      s(static_cast<size_t>(mbp * nbp));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  T m[kBlockRows], l[kBlockRows];
+  bool nan_row[kBlockRows];
+
+  for_each_block(n, r0, r1, [&](int64_t i0, int64_t rows) {
+    pack_transposed(u, i0, rows, mbp, inv_temp, ap.data());  // inv_temp folded into the A pack
+    for (int64_t r = 0; r < rows; ++r) {
+      m[r] = neg_inf;
+      l[r] = T(0);
+      nan_row[r] = false;
+    }
+    for (int64_t j0 = 0; j0 < 2 * n;) {
+      const int64_t nb = std::min<int64_t>(kBlockCols, (j0 < n ? n : 2 * n) - j0);
+      pack_transposed(u, j0, nb, nbp, T(1), bp.data());
+      score_block(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1)
+      for (int64_t r = 0; r < rows; ++r) {
+        T* srow = s.data() + r * nbp;
+        const int64_t diag = i0 + r - j0;
+        if (diag >= 0 && diag < nb) srow[diag] = neg_inf;  // j != i
+        // (2) online log-sum-exp: m = running max, l = sum exp(s - m)
+        T tmax = neg_inf;
+        bool has_nan = false;
+        for (int64_t c = 0; c < nb; ++c) {
+          tmax = srow[c] > tmax ? srow[c] : tmax;
+          has_nan |= srow[c] != srow[c];
+        }
+        nan_row[r] = nan_row[r] || has_nan;
+        if (tmax == neg_inf) continue;  // nothing but the excluded diagonal (or NaN, flagged)
+        const T m_new = tmax > m[r] ? tmax : m[r];
+        const T rescale = m[r] == neg_inf ? T(0) : fast_exp(m[r] - m_new);
+        T sum = T(0);
+        for (int64_t c = 0; c < nb; ++c) sum += fast_exp(srow[c] - m_new);
+        l[r] = l[r] * rescale + sum;
+        m[r] = m_new;
+      }
+      j0 += nb;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const T v = nan_row[r] ? std::numeric_limits<T>::quiet_NaN() : m[r] + std::log(l[r]);
+      lse[i] = v;
+      term[i] = v - inv_temp * dot(u.row(i), u.row(u.partner(i)), d);  // (3)
+    }
+  });
+}
+
+// Backward over the rows [r0, r1) of u (4): writes coef * (sum_j W_kj u_j - 2 u_p(k)) to ga[k]
+// (k < n) or gb[k - n]; coef = grad * inv_temp / (2n). ga/gb may be null for a side not in range.
+template <typename T>
+CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d, T inv_temp, const T* lse,
+                                  T coef, int64_t r0, int64_t r1, T* ga, T* gb) {
+  const Rows<T> u{za, zb, n, d};
+  const int64_t mbp = round_up(kBlockRows, kMR), nbp = round_up(kBlockCols, kNR);
+  std::vector<T> ap(static_cast<size_t>(d * mbp)), bp(static_cast<size_t>(d * nbp)),
+      s(static_cast<size_t>(mbp * nbp)), acc(static_cast<size_t>(mbp * d));
+  T lk[round_up(kBlockRows, kMR)];
+
+  for_each_block(n, r0, r1, [&](int64_t i0, int64_t rows) {
+    pack_transposed(u, i0, rows, mbp, inv_temp, ap.data());
+    std::fill(acc.begin(), acc.end(), T(0));
+    for (int64_t r = 0; r < mbp; ++r) lk[r] = r < rows ? lse[i0 + r] : T(0);
+    for (int64_t j0 = 0; j0 < 2 * n;) {
+      const int64_t nb = std::min<int64_t>(kBlockCols, (j0 < n ? n : 2 * n) - j0);
+      pack_transposed(u, j0, nb, nbp, T(1), bp.data());
+      score_block_t(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) recomputed, transposed
+      // (4) Wt[c][r] = exp(s_kj - lse_k) + exp(s_kj - lse_j) with k = i0 + r, j = j0 + c; 0 on the
+      // diagonal and in the column padding (padding rows r >= rows are computed but never stored)
+      for (int64_t c = 0; c < nbp; ++c) {
+        T* wrow = s.data() + c * mbp;
+        if (c >= nb) {
+          for (int64_t r = 0; r < mbp; ++r) wrow[r] = T(0);
+          continue;
+        }
+        const T lj = lse[j0 + c];
+        for (int64_t r = 0; r < mbp; ++r) wrow[r] = fast_exp(wrow[r] - lk[r]) + fast_exp(wrow[r] - lj);
+        const int64_t diag = j0 + c - i0;
+        if (diag >= 0 && diag < rows) wrow[diag] = T(0);
+      }
+      wu_block(s.data(), mbp, u.row(j0), nb, d, acc.data());  // acc += W @ u_J
+      j0 += nb;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t k = i0 + r;
+      T* out = k < n ? ga + k * d : gb + (k - n) * d;
+      const T* a = acc.data() + r * d;
+      const T* up = u.row(u.partner(k));
+      for (int64_t x = 0; x < d; ++x) out[x] = coef * (a[x] - T(2) * up[x]);
+    }
+  });
+}
+
+// ---- entry points: run-time ISA dispatch for float, plain for double ------------------------------
+
+#if CBD_NTX_X86
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) CBD_NTX_FLATTEN inline void
+fwd_rows_f32_avx512(const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1,
+                    float* lse, float* term) {
+  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+}
+__attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx2(
+    const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
+    float* term) {
+  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+}
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) CBD_NTX_FLATTEN inline void
+bwd_rows_f32_avx512(const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse,
+                    float coef, int64_t r0, int64_t r1, float* ga, float* gb) {
+  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+}
+__attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx2(
+    const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse, float coef,
+    int64_t r0, int64_t r1, float* ga, float* gb) {
+  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+}
+#endif
+
+CBD_NTX_FLATTEN inline void fwd_rows_f32_base(const float* za, const float* zb, int64_t n, int64_t d, float it,
+                                               int64_t r0, int64_t r1, float* lse, float* term) {
+  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+}
+CBD_NTX_FLATTEN inline void bwd_rows_f32_base(const float* za, const float* zb, int64_t n, int64_t d, float it,
+                                               const float* lse, float coef, int64_t r0, int64_t r1, float* ga,
+                                               float* gb) {
+  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+}
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Which instruction set the float kernels use on this machine (checked once).
+inline Isa isa() {
+#if CBD_NTX_X86
+  static const Isa level = [] {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kBaseline;
+  }();
+  return level;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+inline const char* isa_name() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// Forward over rows [r0, r1) of u = [za; zb]: lse[i] = log sum_{j != i} exp(s_ij) and
+// term[i] = lse[i] - s_{i,p(i)}; the loss is sum(term) / (2n). Arrays: za, zb [n, d]; lse, term [2n].
+inline void fwd_rows(const float* za, const float* zb, int64_t n, int64_t d, float inv_temp, int64_t r0,
+                     int64_t r1, float* lse, float* term) {
+#if CBD_NTX_X86
+  if (isa() == Isa::kAvx512) return fwd_rows_f32_avx512(za, zb, n, d, inv_temp, r0, r1, lse, term);
+  if (isa() == Isa::kAvx2) return fwd_rows_f32_avx2(za, zb, n, d, inv_temp, r0, r1, lse, term);
+#endif
+  fwd_rows_f32_base(za, zb, n, d, inv_temp, r0, r1, lse, term);
+}
+
+inline void fwd_rows(const double* za, const double* zb, int64_t n, int64_t d, double inv_temp, int64_t r0,
+                     int64_t r1, double* lse, double* term) {
+  fwd_rows_impl<double>(za, zb, n, d, inv_temp, r0, r1, lse, term);
+}
+
+// Backward over rows [r0, r1) of u: grad of the loss scaled so that coef = grad * inv_temp / (2n);
+// rows k < n go to ga[k] ([n, d]), rows k >= n to gb[k - n]. lse is the forward's [2n] output.
+inline void bwd_rows(const float* za, const float* zb, int64_t n, int64_t d, float inv_temp, const float* lse,
+                     float coef, int64_t r0, int64_t r1, float* ga, float* gb) {
+#if CBD_NTX_X86
+  if (isa() == Isa::kAvx512) return bwd_rows_f32_avx512(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+  if (isa() == Isa::kAvx2) return bwd_rows_f32_avx2(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+#endif
+  bwd_rows_f32_base(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+}
+
+inline void bwd_rows(const double* za, const double* zb, int64_t n, int64_t d, double inv_temp,
+                     const double* lse, double coef, int64_t r0, int64_t r1, double* ga, double* gb) {
+  bwd_rows_impl<double>(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+}
+
+}  // namespace nt_xent_cpu
+}  // namespace cbd_fast
