@@ -23,9 +23,9 @@ ctest:  ## C++ unit tests of the kernel cores (CMake + ctest)
 	cmake --build $(BUILD) -j $(JOBS)
 	cd $(BUILD) && ctest --output-on-failure
 
-bench:  ## pytest-benchmark suites; JSON in benchmarks/results/ (compare with --benchmark-compare)
+bench:  ## benchmark suites side by side, JSON in benchmarks/results/ (ARGS=... for pytest options)
 	mkdir -p benchmarks/results
-	$(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only \
+	$(PYTHON) -m pytest benchmarks/bench_*.py -p no:cacheprovider \
 	  --benchmark-json=benchmarks/results/bench-$(shell date +%Y%m%d-%H%M%S).json $(ARGS)
 
 lint:  ## ruff check + ruff format --check

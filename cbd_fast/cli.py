@@ -38,6 +38,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 __all__ = ["main", "build_parser", "load_config_file", "parse_set_options", "merge_config", "CLIError"]
 
 PROG = "cbd-fast"
@@ -320,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trigger", choices=_TRIGGERS, help="measure the ASR of this trigger")
     g.add_argument("--target", type=int, default=0, help="the trigger's target class (0)")
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
+    g.add_argument(
+        "--device", default="auto", help="where the model runs: auto (CUDA if visible), cpu, cuda:N"
+    )
 
     p = subs.add_parser("info", help="build record and backend availability", add_help=False)
     p.add_argument(
@@ -423,26 +429,43 @@ def _check_out_path(path: str, what: str) -> Path:
     return p
 
 
-class _CountingModel:
-    """Wraps a classifier so each forward advances a progress bar by the batch size."""
+class _Counting(nn.Module):
+    """Runs a classifier on ``device`` and advances a progress bar by each batch's size; returns
+    CPU logits (the labels stay on the CPU)."""
 
-    def __new__(cls, model: Any, bar: Any) -> Any:
-        import torch
+    def __init__(self, model: nn.Module, bar: Any, device: torch.device) -> None:
+        super().__init__()
+        self.inner = model
+        self.bar = bar
+        self.device = device
 
-        class Counting(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.inner = model
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                out = self.inner(x)
-                bar.update(int(x.shape[0]))
-                return out
-
-        return Counting()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x.to(self.device))
+        self.bar.update(int(x.shape[0]))
+        return out.float().cpu()
 
 
-def _evaluate(model: Any, images: Any, labels: Any, trigger_name: str | None, target: int, desc: str) -> dict:
+def _resolve_device(spec: str | None) -> torch.device:
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec!r}: no CUDA device is visible")
+    return device
+
+
+def _evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger_name: str | None,
+    target: int,
+    desc: str,
+    device: torch.device | None = None,
+) -> dict:
     """ACC (and ASR when a trigger is known) with cbd_fast.metrics, behind one progress bar."""
     from cbd_fast import metrics
     from cbd_fast.progress import progress
@@ -450,22 +473,28 @@ def _evaluate(model: Any, images: Any, labels: Any, trigger_name: str | None, ta
     x = images.float().div(255.0) if not images.dtype.is_floating_point else images.float()
     result: dict[str, Any] = {"n": int(x.shape[0])}
     trigger = None
+    total = x.shape[0]
     if trigger_name:
         from cbd_fast import attacks
 
         trigger = attacks.make_trigger(trigger_name)
         result.update(trigger=trigger_name, target=int(target))
-        n_nontarget = int((labels != target).sum())
-    total = x.shape[0] + (n_nontarget if trigger is not None else 0)
-    was_training = model.training
+        total += int((labels != target).sum())
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    original_device = next((p.device for p in model.parameters()), device)
+    model.to(device)
     with progress(total=total, desc=desc, unit="img") as bar:
-        counted = _CountingModel(model, bar)
+        counted = _Counting(model, bar, device)
         try:
             result["acc"] = float(metrics.accuracy(counted, x, labels))
             if trigger is not None:
                 result["asr"] = float(metrics.attack_success_rate(counted, x, labels, trigger, target))
         finally:
-            model.train(was_training)
+            for m, flag in flags:
+                m.training = flag
+            model.to(original_device)
     return result
 
 
@@ -521,6 +550,9 @@ def _cmd_purify(args: argparse.Namespace) -> int:
         raise UsageError("give either --eval-data/--eval-labels or --eval-dataset, not both")
     if args.eval_labels and not args.eval_data:
         raise UsageError("--eval-labels needs --eval-data")
+    extras = [f for f in ("trigger", "eval_data", "eval_dataset", "diagnostic") if getattr(args, f)]
+    if extras and not args.report:
+        logger.warning("--%s only shape the report: ignored without --report", extras[0].replace("_", "-"))
 
     # 2. model and data
     loaded = _load_model(args)
@@ -645,8 +677,6 @@ def _write_purify_report(
 
 def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: Any) -> dict:
     """The evocation diagnostic of the original model (cbd_fast.diagnostics, the evaluation owner's)."""
-    import torch
-
     from cbd_fast import diagnostics
 
     class Features(torch.nn.Module):
@@ -668,8 +698,6 @@ def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: A
 
 
 def _module_device(module: Any) -> Any:
-    import torch
-
     for t in module.parameters():
         return t.device
     return torch.device("cpu")
@@ -678,10 +706,11 @@ def _module_device(module: Any) -> Any:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json and args.json != "-":
         json_out = _check_out_path(args.json, "--json output")
+    device = _resolve_device(args.device)
     loaded = _load_model(args)
     data = _load_data(args, loaded.module, split=args.split)
     labels = _labelled(data, args.labels, "data")
-    result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating")
+    result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating", device)
     result.update(model=args.model, data=data.source)
     line = f"ACC {100 * result['acc']:.2f}%"
     if "asr" in result:

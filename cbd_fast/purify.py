@@ -361,7 +361,12 @@ class Purifier:
             b = x.shape[0]
             start = self._step_count * b
             indices = torch.arange(start, start + b, dtype=torch.int64, device=x.device)
-        out = self._run_step(x, indices, self._epoch, self._step_count)
+        try:
+            out = self._run_step(x, indices, self._epoch, self._step_count)
+        except _NonFinite as e:
+            raise RuntimeError(
+                f"non-finite loss ({e}) at step {self._step_count}; set nonfinite='skip' to skip such batches"
+            ) from None
         self._step_count += 1
         return out
 
@@ -443,7 +448,7 @@ class Purifier:
                 skipped = torch.ones((), device=z.device)
         else:
             if self.device.type == "cpu" and not bool(finite):  # free on CPU: stop before the update
-                raise _NonFinite(f"{float(loss)}")
+                raise _NonFinite(f"{float(loss.detach())}")
             self.optimizer.step()
         return {
             "loss": loss.detach(),
@@ -482,9 +487,21 @@ class Purifier:
             RuntimeError: a non-finite loss with ``nonfinite="stop"`` (names the epoch and batch).
             cbd_fast.checkpoint.CheckpointError: resuming from a checkpoint of another model or config.
         """
-        cfg = self.config
         self._check_encoder(encoder, feature_fn, inplace)
         self._setup_context()
+        # All randomness (data loader seeds, dropout) comes from a fork of torch's RNG seeded with
+        # config.seed; the caller's RNG state is restored on the way out.
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices, device_type=self.device.type):
+            torch.random.default_generator.manual_seed(self.config.seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(self.config.seed)
+            return self._fit(encoder, data, feature_fn, inplace)
+
+    def _fit(
+        self, encoder: nn.Module, data: Any, feature_fn: FeatureFn | None, inplace: bool
+    ) -> PurifyResult:
+        cfg = self.config
         first = next(p for p in encoder.parameters() if p.is_floating_point())
         sampler = self._make_sampler(data)
         stream = ImageStream(
@@ -502,11 +519,7 @@ class Purifier:
         history: list[dict[str, float]] = []
         start_epoch = 0
         ctx = self._dist.ctx
-        rng_devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices, device_type=self.device.type), self._dist.run_guard():
-            torch.random.default_generator.manual_seed(cfg.seed)
-            if self.device.type == "cuda":
-                torch.cuda.manual_seed(cfg.seed)
+        with self._dist.run_guard():
             last_ckpt = None
             if cfg.checkpoint_dir is not None and cfg.resume:
                 found = ckpt.load_latest(cfg.checkpoint_dir)
@@ -627,6 +640,15 @@ class Purifier:
                         img_s=f"{rate:.1f}",
                     )
             means = sync(batches)
+            if batches:
+                rate = images / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(
+                    loss=f"{means[0]:.4f}",
+                    pull=f"{means[1]:.4f}",
+                    clean=f"{means[2]:.4f}",
+                    attack=f"{means[3]:.4f}",
+                    img_s=f"{rate:.1f}",
+                )
         finally:
             bar.close()
         if batches == 0:

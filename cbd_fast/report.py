@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from cbd_fast.modelio import atomic_output
+from cbd_fast.progress import progress
 
 __all__ = ["write_report", "collect_projections", "project_2d", "jsonable", "versions", "REPORT_VERSION"]
 
@@ -482,7 +483,7 @@ def _features_and_adversaries(
         out["triggered"] = []
     g = torch.Generator(device=device).manual_seed(int(seed))
     try:
-        for i in range(0, x.shape[0], batch_size):
+        for i in progress(range(0, x.shape[0], batch_size), desc="report: features + attack", unit="batch"):
             xb = _to_float(x[i : i + batch_size]).to(device)
             with torch.no_grad():
                 clean = feats(encoder, xb).float()

@@ -110,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - start
                 cubin = kernel.asm.get("cubin", b"")
                 shared = getattr(kernel.metadata, "shared", "?")
-                print(
-                    f"  ok   {label:<40} {seconds:6.2f} s  cubin {len(cubin):>7} B  shared {shared} B"
-                )
+                print(f"  ok   {label:<40} {seconds:6.2f} s  cubin {len(cubin):>7} B  shared {shared} B")
                 compiled += 1
             except Exception as exc:  # noqa: BLE001
                 failures.append(f"{label}: {type(exc).__name__}: {exc}")

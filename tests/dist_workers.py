@@ -191,6 +191,14 @@ def mode_errors(outdir: Path) -> None:
     finally:
         backends.backend_status = real_status
     _expect(outdir, "bad_distributed", ctx, lambda: cd.init_context(Cfg(distributed="yes")), ValueError)
+    # The same through purify (raised before any training, on every rank).
+    import cbd_fast
+
+    def run(**kw: Any) -> None:
+        cbd_fast.purify(tiny_encoder(), purify_data(), **{**PURIFY, **kw})
+
+    _expect(outdir, "purify_batch_size", ctx, lambda: run(batch_size=7), ValueError)
+    _expect(outdir, "purify_backend", ctx, lambda: run(backend="cuda"), RuntimeError)
     cd.shutdown(ctx)
 
 

@@ -192,6 +192,12 @@ def test_autocast_keeps_dtype(setup):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         adv = contrastive_pgd(enc, x, clean, epsilon=EPS, step_size=STEP, steps=2, temperature=TAU)
     assert adv.dtype == torch.float32 and (adv - x).abs().max() <= EPS * (1 + 1e-6)
+    # Called under no_grad (e.g. from an evaluation loop): the attack enables grad itself.
+    with torch.no_grad():
+        adv2 = contrastive_pgd(
+            enc, x, clean, epsilon=EPS, step_size=STEP, steps=2, temperature=TAU, random_start=False
+        )
+    assert not torch.equal(adv2, x)
 
 
 def test_bfloat16_images(setup):

@@ -435,6 +435,17 @@ def test_evaluate_needs_labels_and_reads_them_from_files(files, tmp_path, capsys
     assert code == 0 and json.loads(stdout)["n"] == 32 and "asr" not in json.loads(stdout)
 
 
+def test_evaluate_device_option(files, capsys):
+    base = ["evaluate", "--model", files["whole"], "--data", files["x"], "--labels", files["labels"], "-q"]
+    code, _, err = run([*base, "--device", "gpu0"], capsys)
+    assert code == 2 and "--device must be" in err
+    if not torch.cuda.is_available():
+        code, _, err = run([*base, "--device", "cuda"], capsys)
+        assert code == 1 and err.strip().splitlines()[-1].endswith("no CUDA device is visible")
+    code, stdout, _ = run([*base, "--device", "cpu"], capsys)
+    assert code == 0 and stdout.startswith("ACC ")
+
+
 def test_evaluate_fashion_mnist_dataset(files, capsys):
     from cbd_fast import data
 

@@ -11,15 +11,24 @@ from cbd_fast.data import DEFAULT_ROOT
 from cbd_fast.demo import asset_path, main, run_demo
 
 pytestmark = pytest.mark.skipif(
-    not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(), reason="apt-get install -y dataset-fashion-mnist"
+    not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),
+    reason="apt-get install -y dataset-fashion-mnist",
 )
 
 
 @pytest.mark.skipif(not asset_path("badnets", 0).is_file(), reason="shipped asset missing")
 def test_demo_quick_runs_and_reports(tmp_path):
     torch.manual_seed(0)
-    out = run_demo("badnets", quick=True, quiet=True, report_dir=tmp_path / "rep", baselines=False,
-                   cache_dir=None, n_test=500, diagnostic=False)
+    out = run_demo(
+        "badnets",
+        quick=True,
+        quiet=True,
+        report_dir=tmp_path / "rep",
+        baselines=False,
+        cache_dir=None,
+        n_test=500,
+        diagnostic=False,
+    )
     res = out["results"]
     assert set(res) == {"no_defense", "cbd"}
     assert res["no_defense"]["asr"] > 0.9  # the shipped model is backdoored

@@ -275,6 +275,8 @@ def test_bad_input_raises_on_every_rank(tmp_path: Path) -> None:
         "backend_cuda": r"RuntimeError: backend 'cuda' cannot run on every rank: rank 0: .*rank 1: ",
         "backend_one_rank": r"RuntimeError: backend 'torch' cannot run on every rank: rank 1: .*pretend",
         "bad_distributed": r"ValueError: distributed must be 'auto', True or False; got 'yes'",
+        "purify_batch_size": r"ValueError: .*batch_size=7, world_size=2",
+        "purify_backend": r"RuntimeError: .*'cuda'.*rank 0: .*rank 1: ",
     }
     for name, pattern in expect.items():
         for r in range(WORLD):
@@ -284,7 +286,7 @@ def test_bad_input_raises_on_every_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("where", ["guard", "purify"])
+@pytest.mark.parametrize("where", ["guard", pytest.param("purify", marks=pytest.mark.slow)])
 def test_failing_rank_stops_the_whole_run(tmp_path: Path, where: str) -> None:
     """A rank that raises stops every rank, non-zero exit, its error visible, no hang.
 

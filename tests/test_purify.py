@@ -242,13 +242,11 @@ def test_resume_equals_uninterrupted_run(tmp_path, clean_term: str) -> None:
     kw = dict(FAST, epochs=3, clean_term=clean_term, optimizer="adam", lr=1e-3)
     full = Purifier(**kw).fit(_encoder(), x)
     d = tmp_path / "ck"
-    first = Purifier(**{**kw, "epochs": 3}, checkpoint_dir=str(d))
-    # stop after epoch 1: run a 3-epoch config but keep only its first checkpoint
-    first.fit(_encoder(), x)
+    # A run "stopped after epoch 1": keep only its epoch-1 checkpoint.
+    Purifier(**kw, checkpoint_dir=str(d), keep_checkpoints=3).fit(_encoder(), x)
     for e, p in ckpt.list_checkpoints(d):
         if e != 1:
             p.unlink()
-    ckpt.save_checkpoint(d, 1, ckpt.load_checkpoint(ckpt.checkpoint_path(d, 1)))
     resumed = Purifier(**kw, checkpoint_dir=str(d), resume=True).fit(_encoder(), x)
     assert _same_weights(resumed.encoder, full.encoder)
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
@@ -279,8 +277,19 @@ def test_history_and_result_fields() -> None:
     r = Purifier(**{**FAST, "epochs": 2, "log_every": 1}).fit(_encoder(), _images(24))
     assert isinstance(r, PurifyResult) and r.config.epochs == 2
     assert [h["epoch"] for h in r.history] == [1, 2]
-    keys = {"loss", "loss_pull", "loss_clean", "attack_loss", "lr", "images", "batches", "skipped_batches",
-            "dropped_batches", "seconds", "images_per_s"}
+    keys = {
+        "loss",
+        "loss_pull",
+        "loss_clean",
+        "attack_loss",
+        "lr",
+        "images",
+        "batches",
+        "skipped_batches",
+        "dropped_batches",
+        "seconds",
+        "images_per_s",
+    }
     for h in r.history:
         assert keys <= set(h)
         assert all(math.isfinite(h[k]) for k in keys)
@@ -411,7 +420,9 @@ def test_nan_mid_run_stops_with_last_good_checkpoint(tmp_path) -> None:
     # 3 batches per epoch: epoch 1 is fine, the 2nd batch of epoch 2 goes NaN.
     torch.manual_seed(0)
     enc = NaNAfter(limit=4)
-    with pytest.raises(RuntimeError, match=r"non-finite loss at epoch 2/3, batch 2/3.*purify-epoch0001\.ckpt"):
+    with pytest.raises(
+        RuntimeError, match=r"non-finite loss at epoch 2/3, batch 2/3.*purify-epoch0001\.ckpt"
+    ):
         purify(enc, _images(24), checkpoint_dir=str(tmp_path), **{**FAST, "epochs": 3})
     (only,) = ckpt.list_checkpoints(tmp_path)
     state = ckpt.load_checkpoint(only[1])

@@ -74,6 +74,65 @@ class Adv:
         self.delta = d.detach()
         return (x + self.delta).clamp(0, 1)
 
+    def warp(self, f, x, anchor, steps, smax, kgrid=4):
+        n, _, h, w = x.shape
+        if not hasattr(self, "flow"):
+            self.flow = torch.empty(1, 2, kgrid, kgrid).uniform_(-smax, smax)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        ident = torch.stack([xs, ys], -1)[None]
+        scale = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)])
+
+        def apply(fl):
+            up = F.interpolate(fl, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+            grid = (ident + up * scale).clamp(-1, 1).expand(n, h, w, 2)
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+        fl = self.flow
+        for _ in range(steps):
+            fl.requires_grad_(True)
+            loss = ntx(f(apply(fl)), anchor, self.a.tau)
+            (g,) = torch.autograd.grad(loss, fl)
+            fl = (fl.detach() + smax / 4 * g.sign()).clamp(-smax, smax)
+        self.flow = fl.detach()
+        return apply(self.flow).detach()
+
+    @torch.no_grad()
+    def scan(self, f, x, k, top):
+        c = f(x)
+        den = c.pow(2).sum(1).mean()
+        n, _, h, w = x.shape
+        best = []
+        for val in (0.0, 1.0):
+            for r in range(h - k + 1):
+                xs = []
+                for q in range(w - k + 1):
+                    xp = x.clone()
+                    xp[..., r:r + k, q:q + k] = val
+                    xs.append(xp)
+                z = f(torch.cat(xs)).view(w - k + 1, n, -1)
+                s = (z - c).pow(2).sum(2).mean(1) / den
+                for q in range(w - k + 1):
+                    best.append((s[q].item(), r, q, val))
+        best.sort(reverse=True)
+        self.scores = best
+        self.patches = [(r, q, torch.full((1, x.shape[1], k, k), val)) for _, r, q, val in best[:top]]
+        self.k = k
+
+    def patch(self, f, x, anchor, steps, alpha, it):
+        r, q, p = self.patches[it % len(self.patches)]
+        k = self.k
+        for _ in range(steps):
+            p.requires_grad_(True)
+            xa = x.clone()
+            xa[..., r:r + k, q:q + k] = p.expand(len(x), -1, -1, -1)
+            loss = ntx(f(xa), anchor, self.a.tau)
+            (g,) = torch.autograd.grad(loss, p)
+            p = (p.detach() + alpha * g.sign()).clamp(0, 1)
+        self.patches[it % len(self.patches)] = (r, q, p.detach())
+        xa = x.clone()
+        xa[..., r:r + k, q:q + k] = p.expand(len(x), -1, -1, -1)
+        return xa
+
     def mask_adv(self, f, x, anchor, budget, steps, lr):
         m, p = self.mask, self.pat
         for _ in range(steps):
@@ -98,6 +157,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--budget", type=float, default=16)
     p.add_argument("--mask-lr", type=float, default=0.1)
+    p.add_argument("--warp-s", type=float, default=1.5)
+    p.add_argument("--split", action="store_true")
+    p.add_argument("--patch-k", type=int, default=3)
+    p.add_argument("--patch-top", type=int, default=4)
+    p.add_argument("--scan-n", type=int, default=16)
     p.add_argument("--u-restart", action="store_true")
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--pull", default="ntxent", help="ntxent | mse0 | both")
@@ -157,7 +221,8 @@ def main() -> None:
                 anchor = f(x)
                 a0 = f0(x)
             views = []
-            for kind in advs:
+            parts_in = list(zip(x.chunk(len(advs)), anchor.chunk(len(advs)))) if a.split else [(x, anchor)] * len(advs)
+            for kind, (x, anchor) in zip(advs, parts_in):
                 if kind == "pgd":
                     views.append(adv.pgd(f, x, anchor, a.eps / 255, a.steps, max(a.eps / 255 / 4, 0.5 / 255) if a.eps else 0))
                 elif kind == "upgd":
@@ -166,8 +231,18 @@ def main() -> None:
                     views.append(adv.mask_adv(f, x, anchor, a.budget, a.steps, a.mask_lr))
                 elif kind == "none":
                     views.append(x)
+                elif kind == "patch":
+                    if not hasattr(adv, "patches"):
+                        adv.scan(f0, ux[:a.scan_n], a.patch_k, a.patch_top)
+                        print("scan", adv.scores[:6], flush=True)
+                    views.append(adv.patch(f, x, anchor, a.steps, 0.25, i // a.bs))
+                elif kind == "warp":
+                    views.append(adv.warp(f, x, anchor, a.steps, a.warp_s))
                 elif kind == "oracle":
                     views.append(trig(x))
+            x = ux[perm[i : i + a.bs]]
+            if a.split:
+                views = [torch.cat(views)]
             f.train()
             if a.bn == "eval":
                 bn_eval(f)
