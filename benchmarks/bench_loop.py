@@ -76,10 +76,11 @@ def default_cases(device: torch.device) -> list[Case]:
 
 
 def default_loops(device: torch.device) -> list[str]:
-    """CPU: floor, naive, strong, cbd_fast. CUDA: those plus each GPU option alone."""
+    """CPU: floor, naive, strong, cbd_fast and the channels_last variants (the layout is worth ~1.5x
+    for the small CNN on the CPU, see NOTES.md). CUDA: all but the CPU-only ones."""
     if device.type == "cuda":
-        return list(LOOP_NAMES)
-    return ["floor", "naive", "strong", "cbd_fast"]
+        return [n for n in LOOP_NAMES if not n.endswith("+cl")]
+    return ["floor", "naive", "strong", "cbd_fast", "floor+cl", "strong+cl", "cbd_fast+cl"]
 
 
 def _parse_cases(text: str) -> list[Case]:
@@ -123,6 +124,7 @@ _BATCHES: dict[Case, torch.Tensor] = {}
 _AGREEMENT: dict[Case, dict[str, Any]] = {}
 _TIMES: dict[str, dict[str, float]] = {}
 _UNAVAILABLE: dict[str, dict[str, str]] = {}
+_TIMER = ["time.perf_counter"]
 
 
 def _config(case: Case) -> Any:
@@ -156,10 +158,49 @@ def _agreement(case: Case) -> dict[str, Any]:
         names = [n for n in LOOPS if n != "floor"]
         if "naive" not in names:
             names = ["naive", *names]
-        n_steps = 2 if DEVICE.type == "cuda" else 3
-        batches = [_batch(case, i) for i in range(n_steps)]
-        _AGREEMENT[case] = check_agreement(_encoder(case), batches, _config(case), names, DEVICE)
+        cfg, enc = _config(case), _encoder(case)
+        if DEVICE.type != "cuda":  # the timed configuration is float32: one tight check
+            batches = [_batch(case, i) for i in range(3)]
+            _AGREEMENT[case] = check_agreement(enc, batches, cfg, names, DEVICE)
+        else:
+            # 1. semantics, tight: every loop in true float32 (TF32 off), on a 32-image slice;
+            # 2. the timed bf16 configuration, loose (bf16 noise is as large as a subtle semantic
+            #    difference, see reference_loops.TOLERANCES), on a 64-image slice.
+            batches = [_batch(case, i) for i in range(2)]
+            with _true_float32():
+                exact = check_agreement(
+                    enc, [b[:32] for b in batches], cfg.replace(amp_dtype="float32"), names, DEVICE
+                )
+            timed = check_agreement(enc, [b[:64] for b in batches], cfg, names, DEVICE)
+            _AGREEMENT[case] = _merge_agreement(exact, timed)
     return _AGREEMENT[case]
+
+
+class _true_float32:
+    """Turn TF32 off for cuDNN convolutions and CUDA matmuls inside the block."""
+
+    def __enter__(self) -> None:
+        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _merge_agreement(exact: dict[str, Any], timed: dict[str, Any]) -> dict[str, Any]:
+    """One record per loop: ok only when both the float32 and the timed-precision checks pass."""
+    loops = {}
+    for name, a in exact["loops"].items():
+        b = timed["loops"].get(name, {"ok": False, "unavailable": True, "message": "not run"})
+        loops[name] = {
+            "ok": bool(a["ok"] and b["ok"]),
+            "unavailable": bool(a.get("unavailable") or b.get("unavailable")),
+            "message": f"[float32, TF32 off] {a['message']} | [timed precision] {b['message']}",
+            "float32": a,
+            "timed": b,
+        }
+    return {"reference": "naive", "steps": exact["steps"], "loops": loops}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,8 +210,11 @@ def _agreement(case: Case) -> dict[str, Any]:
 def test_agreement(case: Case) -> None:
     """The loops give matching loss curves and weight updates (see reference_loops.TOLERANCES)."""
     report = _agreement(case)
-    bad = {n: r for n, r in report["loops"].items() if not r["ok"]}
+    bad = {n: r for n, r in report["loops"].items() if not r["ok"] and not r.get("unavailable")}
     assert not bad, "loops disagree with naive:\n" + "\n".join(r["message"] for r in bad.values())
+    missing = [r["message"] for r in report["loops"].values() if r.get("unavailable")]
+    if missing:
+        pytest.skip("agree; unavailable here: " + "; ".join(missing))
 
 
 def test_agreement_detects_a_difference() -> None:
@@ -210,8 +254,9 @@ def test_summary_refuses_speedup_on_disagreement() -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_loop_step(benchmark: Any, case: Case, loop: str) -> None:
+def test_loop_step(benchmark: Any, request: pytest.FixtureRequest, case: Case, loop: str) -> None:
     """Time one CBD batch step of ``loop`` on ``case`` (median over rounds)."""
+    _TIMER[0] = str(request.config.getoption("benchmark_timer", None) or "time.perf_counter")
     benchmark.group = case.id
     benchmark.extra_info.update(
         {
@@ -238,6 +283,7 @@ def test_loop_step(benchmark: Any, case: Case, loop: str) -> None:
     rounds = ROUNDS if os.environ.get("CBD_BENCH_ROUNDS") or case.rounds is None else case.rounds
     benchmark.pedantic(runner.run, args=(x,), rounds=rounds, iterations=1, warmup_rounds=warmup)
     _TIMES.setdefault(case.id, {})[loop] = benchmark.stats.stats.median
+    _write_summary()  # after every loop: a stage killed by a timeout keeps its numbers
     del runner
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
@@ -247,21 +293,29 @@ def test_loop_step(benchmark: Any, case: Case, loop: str) -> None:
 def _summary(request: pytest.FixtureRequest) -> Any:
     """After the module: print (and with CBD_BENCH_OUT write) the ratios table."""
     yield
-    if not _TIMES:
+    text = _write_summary()
+    if text is None:
         return
-    summary = summarize(_TIMES, {c.id: _AGREEMENT.get(c) for c in CASES}, _UNAVAILABLE)
-    text = summary_markdown(summary)
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if capture is not None:
         with capture.global_and_fixture_disabled():
             print("\n" + text)
     else:
         print("\n" + text)
+
+
+def _write_summary() -> str | None:
+    """Summarise what was timed so far; write it to CBD_BENCH_OUT when set. Returns the markdown."""
+    if not _TIMES:
+        return None
+    summary = summarize(_TIMES, {c.id: _AGREEMENT.get(c) for c in CASES}, _UNAVAILABLE)
+    text = summary_markdown(summary)
     out = os.environ.get("CBD_BENCH_OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, "loop_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         Path(out, "loop_summary.md").write_text(text)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,16 +326,28 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(DEVICE),
+        "timer": _TIMER[0],
+        "load_average": [round(v, 1) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if DEVICE.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(DEVICE)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def summarize(
@@ -313,20 +379,27 @@ def summarize(
             return None if r["ok"] else "DISAGREE: " + r["message"]
 
         floor = t.get("floor")
+        floor_cl = t.get("floor+cl")
         rows = {}
         for name, sec in t.items():
             rows[name] = {
                 "median_s": sec,
                 "images_per_s": None,
                 "x_floor": (sec / floor) if floor else None,
+                "x_floor_cl": (sec / floor_cl) if floor_cl else None,
             }
         speedups: dict[str, Any] = {}
-        for fast in [n for n in t if n.startswith("cbd_fast") or n.startswith("strong")]:
+        for fast in [n for n in t if n.startswith(("cbd_fast", "strong"))]:
             for base in ("naive", "strong", "cbd_fast"):
                 if base not in t or base == fast or (base == "cbd_fast" and not fast.startswith("cbd_fast")):
                     continue
                 problem = ok(fast) or ok(base)
                 speedups[f"{fast} vs {base}"] = problem if problem else t[base] / t[fast]
+            option = fast[len("cbd_fast") :] if fast.startswith("cbd_fast") else ""
+            if option and "strong" + option in t:  # the same option on both sides, e.g. +cl vs +cl
+                twin = "strong" + option
+                problem = ok(fast) or ok(twin)
+                speedups[f"{fast} vs {twin}"] = problem if problem else t[twin] / t[fast]
         groups[gid] = {"loops": rows, "speedups": speedups, "unavailable": (unavailable or {}).get(gid, {})}
         for row in rows.values():
             bs = _batch_of(gid)
@@ -346,21 +419,22 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     m = summary["machine"]
     lines = [
         f"CBD step benchmark, {m['date']}, {m.get('gpu') or m['cpu']} ({m['device']}), "
-        f"torch {m['torch']}, {m['threads']} threads",
+        f"torch {m['torch']}, {m['threads']} threads, timer {m['timer']}, load {m['load_average']}",
         "",
     ]
     for gid, g in summary["groups"].items():
         lines += [
             f"### {gid}",
             "",
-            "| loop | ms / batch | images/s | x floor |",
-            "| --- | ---: | ---: | ---: |",
+            "| loop | ms / batch | images/s | x floor | x floor+cl |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
         for name, r in g["loops"].items():
             xf = f"{r['x_floor']:.2f}" if r["x_floor"] else "-"
-            lines.append(f"| {name} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.0f} | {xf} |")
+            xfc = f"{r['x_floor_cl']:.2f}" if r.get("x_floor_cl") else "-"
+            lines.append(f"| {name} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.0f} | {xf} | {xfc} |")
         for name, why in g["unavailable"].items():
-            lines.append(f"| {name} | {why[:80]} | | |")
+            lines.append(f"| {name} | n/a: {why[:100]} | | | |")
         lines.append("")
         for k, v in g["speedups"].items():
             lines.append(f"- {k}: " + (f"{v:.2f}x" if isinstance(v, float) else str(v)))

@@ -19,7 +19,8 @@ Run::
         --benchmark-json=benchmarks/results/pgd_cpu.json
 
 Environment: ``CBD_BENCH_ROUNDS`` (interleaved rounds per side, default 15 CPU / 30 CUDA),
-``CBD_BENCH_QUICK=1`` (small sizes, 3 rounds: a smoke run for CI).
+``CBD_BENCH_QUICK=1`` (small sizes, 3 rounds: a smoke run for CI), ``CBD_BENCH_THREADS``
+(``torch.set_num_threads`` for the run; 1 gives steadier CPU ratios on a shared machine).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 QUICK = os.environ.get("CBD_BENCH_QUICK", "") not in ("", "0")
+if os.environ.get("CBD_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["CBD_BENCH_THREADS"]))
 EPS, STEP, TAU = 8 / 255, 2 / 255, 0.5
 N_CPU = 2**16 if QUICK else 4 * 2**20
 N_GPU = 2**20 if QUICK else 64 * 2**20
@@ -72,6 +75,25 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, sync=
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def cuda_interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, reps: int = 10) -> dict:
+    """Median seconds per call on the GPU: CUDA events around ``reps`` back-to-back calls, rounds
+    alternating between the functions (launch overhead amortised, no host timing in the window)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / reps)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -203,13 +225,12 @@ def test_pgd_step_gpu_bandwidth(benchmark, backend, dtype):
     assert torch.equal(out, want)
     dst = torch.empty_like(xa)
     sync = torch.cuda.synchronize
-    med = interleaved_medians(
+    med = cuda_interleaved_medians(
         {
             "pgd_step": lambda: pgd_step(out, grad, xc, STEP, EPS, backend=backend),
             "copy": lambda: dst.copy_(xa),
         },
         _rounds(30),
-        sync,
     )
     nbytes = N_GPU * xa.element_size()
     bw_pgd = 4 * nbytes / med["pgd_step"] / 1e9

@@ -29,7 +29,7 @@ OUT=${OUT:-/tmp/cbd_gpu_check_out}
 mkdir -p "$OUT"
 SCRATCH=$(mktemp -d /tmp/cbd_check.XXXXXX)
 PY=${PYTHON:-python3}
-BUDGET=${CBD_CHECK_BUDGET_S:-450}
+BUDGET=${CBD_CHECK_BUDGET_S:-$((DRY ? 1200 : 450))} # the CPU rehearsal is slower, not shorter
 RESERVE=20 # kept for the summary stage
 START=$(date +%s)
 LOG="$OUT/log.txt"
@@ -51,6 +51,7 @@ stage() {
         echo "== stage $name: SKIPPED (budget)" | tee -a "$LOG"
         return 0
     fi
+    ((DRY)) && limit=$((limit * 3))
     ((limit > left)) && limit=$left
     echo "== stage $name (limit ${limit}s, t=$(elapsed)s): $*" | tee -a "$LOG"
     local t0 rc
@@ -86,7 +87,7 @@ if ((DRY)); then
     COMPILE="strong,strong+compile"
 else
     R50="resnet50:256:5"
-    VIT="vit_b16:128:5"
+    VIT="vit_b16:128:5:6"
     CORE="floor,naive,strong,cbd_fast"
     OPTIONS="strong,strong-cl,strong+graph,strong+vg,cbd_fast,cbd_fast-cl"
     COMPILE="strong,strong+compile,cbd_fast,cbd_fast+compile"
@@ -117,7 +118,7 @@ stage loop 150 bash -c 'bench_loop "$@"' _ loop "$R50" "$CORE"
 OPS_FILES=()
 for f in benchmarks/bench_nt_xent.py benchmarks/bench_pgd.py; do [[ -f $f ]] && OPS_FILES+=("$f"); done
 if ((${#OPS_FILES[@]})); then
-    stage ops 75 "$PY" -m pytest "${OPS_FILES[@]}" -q -p no:cacheprovider -rfEs \
+    stage ops 90 env CBD_BENCH_ROUNDS=10 "$PY" -m pytest "${OPS_FILES[@]}" -q -p no:cacheprovider -rfEs \
         --benchmark-json="$OUT/ops.json" --benchmark-columns=median,iqr,min,rounds --benchmark-max-time=0.5
 else
     printf 'ops\tskipped\t0\tno op benchmark files\n' >>"$STAGES"
@@ -134,6 +135,7 @@ echo "== stage summary (t=$(elapsed)s)" | tee -a "$LOG"
 timeout -k 5 30 "$PY" benchmarks/run_gpu_check.py summarize --scratch "$SCRATCH" --out "$OUT" \
     --stages "$STAGES" --elapsed "$(elapsed)" --dry-run "$DRY" >>"$LOG" 2>&1 ||
     echo "summary failed (rc=$?)" | tee -a "$LOG"
+find "$OUT" -maxdepth 1 -type f -empty -delete # JSON files of killed pytest runs
 cat "$OUT/summary.md" 2>/dev/null || cat "$STAGES"
 rm -rf "$SCRATCH"
 echo "== done in $(elapsed)s; files under $OUT:"

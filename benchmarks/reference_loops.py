@@ -640,17 +640,20 @@ class _no_autocast:
 # ----------------------------------------------------------------------------------------------------
 # factory
 # ----------------------------------------------------------------------------------------------------
-#: loop name -> description; "+x" variants are the GPU options measured one at a time.
+#: loop name -> description; "+x" / "-x" variants are the options measured one at a time.
 LOOP_NAMES = {
     "floor": "encoder passes alone",
+    "floor+cl": "floor with channels_last forced on (CPU)",
     "naive": "plain PyTorch as the paper reads",
     "strong": "best plain PyTorch",
-    "strong-cl": "strong without channels_last",
+    "strong-cl": "strong with channels_last forced off",
+    "strong+cl": "strong with channels_last forced on (on the CPU too)",
     "strong+compile": "strong with torch.compile(encoder)",
     "strong+graph": "strong with the whole step in one CUDA graph",
     "strong+vg": "strong with cbd_fast.ops.nt_xent_value_and_grad in PGD",
     "cbd_fast": "cbd_fast.Purifier (default config)",
-    "cbd_fast-cl": "cbd_fast without channels_last",
+    "cbd_fast-cl": "cbd_fast with channels_last=False",
+    "cbd_fast+cl": "cbd_fast with channels_last=True (on the CPU too)",
     "cbd_fast+compile": "cbd_fast with compile=True",
 }
 
@@ -670,17 +673,18 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
         over: dict[str, Any] = {"device": str(device), "progress": False}
         if name == "cbd_fast-cl":
             over["channels_last"] = False
+        elif name == "cbd_fast+cl":
+            over["channels_last"] = True
         elif name == "cbd_fast+compile":
             over["compile"] = True
         return CbdFastLoop(config.replace(**over))
     s = LoopSettings.from_config(config, device)
-    if name == "floor":
+    if name.endswith("-cl") or name.endswith("+cl"):
+        s.channels_last = name.endswith("+cl")
+    if name.startswith("floor"):
         return EncoderFloor(s)
     if name == "naive":
         return NaiveCBD(LoopSettings(**{**s.__dict__, "amp_dtype": None, "channels_last": False}))
-    if name == "strong-cl":
-        s.channels_last = False
-        return StrongCBD(s)
     return StrongCBD(
         s,
         compile=name == "strong+compile",
@@ -695,18 +699,24 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: Tolerances of the agreement check against the naive float32 loop, by the compared loop's encoder
 #: precision. ``loss_rtol``: max over steps of |loss - loss_naive| / |loss_naive| (both the fine-tune
 #: loss and the attack loss). ``update_rtol``: ||dtheta - dtheta_naive|| / ||dtheta_naive|| of the
-#: weight update after all steps. float32: measured spread between equal-math float32 loops with
-#: different reduction orders (fmnist_cnn, bs 64, 3 steps): losses <= 1e-7 with BN eval and <= 1e-4
-#: with BN train (the clean term amplifies batch-statistics rounding), updates <= 7e-5; the bounds
-#: leave 10-100x room yet catch any semantic difference (wrong BN mode, clean weight, K, eps,
-#: anchors: all move the update by > 0.1, see bench_loop.test_agreement_detects_a_difference).
-#: bfloat16: autocast rounds activations to 8 bits of mantissa (~4e-3 relative each), measured on
-#: the CPU with bf16 autocast: loss ~1e-3, update ~0.05-0.2 (sign flips of small input gradients
-#: change x_adv); the bounds are set above that and are recorded with every result.
+#: weight update after all steps.
+#:
+#: float32 (calibrated on fmnist_cnn, bs 16-64, 2-3 steps): equal-math loops with different reduction
+#: orders differ by <= 2e-7 on losses with BN eval (<= 1e-4 with BN train: the clean term amplifies
+#: batch-statistics rounding) and <= 7e-5 on updates; a semantic difference moves the update by
+#: 0.1-0.6 (K 1 vs 2: 0.22, clean weight 0.5 vs 1: 0.28, eps 4 vs 8/255: 0.21, tau 0.4 vs 0.5: 0.26,
+#: no clean term: 0.57, lr 0.011 vs 0.01: 0.098, BN train vs eval: 4.7e3) and the loss by 4e-5 to 70.
+#: So 1e-3 / 1e-2 leave >100x room for rounding and still catch every one of those.
+#:
+#: bfloat16: autocast noise alone moves the update by ~0.14 (fmnist_cnn, CPU autocast: a few PGD
+#: signs flip), as much as a subtle semantic difference, so a bf16 comparison cannot prove the
+#: semantics. On CUDA the benchmark therefore checks twice: every loop in true float32 (TF32 off)
+#: with the float32 tolerances (the semantics), and the timed bf16 configuration with these loose
+#: bounds (catches a broken bf16 path: NaN, garbage, an update pointing elsewhere).
 TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"loss_rtol": 1e-3, "update_rtol": 1e-2},
-    "bfloat16": {"loss_rtol": 3e-2, "update_rtol": 0.5},
-    "float16": {"loss_rtol": 3e-2, "update_rtol": 0.5},
+    "bfloat16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
+    "float16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
 }
 
 _UNAVAILABLE_ERRORS = (ImportError, AttributeError, NotImplementedError)

@@ -223,22 +223,142 @@ def per_sample_uniform(
     k = _hash32(k ^ (int(stream) & _MASK32))
     idx = indices.to(torch.int64)
     key = _hash32(k ^ (idx & _MASK32) ^ _hash32((idx >> 32) & _MASK32))  # [B]
-    out = torch.empty((indices.shape[0], m), dtype=torch.float32, device=dev)
+    shape = (indices.shape[0], *[int(s) for s in sample_shape])
     if dev.type == "cpu":
-        # 2'. CPU: one small generator per sample seeded with its key (seeding is ~microseconds,
-        #     much cheaper than hashing every element with unfused int64 ops).
-        gen = torch.Generator()
-        for r, ki in enumerate(key.tolist()):
-            gen.manual_seed(int(ki) | (1 << 32))
-            torch.rand((m,), generator=gen, out=out[r])
-        return out.view(indices.shape[0], *[int(s) for s in sample_shape])
+        return _generator_uniform(key, m).view(shape)
+    return _hashed_uniform(key, m, chunk_elements).view(shape)
+
+
+def _generator_uniform(key: torch.Tensor, m: int) -> torch.Tensor:
+    """CPU: row i = torch.rand(m) from a generator seeded with key_i (seeding costs ~microseconds,
+    much less than hashing every element with unfused int64 ops)."""
+    out = torch.empty((key.shape[0], m), dtype=torch.float32)
+    gen = torch.Generator()
+    for r, ki in enumerate(key.tolist()):
+        gen.manual_seed(int(ki) | (1 << 32))
+        torch.rand((m,), generator=gen, out=out[r])
+    return out
+
+
+def _hashed_uniform(key: torch.Tensor, m: int, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Accelerators: a counter-based hash of (key_i, element j), evaluated on key's device in chunks."""
+    dev = key.device
+    out = torch.empty((key.shape[0], m), dtype=torch.float32, device=dev)
     rows = max(1, chunk_elements // max(m, 1))
     j = torch.arange(m, dtype=torch.int64, device=dev)
     jh = _hash32(_mul32(j, 0x9E3779B1) ^ 0x68E31DA4)  # 2. a per-element counter hash [M]
-    for r0 in range(0, indices.shape[0], rows):
+    for r0 in range(0, key.shape[0], rows):
         # 3. value_ij = H(H(key_i ^ jh_j) + key_i): two rounds over the pair.
         kk = key[r0 : r0 + rows, None]
         v = _hash32((_hash32(kk ^ jh[None, :]) + kk) & _MASK32)
         # 4. top 24 bits -> float32 in [0, 1) exactly representable.
         out[r0 : r0 + rows] = (v >> 8).to(torch.float32) * (1.0 / (1 << 24))
-    return out.view(indices.shape[0], *[int(s) for s in sample_shape])
+    return out
+
+
+# --- added by the evaluation owner (issue 6; measurements in docs/results.md) ---
+
+
+@register_adversary("pgd_patch")
+class PGDAndPatch(Adversary):
+    """Per-sample contrastive PGD on one half of the batch, a universal patch adversary on the other.
+
+    Triggers are sample-agnostic shortcuts of two kinds (``docs/results.md``): global ones (blends,
+    signals, warps) that a per-sample L-inf attack of radius ``epsilon`` evokes, and local patches
+    that no small L-inf ball reaches (a white patch on a black corner needs a change of 1.0). The
+    patch half looks for the latter label-free: on its first call it scans constant ``k x k`` patches
+    (black and white, every position with stride ``patch_stride``) over a few images and keeps the
+    ``patch_candidates`` positions whose patch moves the features most (relative squared shift
+    ``||f(x') - f(x)||^2 / ||f(x)||^2``; a patch trigger is a 100x outlier); then on every batch it
+    pastes one of those patches (round robin) on its images and refines the patch's pixels, shared by
+    the images, with ``steps`` signed-gradient steps of size 0.25 on NT-Xent(f(x'), clean anchors).
+
+    ``config.extra`` keys (all optional): ``patch_size`` (default ``max(3, round(min(H, W) / 10))``),
+    ``patch_stride`` (default: positions at most 32 per axis), ``patch_candidates`` (4),
+    ``patch_scan_images`` (16), ``patch_fraction`` (share of the batch for the patch half, 0.5).
+    """
+
+    def __init__(self, config: PurifyConfig) -> None:
+        super().__init__(config)
+        self._pgd = ContrastivePGD(config)
+        self._patches: list[tuple[int, int, torch.Tensor]] | None = None
+        self._k = 0
+        self._calls = 0
+        self.scan_scores: list[tuple[float, int, int, float]] = []
+
+    @torch.no_grad()
+    def _scan(self, encoder: nn.Module, x: torch.Tensor) -> None:
+        from cbd_fast.attack import attack_mode
+
+        ex = self.config.extra
+        _, c, h, w = x.shape
+        k = int(ex.get("patch_size", max(3, round(min(h, w) / 10))))
+        k = max(1, min(k, h, w))
+        stride = int(ex.get("patch_stride", max(1, (max(h, w) - k + 1) // 32)))
+        x = x[: int(ex.get("patch_scan_images", 16))].float()
+        rows, cols = list(range(0, h - k + 1, stride)), list(range(0, w - k + 1, stride))
+        with attack_mode(encoder):
+            # 1. reference features of the clean images and their mean squared norm.
+            z0 = encoder(x).flatten(1).float()
+            den = z0.pow(2).sum(1).mean().clamp_min(1e-12)
+            scores: list[tuple[float, int, int, float]] = []
+            for val in (0.0, 1.0):
+                for r in rows:
+                    # 2. one forward for a whole row of patch positions: [len(cols) * n] images.
+                    xs = x.unsqueeze(0).repeat(len(cols), 1, 1, 1, 1)
+                    for j, q in enumerate(cols):
+                        xs[j, :, :, r : r + k, q : q + k] = val
+                    z = encoder(xs.flatten(0, 1)).flatten(1).float().view(len(cols), x.shape[0], -1)
+                    # 3. score = relative squared feature shift, averaged over the images.
+                    s = (z - z0).pow(2).sum(2).mean(1) / den
+                    scores += [(float(s[j]), r, q, val) for j, q in enumerate(cols)]
+        scores.sort(reverse=True)
+        self.scan_scores = scores[:16]
+        top = int(ex.get("patch_candidates", 4))
+        self._patches = [
+            (r, q, torch.full((1, c, k, k), val, device=x.device)) for _, r, q, val in scores[:top]
+        ]
+        self._k = k
+
+    def _paste(self, x: torch.Tensor, r: int, q: int, p: torch.Tensor) -> torch.Tensor:
+        k = self._k
+        out = x.clone()
+        out[:, :, r : r + k, q : q + k] = p.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+        return out
+
+    def _patch_attack(self, inp: AttackInputs, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        from cbd_fast.attack import attack_mode
+        from cbd_fast.ops import nt_xent
+
+        assert self._patches is not None
+        i = self._calls % len(self._patches)
+        r, q, p = self._patches[i]
+        cfg = self.config
+        with attack_mode(inp.encoder), torch.enable_grad():
+            for _ in range(cfg.steps if x.shape[0] >= 2 else 0):
+                p = p.detach().requires_grad_(True)
+                z = inp.encoder(self._paste(x, r, q, p)).flatten(1).float()
+                loss = nt_xent(z, anchors, cfg.temperature, backend=cfg.backend)
+                (g,) = torch.autograd.grad(loss, p)
+                # p <- clip(p + 0.25 * sign(g), 0, 1): the patch pixels are unbounded in [0, 1].
+                p = (p.detach() + 0.25 * g.sign()).clamp(0.0, 1.0)
+        self._patches[i] = (r, q, p.detach())
+        return self._paste(x, r, q, p.detach()).detach()
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        b = inp.x.shape[0]
+        if self._patches is None:
+            self._scan(inp.encoder, inp.x)
+        n_patch = int(round(b * float(self.config.extra.get("patch_fraction", 0.5))))
+        n_pgd = b - n_patch
+        parts = []
+        if n_pgd > 0:
+            sub = AttackInputs(
+                encoder=inp.encoder, x=inp.x[:n_pgd], clean_features=inp.clean_features[:n_pgd],
+                indices=inp.indices[:n_pgd], epoch=inp.epoch, gather=None, config=inp.config,
+            )
+            parts.append(self._pgd(sub))
+        if n_patch > 0:
+            parts.append(self._patch_attack(inp, inp.x[n_pgd:], inp.clean_features[n_pgd:b]))
+        self._calls += 1
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -15,7 +15,11 @@ checks every batch (a host read is free there).
 Reproducibility: the data order is a pure function of (seed, epoch), the random starts of (seed,
 epoch, sample index), dropout uses torch's global RNG forked from ``seed`` (the caller's RNG state is
 restored afterwards) and saved in checkpoints, so a resumed run ends with exactly the weights of an
-uninterrupted one (CPU, same seed), and two runs with one seed give identical weights.
+uninterrupted one (CPU, same seed), and two runs with one seed give identical weights. Python's
+``random`` and NumPy are not used by the loop (their states are neither seeded nor saved). A
+DataLoader passed by the caller keeps its own order (seed it with its ``generator``, whose state the
+checkpoints keep); its images have no dataset indices, so their random starts are keyed by their
+position in the epoch instead.
 
 Example:
     >>> import torch, cbd_fast
@@ -285,10 +289,19 @@ class Purifier:
                 ref = copy.deepcopy(encoder).to(self.device).eval()
             for p in ref.parameters():  # (ScriptModules have no module-level requires_grad_)
                 p.requires_grad_(False)
+            if self._channels_last:
+                ref.to(memory_format=torch.channels_last)
             self._reference = _Features(ref, feature_fn)
-        model = encoder if inplace else copy.deepcopy(encoder)
-        self._flags = {name: m.training for name, m in model.named_modules()}
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        # The caller's flags, read from the caller's module (a copy made under no_grad loses them).
+        self._flags = {name: m.training for name, m in encoder.named_modules()}
+        self._requires_grad = {name: p.requires_grad for name, p in encoder.named_parameters()}
+        if inplace:
+            model = encoder
+        else:
+            with torch.no_grad():  # (see above: keeps a ScriptModule's parameters leaves)
+                model = copy.deepcopy(encoder)
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         model.to(self.device)
         if self._channels_last:
             model.to(memory_format=torch.channels_last)
@@ -362,7 +375,7 @@ class Purifier:
             start = self._step_count * b
             indices = torch.arange(start, start + b, dtype=torch.int64, device=x.device)
         try:
-            out = self._run_step(x, indices, self._epoch, self._step_count)
+            out = self._run_step(x, indices, self._epoch)
         except _NonFinite as e:
             raise RuntimeError(
                 f"non-finite loss ({e}) at step {self._step_count}; set nonfinite='skip' to skip such batches"
@@ -377,9 +390,7 @@ class Purifier:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def _run_step(
-        self, x: torch.Tensor, indices: torch.Tensor, epoch: int, batch: int
-    ) -> dict[str, torch.Tensor]:
+    def _run_step(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
         cfg = self.config
         b = x.shape[0]
         if self._channels_last:
@@ -613,7 +624,7 @@ class Purifier:
                     ok = ((x >= 0) & (x <= 1)).all()  # NaN fails both comparisons
                     bad_data = torch.where(~ok & (bad_data < 0), torch.full_like(bad_data, b), bad_data)
                 try:
-                    out = self._run_step(x, idx, epoch, b)
+                    out = self._run_step(x, idx, epoch)
                 except _NonFinite:
                     raise nonfinite_error(b) from None
                 n = x.shape[0] * self._world

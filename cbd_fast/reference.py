@@ -31,8 +31,9 @@ def nt_xent_reference(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5
     compute = torch.float64 if a.dtype == torch.float64 else torch.float32
     n = a.shape[0]
     # 1. Cosine similarity: L2-normalise the 2N rows, then scaled dot products.
-    u = torch.cat([a, b], dim=0).to(compute)
-    u = F.normalize(u, dim=1, eps=NORM_EPS)
+    #    The norms are taken in float64: the squares of float32 features beyond ~1e19 would overflow.
+    u = torch.cat([a, b], dim=0).to(torch.float64)
+    u = F.normalize(u, dim=1, eps=NORM_EPS).to(compute)
     s = (u @ u.T) / temperature
     # 2. Exclude self-similarity from the denominator.
     s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=s.device), float("-inf"))

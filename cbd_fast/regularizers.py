@@ -217,3 +217,28 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+# --- added by the evaluation owner (issue 6; measurements in docs/results.md) ---
+
+
+@register_clean_term("anchor")
+class OriginalAnchor(CleanTerm):
+    """Pull both views to the FROZEN original encoder's clean features, in squared distance.
+
+    ``L = (||z - z0||^2 + pull_ratio * ||z_adv - z0||^2) / ||z0||^2`` summed over the batch, with
+    ``z0 = f_0(x)``: clean features stay where the original head reads them (norms included: the
+    head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins for triggered
+    ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
+    ``config.extra["pull_ratio"]`` (default 0.2) weighs the adversarial half against the clean half.
+    """
+
+    needs_reference = True
+
+    def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
+        assert inp.reference_features is not None
+        z0 = inp.reference_features(inp.x)
+        ratio = float(inp.config.extra.get("pull_ratio", 0.2))
+        den = z0.pow(2).sum().clamp_min(1e-12)
+        # 1. clean consistency, 2. adversarial pull to the original clean features.
+        return ((inp.z_clean - z0).pow(2).sum() + ratio * (inp.z_adv - z0).pow(2).sum()) / den

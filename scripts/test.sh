@@ -20,8 +20,10 @@ fi
 cd "$ROOT"
 
 echo "[test] pytest"
+ci_args=()
+[ "${CI:-}" = true ] && ci_args=(--durations=15)  # CI logs name the slowest tests
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest "${ci_args[@]}" "$@"
 py_rc=$?
 set -e
 case $py_rc in

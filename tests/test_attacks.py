@@ -108,3 +108,32 @@ def test_plant_feature_backdoor_moves_triggered_features():
         cos_after = torch.nn.functional.cosine_similarity(enc(BadNets()(x)), centroid).mean()
         cos_before = torch.nn.functional.cosine_similarity(before, centroid).mean()
     assert cos_after > cos_before
+
+
+class _PatchReactiveEncoder(torch.nn.Module):
+    """Features that jump when the bottom-right 3x3 corner turns white (a planted patch shortcut)."""
+
+    def forward(self, x):
+        corner = x[..., 25:, 25:].mean(dim=(1, 2, 3))
+        return torch.stack([x.mean(dim=(1, 2, 3)), x[..., :14, :].mean(dim=(1, 2, 3)),
+                            10 * torch.relu(corner - 0.5)], dim=1) + 0.1
+
+
+def test_pgd_patch_adversary_finds_a_patch_trigger_label_free():
+    from cbd_fast.adversaries import AttackInputs, make_adversary
+    from cbd_fast.config import PurifyConfig
+
+    cfg = PurifyConfig(adversary="pgd_patch", epsilon=8 / 255, step_size=2 / 255, steps=2, progress=False)
+    adv = make_adversary(cfg)
+    x = _imgs(8, 3) * 0.3  # dark images: the corner is never white by chance
+    enc = _PatchReactiveEncoder()
+    with torch.no_grad():
+        anchors = enc(x)
+    inp = AttackInputs(encoder=enc, x=x, clean_features=anchors, indices=torch.arange(8), epoch=0, gather=None,
+                       config=cfg)
+    x_adv = adv(inp)
+    assert x_adv.shape == x.shape and 0.0 <= float(x_adv.min()) and float(x_adv.max()) <= 1.0
+    best = adv.scan_scores[0]
+    assert (best[1], best[2], best[3]) == (25, 25, 1.0)  # the white 3x3 patch at the corner
+    assert torch.all(x_adv[4:, :, 25:, 25:] > 0.9)  # the patch half carries it
+    assert float((x_adv[:4] - x[:4]).abs().max()) <= 8 / 255 + 1e-6  # the PGD half stays in the ball

@@ -12,6 +12,15 @@ import cbd_fast
 from cbd_fast import checkpoint as ckpt
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread is faster than two fighting over a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _state(v: float) -> dict:
     return {"epoch": 1, "w": torch.full((3,), v), "history": [{"loss": v}], "config": {"lr": 0.1, "x": None}}
 

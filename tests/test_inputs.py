@@ -158,6 +158,17 @@ def test_per_sample_uniform_ignores_batch_composition() -> None:
     assert abs(float(big.mean()) - 0.5) < 0.01 and abs(float(big.std()) - 12**-0.5) < 0.01
 
 
+def test_hashed_uniform_used_on_accelerators_is_uniform_and_chunk_independent() -> None:
+    from cbd_fast.adversaries import _hashed_uniform
+
+    key = torch.tensor([1, 2, 3, 4_000_000_000], dtype=torch.int64)
+    u = _hashed_uniform(key, 5000)
+    assert torch.equal(u, _hashed_uniform(key, 5000, chunk_elements=7000))  # chunking changes nothing
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.std()) - 12**-0.5) < 0.01
+    assert float(torch.corrcoef(u[:3])[0, 1:].abs().max()) < 0.05
+
+
 def test_random_start_stays_in_ball_and_box() -> None:
     x = torch.rand(8, 1, 4, 4)
     u = per_sample_uniform(torch.arange(8), (1, 4, 4), seed=0, epoch=0)

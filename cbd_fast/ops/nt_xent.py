@@ -6,7 +6,7 @@ log-sum-exp per row (flash-style) and saves ``lse`` [2N]; the backward recompute
 
 Pipeline of ``nt_xent(a, b, temperature)``:
 
-1. Rows are L2-normalised in float32 (float64 for float64 inputs) with ``F.normalize(eps=1e-12)``:
+1. Rows are L2-normalised in float64 (float32 squares overflow past ~1e19), ``F.normalize(eps=1e-12)``:
    a zero row stays zero. Autograd differentiates this step (the normalisation Jacobian).
 2. The kernels take the normalised views ``za, zb`` [N, D] and ``inv_temp = 1 / temperature``.
    cpp and torch receive them in float32 (float64); triton and cuda receive bfloat16/float16
@@ -179,7 +179,9 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
     if a.shape[1] < 1:
         raise ValueError(f"a must have D >= 1 features; got D={a.shape[1]}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number; got {type(temperature).__name__} {temperature!r}")
+        raise TypeError(
+            f"temperature must be a real number; got {type(temperature).__name__} {temperature!r}"
+        )
     tau = float(temperature)
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"temperature must be finite and > 0; got {temperature}")
@@ -209,7 +211,8 @@ def _resolve_backend(a: torch.Tensor, backend: str | None) -> str:
 
 def _normalized(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Step 1-2: float32/float64 L2 normalisation; 16-bit rows go back to 16 bits for triton/cuda."""
-    z = F.normalize(x.to(_loss_dtype(x.dtype)), dim=1, eps=NORM_EPS)
+    # float64 norms: the squares of float32/bfloat16 features beyond ~1e19 would overflow float32
+    z = F.normalize(x.to(torch.float64), dim=1, eps=NORM_EPS).to(_loss_dtype(x.dtype))
     if backend in ("triton", "cuda") and x.dtype in (torch.bfloat16, torch.float16):
         z = z.to(x.dtype)
     return z.contiguous()
@@ -301,7 +304,7 @@ def nt_xent_value_and_grad(
                 loss = nt_xent_reference(a_, b.detach(), tau)
                 (grad_a,) = torch.autograd.grad(loss, a_)
             return loss.detach(), grad_a
-        compute = _loss_dtype(a.dtype)
+        compute = torch.float64  # as _normalized: float32 squares of features beyond ~1e19 overflow
         x = a.to(compute)
         norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         za, zb = _normalized(a, name), _normalized(b, name)

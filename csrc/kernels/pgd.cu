@@ -2,8 +2,8 @@
 // loads and one store per element, 16-byte vector loads (4 x float32 or 8 x bfloat16/float16) in
 // a grid-stride loop, then a scalar tail; a scalar kernel when a pointer is not 16-byte aligned.
 //
-// Bit-exactness with the float32 PyTorch reference. The extension is built with --use_fast_math,
-// which turns on flush-to-zero for float32 add/compare/min/max. The arithmetic here therefore uses
+// Bit-exactness with the float32 PyTorch reference, whatever the nvcc flags: --use_fast_math (or
+// -ftz=true) would turn on flush-to-zero for float32 add/compare/min/max. The arithmetic here uses
 // explicit non-ftz PTX (add.rn.f32 / sub.rn.f32, max.NaN.f32 / min.NaN.f32 on sm_80+) or integer
 // operations on the bit patterns, so subnormals and NaN behave as in IEEE float32 opmath:
 //   1. d  = step * sign(g): +step / -step / 0 for +-0 / NaN for NaN      (from g's bit pattern)

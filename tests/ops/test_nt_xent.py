@@ -9,16 +9,19 @@ tests/conftest.py) a representative subset. GPU tests skip without a CUDA device
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
 import cbd_fast
-import cbd_fast.ops.nt_xent as ntx_mod
 from cbd_fast.backends import backend_status
 from cbd_fast.ops import nt_xent, nt_xent_value_and_grad
 from cbd_fast.reference import nt_xent_reference
+
+# the module (``cbd_fast.ops.nt_xent`` the attribute is the function of the same name)
+ntx_mod = importlib.import_module("cbd_fast.ops.nt_xent")
 
 CPP = backend_status("cpu")["cpp"] is None
 TRITON_CPU = backend_status("cpu")["triton"] is None
@@ -113,7 +116,7 @@ _TRITON_SHAPES = [(2, 1, 0.5), (3, 3, 0.05), (17, 64, 1.0), (33, 130, 0.1)]
 @pytest.mark.parametrize("n,d,tau", _CPP_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_cpp_matches_reference(n: int, d: int, tau: float, dtype: torch.dtype) -> None:
-    if dtype != torch.float32 and n * d > 64 * 2048 // 2:
+    if dtype != torch.float32 and (n * d > 20000 or n >= 1000):
         pytest.skip("large shapes: float32 only (keeps the suite fast)")
     _assert_close("cpp", *_views(n, d, seed=n * 7 + d), tau, dtype)
 
@@ -246,7 +249,10 @@ def test_only_one_side_requires_grad(backend: str, monkeypatch: pytest.MonkeyPat
         def wrapped(grad, za, zb, lse, inv_temp, need_a, need_b):
             calls.append((need_a, need_b))
             out = op(grad, za, zb, lse, inv_temp, need_a, need_b)
-            assert out[1].numel() == 0 if not need_b else out[0].numel() == 0 or need_a
+            if not need_b:
+                assert out[1].numel() == 0
+            if not need_a:
+                assert out[0].numel() == 0
             return out
 
         return wrapped
@@ -302,25 +308,26 @@ def test_non_finite_input_gives_nan(backend: str, bad: float) -> None:
     assert torch.isnan(b.grad).any()
 
 
-@pytest.mark.parametrize(
-    "a,b,tau,exc,match",
-    [
-        ([[1.0, 2.0]], torch.zeros(1, 2), 0.5, TypeError, "a must be a torch.Tensor; got list"),
-        (torch.zeros(4, 3), torch.zeros(4, 5), 0.5, ValueError, r"b must have a's shape \(4, 3\); got \(4, 5\)"),
-        (torch.zeros(1, 3), torch.zeros(1, 3), 0.5, ValueError, "N >= 2 rows.*got N=1"),
-        (torch.zeros(4), torch.zeros(4), 0.5, ValueError, r"a must be 2-D \[N, D\]; got 1-D shape \(4,\)"),
-        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), 0.5, ValueError, "a must be 2-D.*3-D"),
-        (torch.zeros(4, 3, dtype=torch.int64), torch.zeros(4, 3), 0.5, TypeError, "a must be a float.*torch.int64"),
-        (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float16), 0.5, TypeError, "b must have a's dtype"),
-        (torch.zeros(4, 0), torch.zeros(4, 0), 0.5, ValueError, "D >= 1.*got D=0"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), 0.0, ValueError, "temperature must be finite and > 0; got 0.0"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), -0.1, ValueError, "temperature must be finite and > 0; got -0.1"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), float("nan"), ValueError, "temperature.*got nan"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), float("inf"), ValueError, "temperature.*got inf"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), "0.5", TypeError, "temperature must be a real number; got str"),
-        (torch.zeros(4, 3), torch.zeros(4, 3, device="meta"), 0.5, ValueError, "same device; got a on cpu, b on meta"),
-    ],
-)  # fmt: skip
+_Z = torch.zeros(4, 3)
+_BAD_INPUTS = [
+    ([[1.0, 2.0]], torch.zeros(1, 2), 0.5, TypeError, "a must be a torch.Tensor; got list"),
+    (_Z, torch.zeros(4, 5), 0.5, ValueError, r"b must have a's shape \(4, 3\); got \(4, 5\)"),
+    (torch.zeros(1, 3), torch.zeros(1, 3), 0.5, ValueError, "N >= 2 rows.*got N=1"),
+    (torch.zeros(4), torch.zeros(4), 0.5, ValueError, r"a must be 2-D \[N, D\]; got 1-D shape \(4,\)"),
+    (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), 0.5, ValueError, "a must be 2-D.*3-D"),
+    (_Z.long(), _Z, 0.5, TypeError, "a must be a float.*torch.int64"),
+    (_Z, _Z.half(), 0.5, TypeError, "b must have a's dtype"),
+    (torch.zeros(4, 0), torch.zeros(4, 0), 0.5, ValueError, "D >= 1.*got D=0"),
+    (_Z, _Z, 0.0, ValueError, "temperature must be finite and > 0; got 0.0"),
+    (_Z, _Z, -0.1, ValueError, "temperature must be finite and > 0; got -0.1"),
+    (_Z, _Z, float("nan"), ValueError, "temperature.*got nan"),
+    (_Z, _Z, float("inf"), ValueError, "temperature.*got inf"),
+    (_Z, _Z, "0.5", TypeError, "temperature must be a real number; got str"),
+    (_Z, _Z.to("meta"), 0.5, ValueError, "same device; got a on cpu, b on meta"),
+]
+
+
+@pytest.mark.parametrize("a,b,tau,exc,match", _BAD_INPUTS)
 def test_bad_input_names_argument_and_value(a, b, tau, exc, match) -> None:
     with pytest.raises(exc, match=match):
         nt_xent(a, b, tau)
@@ -344,7 +351,9 @@ def test_float64_refused_by_triton_named() -> None:
     if not TRITON_CPU:
         pytest.skip("triton unavailable on CPU")
     with pytest.raises(TypeError, match="backend 'triton' serves.*float64"):
-        nt_xent(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), backend="triton")
+        nt_xent(
+            torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64), backend="triton"
+        )
 
 
 @needs_cpp

@@ -77,7 +77,9 @@ def _nt_xent_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(0, 2 * N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
-        s = _score_tile(za_ptr, zb_ptr, rows, cols, N, D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        s = _score_tile(
+            za_ptr, zb_ptr, rows, cols, N, D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+        )
         # (2) j != i and j < 2N; every tile holds a valid j for every valid row except at most the
         # diagonal, and the first tile always has one, so m_i is finite after it (no inf - inf).
         keep = (cols[None, :] < 2 * N) & (cols[None, :] != rows[:, None])
@@ -125,7 +127,9 @@ def _nt_xent_bwd_kernel(
     for j0 in range(0, 2 * N, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         col_ok = cols < 2 * N
-        s = _score_tile(za_ptr, zb_ptr, rows, cols, N, D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        s = _score_tile(
+            za_ptr, zb_ptr, rows, cols, N, D, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION
+        )
         lse_j = tl.load(lse_ptr + cols, mask=col_ok, other=0.0)
         w = tl.exp(s - lse_k[:, None]) + tl.exp(s - lse_j[None, :])
         w = tl.where(col_ok[None, :] & (cols[None, :] != rows[:, None]), w, 0.0)
@@ -142,7 +146,9 @@ def _nt_xent_bwd_kernel(
     coef = g * inv_temp / (2.0 * N)
     out = coef * (acc - 2.0 * up.to(tl.float32))
     obase = _row_ptrs(ga_ptr, gb_ptr, rows, N, D)
-    tl.store(obase[:, None] + dv[None, :], out.to(ga_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(
+        obase[:, None] + dv[None, :], out.to(ga_ptr.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :]
+    )
 
 
 def block_sizes(d: int, interpret: bool) -> dict[str, int]:
@@ -160,14 +166,18 @@ def _check(za: torch.Tensor, zb: torch.Tensor) -> None:
     if za.dtype not in _TL_DTYPE or zb.dtype != za.dtype:
         raise TypeError(f"za/zb must both be float32, bfloat16 or float16; got {za.dtype} and {zb.dtype}")
     if za.dim() != 2 or zb.shape != za.shape:
-        raise ValueError(f"za and zb must be [N, D] of one shape; got {tuple(za.shape)} and {tuple(zb.shape)}")
+        raise ValueError(
+            f"za and zb must be [N, D] of one shape; got {tuple(za.shape)} and {tuple(zb.shape)}"
+        )
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def nt_xent_fwd_triton(za: torch.Tensor, zb: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nt_xent_fwd_triton(
+    za: torch.Tensor, zb: torch.Tensor, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: ``(loss, lse)``.
 
     Args:

@@ -1,0 +1,64 @@
+"""The set-up and CI scripts: they parse, refuse misuse clearly, and the README's two set-up
+commands name scripts that exist (cheap checks; .ci/run itself is what CI runs)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHELL_SCRIPTS = [ROOT / ".ci" / "run", *sorted((ROOT / "scripts").glob("*.sh"))]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_scripts_parse(script: Path) -> None:
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert script.read_text().splitlines()[0].startswith("#!"), f"{script} has no shebang"
+
+
+def test_readme_has_exactly_two_setup_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Set-up", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README's Set-up section has no bash block"
+    commands = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    commands = [c for c in commands if c]
+    assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"], commands
+    for command in commands:
+        assert (ROOT / command.split()[1]).is_file()
+
+
+def test_ci_run_rejects_unknown_stage() -> None:
+    proc = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "run"), "no-such-stage"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "no-such-stage" in proc.stderr and "cuda-ext" in proc.stderr
+
+
+def test_triton_check_refuses_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "check_triton_hopper.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "TRITON_INTERPRET" in proc.stderr
+
+
+def test_install_script_rejects_unknown_argument() -> None:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install.sh"), "--bogus"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "--bogus" in proc.stderr
