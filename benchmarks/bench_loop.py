@@ -23,6 +23,9 @@ Environment:
     CBD_BENCH_OUT     directory for loop_summary.json / loop_summary.md (also printed)
     CBD_BENCH_DEVICE  "cpu" or "cuda" (default: cuda when available)
     CBD_BENCH_THREADS torch.set_num_threads(N) for the run (default: torch's choice)
+    CBD_BENCH_TIMER   "wall" (default) or "process" (CPU time of the process; for a shared CPU)
+    CBD_BENCH_INTERLEAVE  1 (default on CPU): also time all loops round-robin (test_interleaved);
+                      the summary then quotes those medians
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -110,6 +114,13 @@ for _n in LOOPS:
     if _n not in LOOP_NAMES:
         raise ValueError(f"CBD_BENCH_LOOPS names must be in {sorted(LOOP_NAMES)}; got {_n!r}")
 ROUNDS = int(os.environ.get("CBD_BENCH_ROUNDS") or (2 if QUICK else (10 if DEVICE.type == "cuda" else 5)))
+#: "wall" (perf_counter, device synchronised) or "process" (process CPU time: robust on a CPU shared
+#: with other jobs; use with CBD_BENCH_THREADS=1). Used by test_interleaved.
+TIMER = os.environ.get("CBD_BENCH_TIMER", "wall")
+if TIMER not in ("wall", "process"):
+    raise ValueError(f"CBD_BENCH_TIMER must be 'wall' or 'process'; got {TIMER!r}")
+#: time all loops of a case round-robin too (default on the CPU, where other jobs come and go).
+INTERLEAVE = os.environ.get("CBD_BENCH_INTERLEAVE", "1" if DEVICE.type == "cpu" else "0") not in ("", "0")
 
 if DEVICE.type == "cuda":
     torch.backends.cudnn.benchmark = True  # the same for every loop
@@ -125,6 +136,7 @@ _AGREEMENT: dict[Case, dict[str, Any]] = {}
 _TIMES: dict[str, dict[str, float]] = {}
 _UNAVAILABLE: dict[str, dict[str, str]] = {}
 _TIMER = ["time.perf_counter"]
+_ITIMES: dict[str, dict[str, float]] = {}  # interleaved medians, preferred by the summary
 
 
 def _config(case: Case) -> Any:
@@ -155,7 +167,7 @@ def _batch(case: Case, index: int = 0) -> torch.Tensor:
 
 def _agreement(case: Case) -> dict[str, Any]:
     if case not in _AGREEMENT:
-        names = [n for n in LOOPS if n != "floor"]
+        names = [n for n in LOOPS if not n.startswith("floor")]
         if "naive" not in names:
             names = ["naive", *names]
         cfg, enc = _config(case), _encoder(case)
@@ -267,7 +279,7 @@ def test_loop_step(benchmark: Any, request: pytest.FixtureRequest, case: Case, l
             "device": str(DEVICE),
         }
     )
-    if loop != "floor":
+    if not loop.startswith("floor"):
         report = _agreement(case)["loops"].get(loop)
         if report is None or report.get("unavailable"):
             reason = report["message"] if report else "not checked"
@@ -289,6 +301,48 @@ def test_loop_step(benchmark: Any, request: pytest.FixtureRequest, case: Case, l
         torch.cuda.empty_cache()
 
 
+@pytest.mark.skipif(not INTERLEAVE, reason="CBD_BENCH_INTERLEAVE=0")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_interleaved(benchmark: Any, case: Case) -> None:
+    """All agreeing loops of ``case`` timed round-robin, one step each per round, with one clock:
+    a drift in the machine's load hits every loop alike. These medians are the ones to quote."""
+    benchmark.group = case.id + "-interleaved"
+    report = _agreement(case)["loops"]
+    names = [n for n in LOOPS if n.startswith("floor") or (n in report and report[n]["ok"])]
+    refused = {n: report[n]["message"] for n in LOOPS if n in report and not report[n]["ok"]}
+    cfg, enc, x = _config(case), _encoder(case), _batch(case)
+    runners = {n: make_loop(n, cfg, DEVICE).prepare(enc) for n in names}
+    clock = time.process_time if TIMER == "process" else time.perf_counter
+    for name, r in runners.items():
+        for _ in range(3 if "compile" in name or "graph" in name else 1):
+            r.run(x)
+    per: dict[str, list[float]] = {n: [] for n in runners}
+
+    def one_round() -> None:
+        for n, r in runners.items():
+            t0 = clock()
+            r.run(x)
+            per[n].append(clock() - t0)
+
+    rounds = ROUNDS if os.environ.get("CBD_BENCH_ROUNDS") or case.rounds is None else case.rounds
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    med = {n: statistics.median(v) for n, v in per.items()}
+    benchmark.extra_info.update(
+        {
+            "medians_s": med,
+            "rounds_s": per,
+            "timer": TIMER,
+            "refused": refused,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    _ITIMES[case.id] = med
+    _TIMER[0] = "interleaved, " + ("time.process_time" if TIMER == "process" else "time.perf_counter")
+    for n, why in refused.items():
+        _UNAVAILABLE.setdefault(case.id, {})[n] = "DISAGREE: " + why
+    _write_summary()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _summary(request: pytest.FixtureRequest) -> Any:
     """After the module: print (and with CBD_BENCH_OUT write) the ratios table."""
@@ -306,9 +360,10 @@ def _summary(request: pytest.FixtureRequest) -> Any:
 
 def _write_summary() -> str | None:
     """Summarise what was timed so far; write it to CBD_BENCH_OUT when set. Returns the markdown."""
-    if not _TIMES:
+    if not _TIMES and not _ITIMES:
         return None
-    summary = summarize(_TIMES, {c.id: _AGREEMENT.get(c) for c in CASES}, _UNAVAILABLE)
+    times = {**_TIMES, **_ITIMES}  # interleaved medians replace the per-loop ones of their case
+    summary = summarize(times, {c.id: _AGREEMENT.get(c) for c in CASES}, _UNAVAILABLE)
     text = summary_markdown(summary)
     out = os.environ.get("CBD_BENCH_OUT")
     if out:
@@ -371,7 +426,7 @@ def summarize(
         rep = agreement.get(gid) or {"loops": {}}
 
         def ok(name: str, rep: dict[str, Any] = rep) -> str | None:
-            if name == "floor":
+            if name.startswith("floor"):
                 return None
             r = rep["loops"].get(name)
             if r is None:

@@ -360,6 +360,11 @@ class StrongCBD(_Loop):
             the first call with a given shape and replay it after (CUDA only, static shapes; SGD).
         value_and_grad: use ``cbd_fast.ops.nt_xent_value_and_grad`` for the PGD loss and its
             feature gradient (one fused pass) when it exists.
+        reuse_clean_forward: record the fine-tune's clean forward f(x) BEFORE the attack and take
+            the anchors from its value (one encoder forward less per batch). Exact only when the
+            fine-tune mode computes what eval mode computes (bn_policy "eval"/"frozen", no dropout):
+            raises ValueError for bn_policy "train". Peak memory is unchanged (2B activations
+            either way). A prototype of a loop-level saving, not part of the strong baseline.
     """
 
     name = "strong"
@@ -371,8 +376,12 @@ class StrongCBD(_Loop):
         compile: bool = False,
         cuda_graph: bool = False,
         value_and_grad: bool = False,
+        reuse_clean_forward: bool = False,
     ) -> None:
         super().__init__(settings)
+        if reuse_clean_forward and settings.bn_policy == "train":
+            raise ValueError("reuse_clean_forward=True needs bn_policy 'eval' or 'frozen'; got 'train'")
+        self.reuse = reuse_clean_forward
         if cuda_graph and settings.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device; got {settings.device}")
         self.compile = compile
@@ -419,11 +428,18 @@ class StrongCBD(_Loop):
         lo = (x - s.epsilon).clamp_(min=0.0)
         hi = (x + s.epsilon).clamp_(max=1.0)
         # 1. anchors once, normalised once; attack in eval mode with frozen parameters
+        z_live = None
+        if self.reuse:  # the fine-tune's clean forward, recorded now (eval-equal mode): anchors = its value
+            _set_finetune_mode(model, s.bn_policy)
+            with self._autocast():
+                z_live = f(x).float()
+            anchors = F.normalize(z_live.detach(), dim=1)
         model.eval()
         for p in self.params:
             p.requires_grad_(False)
-        with torch.no_grad(), self._autocast():
-            anchors = F.normalize(f(x).float(), dim=1)
+        if z_live is None:
+            with torch.no_grad(), self._autocast():
+                anchors = F.normalize(f(x).float(), dim=1)
         # 2. PGD with input-only gradients
         x_adv = x_init.clone()
         for _ in range(s.steps):
@@ -442,9 +458,14 @@ class StrongCBD(_Loop):
         # 3. fine-tune
         _set_finetune_mode(model, s.bn_policy)
         b = x.shape[0]
-        with self._autocast():
-            zz = f(torch.cat([x_adv, x])).float()  # one forward of both views
-        z_adv, z = zz[:b], zz[b:]
+        if z_live is not None:
+            with self._autocast():
+                z_adv = f(x_adv).float()
+            z = z_live
+        else:
+            with self._autocast():
+                zz = f(torch.cat([x_adv, x])).float()  # one forward of both views
+            z_adv, z = zz[:b], zz[b:]
         loss = strong_nt_xent(z_adv, z, s.temperature)
         if s.clean_term == "feature_consistency":
             loss = loss + s.clean_weight * self._clean_term(z, x, self._autocast)
@@ -651,6 +672,7 @@ LOOP_NAMES = {
     "strong+compile": "strong with torch.compile(encoder)",
     "strong+graph": "strong with the whole step in one CUDA graph",
     "strong+vg": "strong with cbd_fast.ops.nt_xent_value_and_grad in PGD",
+    "strong+reuse": "strong with the fine-tune's clean forward recorded before the attack (anchors)",
     "cbd_fast": "cbd_fast.Purifier (default config)",
     "cbd_fast-cl": "cbd_fast with channels_last=False",
     "cbd_fast+cl": "cbd_fast with channels_last=True (on the CPU too)",
@@ -690,6 +712,7 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
         compile=name == "strong+compile",
         cuda_graph=name == "strong+graph",
         value_and_grad=name == "strong+vg",
+        reuse_clean_forward=name == "strong+reuse",
     )
 
 

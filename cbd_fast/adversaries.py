@@ -273,9 +273,12 @@ class PGDAndPatch(Adversary):
     pastes one of those patches (round robin) on its images and refines the patch's pixels, shared by
     the images, with ``steps`` signed-gradient steps of size 0.25 on NT-Xent(f(x'), clean anchors).
 
-    ``config.extra`` keys (all optional): ``patch_size`` (default ``max(3, round(min(H, W) / 10))``),
-    ``patch_stride`` (default: positions at most 32 per axis), ``patch_candidates`` (4),
-    ``patch_scan_images`` (16), ``patch_fraction`` (share of the batch for the patch half, 0.5).
+    Settings (``config.extra`` keys when the config has that dict, else these defaults): ``patch_size``
+    (``max(3, round(min(H, W) / 10))``), ``patch_stride`` (at most 32 positions per axis),
+    ``patch_candidates`` (4), ``patch_scan_images`` (16), ``patch_fraction`` (share of the batch
+    given to the patch half, 0.5). The scan runs once, on the first batch; it is not checkpointed,
+    so a resumed run rescans with the partly purified encoder. Under DDP each rank scans its own
+    first batch.
     """
 
     def __init__(self, config: PurifyConfig) -> None:
@@ -290,7 +293,7 @@ class PGDAndPatch(Adversary):
     def _scan(self, encoder: nn.Module, x: torch.Tensor) -> None:
         from cbd_fast.attack import attack_mode
 
-        ex = self.config.extra
+        ex = getattr(self.config, "extra", None) or {}
         _, c, h, w = x.shape
         k = int(ex.get("patch_size", max(3, round(min(h, w) / 10))))
         k = max(1, min(k, h, w))
@@ -349,7 +352,8 @@ class PGDAndPatch(Adversary):
         b = inp.x.shape[0]
         if self._patches is None:
             self._scan(inp.encoder, inp.x)
-        n_patch = int(round(b * float(self.config.extra.get("patch_fraction", 0.5))))
+        ex = getattr(self.config, "extra", None) or {}
+        n_patch = int(round(b * float(ex.get("patch_fraction", 0.5))))
         n_pgd = b - n_patch
         parts = []
         if n_pgd > 0:

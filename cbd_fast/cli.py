@@ -377,14 +377,16 @@ def _load_model(args: argparse.Namespace) -> Any:
     return loaded
 
 
-def _load_data(args: argparse.Namespace, module: Any, *, split: str) -> Any:
+def _load_data(args: argparse.Namespace, module: Any, *, split: str, labels: str | None = None) -> Any:
+    """The images of --data/--dataset (with --labels matched to the whole source, then subset)."""
     from cbd_fast import imagedata, modelio
 
     channels, h, w = modelio.expected_input_shape(module)
     expected = (h, w) if h and w else None
     if args.dataset:
-        if args.image_size:
-            logger.warning("--image-size is ignored with --dataset")
+        for flag, value in (("--image-size", args.image_size), ("--labels", labels)):
+            if value:
+                logger.warning("%s is ignored with --dataset", flag)
         data = imagedata.load_dataset(
             args.dataset,
             split=split,
@@ -410,6 +412,7 @@ def _load_data(args: argparse.Namespace, module: Any, *, split: str) -> Any:
             limit=args.limit,
             fraction=args.fraction,
             seed=args.subset_seed,
+            labels=labels,
         )
     logger.info("data: %d images of shape %s from %s", len(data), list(data.images.shape[1:]), data.source)
     for note in data.notes:
@@ -498,11 +501,7 @@ def _evaluate(
     return result
 
 
-def _labelled(data: Any, labels_file: str | None, what: str) -> Any:
-    from cbd_fast import imagedata
-
-    if labels_file:
-        return imagedata.load_labels(labels_file, n=len(data))
+def _labelled(data: Any, what: str) -> Any:
     if data.labels is None:
         raise CLIError(
             f"{what} carries no labels; give them with {'--labels' if what == 'data' else '--eval-labels'}"
@@ -602,7 +601,11 @@ def _evaluation_set(args: argparse.Namespace, module: Any) -> tuple[Any, Any]:
 
     if args.eval_dataset:
         data = imagedata.load_dataset(
-            args.eval_dataset, split="test", root=args.dataset_root, limit=args.eval_limit
+            args.eval_dataset,
+            split="test",
+            root=args.dataset_root,
+            limit=args.eval_limit,
+            seed=args.subset_seed,
         )
         channels = modelio.expected_input_shape(module)[0]
         if channels == 3 and data.images.shape[1] == 1:
@@ -615,8 +618,10 @@ def _evaluation_set(args: argparse.Namespace, module: Any) -> tuple[Any, Any]:
         expected_size=(h, w) if h and w else None,
         channels=channels,
         limit=args.eval_limit,
+        seed=args.subset_seed,
+        labels=args.eval_labels,
     )
-    return data.images, _labelled(data, args.eval_labels, "--eval-data")
+    return data.images, _labelled(data, "--eval-data")
 
 
 def _write_purify_report(
@@ -708,8 +713,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         json_out = _check_out_path(args.json, "--json output")
     device = _resolve_device(args.device)
     loaded = _load_model(args)
-    data = _load_data(args, loaded.module, split=args.split)
-    labels = _labelled(data, args.labels, "data")
+    data = _load_data(args, loaded.module, split=args.split, labels=args.labels)
+    labels = _labelled(data, "data")
     result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating", device)
     result.update(model=args.model, data=data.source)
     line = f"ACC {100 * result['acc']:.2f}%"
@@ -734,11 +739,18 @@ _COMMANDS = {"demo": _cmd_demo, "purify": _cmd_purify, "evaluate": _cmd_evaluate
 # ------------------------------------------------------------------------------------------ main
 
 
+class _Formatter(logging.Formatter):
+    """``cbd-fast: warning: message`` (lower-case level, like the error line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
 @contextlib.contextmanager
 def _logging_to_stderr(verbose: int) -> Iterator[None]:
     pkg = logging.getLogger("cbd_fast")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(_Formatter())
     old_level, old_propagate = pkg.level, pkg.propagate
     pkg.addHandler(handler)
     pkg.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)

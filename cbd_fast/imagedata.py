@@ -390,6 +390,12 @@ def load_labels(path: str | os.PathLike[str], n: int | None = None) -> torch.Ten
     return _check_labels(labels, labels.shape[0] if n is None else n, f"labels file {str(p)!r}")
 
 
+def _given_labels(labels: str | os.PathLike[str] | torch.Tensor, n: int) -> torch.Tensor:
+    if isinstance(labels, (torch.Tensor, np.ndarray)):
+        return _check_labels(labels, n, "labels")
+    return load_labels(labels, n=n)
+
+
 def subset(
     n: int, *, limit: int | None = None, fraction: float | None = None, seed: int = 0
 ) -> torch.Tensor | None:
@@ -467,6 +473,7 @@ def load_images(
     fraction: float | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    labels: str | os.PathLike[str] | torch.Tensor | None = None,
 ) -> ImageData:
     """Load images from a folder (PNG/JPEG/BMP/WebP, recursive) or a ``.npy``/``.npz``/``.pt`` file.
 
@@ -479,6 +486,8 @@ def load_images(
         limit, fraction, seed: a seeded random subset (see :func:`subset`); for folders only the
             chosen files are decoded.
         show_progress: draw a progress bar while decoding a folder.
+        labels: labels for EVERY image of the source, in its order (a file for :func:`load_labels`
+            or an [N] tensor), replacing the source's own; the subset is applied to them too.
 
     Returns:
         :class:`ImageData` ([N, C, H, W] uint8 or float32 in [0, 1]; labels when the source has them).
@@ -496,10 +505,13 @@ def load_images(
         files_count = len(_find_images(path))
         if files_count == 0:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {str(path)!r}")
+        given = None if labels is None else _given_labels(labels, files_count)
         idx = subset(files_count, limit=limit, fraction=fraction, seed=seed)
         data = _read_folder(path, size, channels, None if idx is None else idx.tolist(), show_progress)
         if idx is not None:
             data.notes.append(f"seeded subset (seed {seed}) of {idx.numel()} of {files_count} images")
+        if given is not None:
+            data.labels, data.classes = (given if idx is None else given[idx]), None
         return data
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
@@ -513,7 +525,10 @@ def load_images(
     raw, raw_labels = _read_tensor_file(path)
     notes: list[str] = []
     images = _normalise_images(raw, str(path), channels, notes)
-    labels = None if raw_labels is None else _check_labels(raw_labels, images.shape[0], f"{str(path)!r}")
+    if labels is not None:
+        labels = _given_labels(labels, images.shape[0])
+    elif raw_labels is not None:
+        labels = _check_labels(raw_labels, images.shape[0], f"{str(path)!r}")
     idx = subset(images.shape[0], limit=limit, fraction=fraction, seed=seed)
     if idx is not None:
         notes.append(f"seeded subset (seed {seed}) of {idx.numel()} of {images.shape[0]} images")

@@ -21,6 +21,7 @@ there); the whole dataset never is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -121,12 +122,20 @@ def check_images(x: torch.Tensor, *, what: str = "images", values: bool = True) 
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{what} must be non-empty; got shape {tuple(x.shape)}")
     if values and x.dtype != torch.uint8:
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            n_bad = int((~finite).sum())
-            raise ValueError(f"{what} contain {n_bad} NaN/Inf value(s); images must be finite in [0, 1]")
-        lo, hi = torch.aminmax(x)
-        lo_v, hi_v = float(lo), float(hi)
+        # Chunked, so a large dataset tensor is checked without a temporary of its size.
+        step = max(1, (1 << 22) // max(1, x[0].numel()))
+        lo_v, hi_v = math.inf, -math.inf
+        for i in range(0, x.shape[0], step):
+            lo, hi = torch.aminmax(x[i : i + step])
+            lo_f, hi_f = float(lo), float(hi)
+            if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # aminmax propagates NaN
+                n_bad = int((~torch.isfinite(x[i : i + step])).sum())
+                last = min(i + step, x.shape[0]) - 1
+                raise ValueError(
+                    f"{what} contain NaN/Inf value(s) ({n_bad} in images {i}..{last}); "
+                    "images must be finite in [0, 1]"
+                )
+            lo_v, hi_v = min(lo_v, lo_f), max(hi_v, hi_f)
         if lo_v < 0.0 or hi_v > 1.0:
             raise ValueError(f"{what} must be in [0, 1]; got min {lo_v:g}, max {hi_v:g}")
 

@@ -113,6 +113,16 @@ def _flatten_features(out: Any, batch: int) -> torch.Tensor:
     return out.reshape(batch, -1)
 
 
+_BN_NAMES = frozenset({"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "GlobalBatchNorm"})
+
+
+def _is_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm layer, also inside a TorchScript module (whose submodules keep only their name)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    return isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", "") in _BN_NAMES
+
+
 @contextlib.contextmanager
 def _eval_mode(module: nn.Module) -> Iterator[None]:
     """Every submodule in eval mode inside the block; each one's flag restored afterwards."""
@@ -313,7 +323,7 @@ class Purifier:
             trainable = {n for n, p in named if p.is_floating_point()}
         if cfg.bn_policy == "frozen":
             for mname, m in model.named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if _is_batchnorm(m):
                     for pname, _ in m.named_parameters(recurse=False):
                         trainable.discard(f"{mname}.{pname}" if mname else pname)
         if not trainable:
@@ -387,7 +397,7 @@ class Purifier:
         self.model.train()
         if self.config.bn_policy in ("eval", "frozen"):
             for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if _is_batchnorm(m):
                     m.eval()
 
     def _run_step(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:

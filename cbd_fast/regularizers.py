@@ -230,15 +230,17 @@ class OriginalAnchor(CleanTerm):
     ``z0 = f_0(x)``: clean features stay where the original head reads them (norms included: the
     head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins for triggered
     ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
-    ``config.extra["pull_ratio"]`` (default 0.2) weighs the adversarial half against the clean half.
+    ``pull_ratio`` (class attribute, 0.2; ``config.extra["pull_ratio"]`` when the config has that
+    dict) weighs the adversarial half against the clean half.
     """
 
     needs_reference = True
+    pull_ratio: ClassVar[float] = 0.2
 
     def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
         assert inp.reference_features is not None
         z0 = inp.reference_features(inp.x)
-        ratio = float(inp.config.extra.get("pull_ratio", 0.2))
+        ratio = float((getattr(inp.config, "extra", None) or {}).get("pull_ratio", self.pull_ratio))
         den = z0.pow(2).sum().clamp_min(1e-12)
         # 1. clean consistency, 2. adversarial pull to the original clean features.
         return ((inp.z_clean - z0).pow(2).sum() + ratio * (inp.z_adv - z0).pow(2).sum()) / den

@@ -277,7 +277,7 @@ API_CASES = [
     # -- data
     Case("purify: empty data", _purify(torch.empty(0, 1, 6, 6)), ValueError, ("data must be non-empty", "(0, 1, 6, 6)")),
     Case("purify: a single image", _purify(_images(1)), ValueError, ("at least 2 images", "got 1")),
-    Case("purify: NaN image", _purify(_nan_at(8, 3)), ValueError, ("data contain 1 NaN/Inf value(s)",)),
+    Case("purify: NaN image", _purify(_nan_at(8, 3)), ValueError, ("data contain NaN/Inf value(s)", "1 in images 0..7")),
     Case("purify: Inf image", _purify(torch.where(_images() > 0.5, float("inf"), 0.0)), ValueError, ("data contain", "NaN/Inf")),
     Case("purify: values outside [0, 1]", _purify(_images() * 255), ValueError, ("data must be in [0, 1]", "max 2")),
     Case("purify: 3-D images", _purify(torch.rand(8, 6, 6)), ValueError, ("data must be 4-D [N, C, H, W]", "(8, 6, 6)")),

@@ -189,3 +189,18 @@ def test_fashion_mnist_dataset():
     assert data.labels.shape == (50,) and data.source == "fashion-mnist:test"
     with pytest.raises(ValueError, match="dataset must be one of"):
         imagedata.load_dataset("cifar-10")
+
+
+def test_labels_for_the_whole_source_follow_the_subset(tmp_path, folder):
+    x = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
+    torch.save(x, tmp_path / "x.pt")
+    (tmp_path / "y.txt").write_text(" ".join(str(i) for i in range(10)))
+    data = imagedata.load_images(tmp_path / "x.pt", labels=tmp_path / "y.txt", limit=4, seed=5)
+    idx = imagedata.subset(10, limit=4, seed=5)
+    assert torch.equal(data.images, x[idx]) and data.labels.tolist() == idx.tolist()
+    six = torch.arange(6) + 10  # folder: overrides the class-folder labels, in sorted-file order
+    data = imagedata.load_images(folder, labels=six, fraction=0.5, seed=1)
+    assert data.labels.tolist() == (imagedata.subset(6, fraction=0.5, seed=1) + 10).tolist()
+    assert data.classes is None
+    with pytest.raises(ValueError, match=r"shape \[10\]"):
+        imagedata.load_images(tmp_path / "x.pt", labels=torch.arange(3))

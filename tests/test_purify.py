@@ -178,6 +178,19 @@ def test_inplace_modifies_the_callers_module() -> None:
     assert [m.training for m in enc.modules()] == [m.training for m in before.modules()]
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("bn_policy", ["eval", "frozen"])
+def test_torchscript_encoder_matches_eager(bn_policy: str) -> None:
+    enc = _encoder()
+    enc.body[6].p = 0.0  # dropout draws differ between TorchScript and eager
+    scripted = torch.jit.script(copy.deepcopy(enc))
+    kw = {**FAST, "bn_policy": bn_policy}
+    out_s, out_e = purify(scripted, _images(16), **kw), purify(enc, _images(16), **kw)
+    assert isinstance(out_s, torch.jit.ScriptModule) and out_s is not scripted
+    assert all(p.is_leaf and p.requires_grad and p.grad is None for p in out_s.parameters())
+    assert _same_weights(out_s, out_e)
+
+
 # --------------------------------------------------------------------------- data forms
 class DictDataset(Dataset):
     def __init__(self, images: torch.Tensor) -> None:

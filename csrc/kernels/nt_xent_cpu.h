@@ -107,21 +107,25 @@ CBD_NTX_INLINE void pack_transposed(const Rows<T>& u, int64_t i0, int64_t rows, 
 template <typename T, bool kAccumulate>
 CBD_NTX_INLINE void micro_kernel(const T* __restrict__ ap, int64_t lda, const T* __restrict__ bp,
                                  int64_t ldb, int64_t kdim, T* __restrict__ c, int64_t ldc) {
-  T acc[kMR][kNR];
-  for (int r = 0; r < kMR; ++r)
-    for (int j = 0; j < kNR; ++j) acc[r][j] = kAccumulate ? c[r * ldc + j] : T(0);
-  for (int64_t k = 0; k < kdim; ++k) {
-    const T* a = ap + k * lda;
-    const T* b = bp + k * ldb;
-#pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      const T ar = a[r];
-#pragma GCC unroll 16
-      for (int j = 0; j < kNR; ++j) acc[r][j] += ar * b[j];
+  // kNR columns as one GCC/Clang vector (split into the target's registers: 1 zmm, 2 ymm, 4 xmm):
+  // acc[r] += broadcast(a[r]) * b, the register-blocked outer product of a GEMM micro-kernel.
+  typedef T Vec __attribute__((vector_size(sizeof(T) * kNR)));
+  Vec acc[kMR];
+  for (int r = 0; r < kMR; ++r) {
+    if (kAccumulate) {
+      std::memcpy(&acc[r], c + r * ldc, sizeof(Vec));
+    } else {
+      acc[r] = Vec{};
     }
   }
-  for (int r = 0; r < kMR; ++r)
-    for (int j = 0; j < kNR; ++j) c[r * ldc + j] = acc[r][j];
+  for (int64_t k = 0; k < kdim; ++k) {
+    const T* a = ap + k * lda;
+    Vec b;
+    std::memcpy(&b, bp + k * ldb, sizeof(Vec));
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) acc[r] += a[r] * b;
+  }
+  for (int r = 0; r < kMR; ++r) std::memcpy(c + r * ldc, &acc[r], sizeof(Vec));
 }
 
 // (1) St[c][r] = sum_k Bp[k][c] * Ap[k][r]: the score tile, transposed ([nbp][mbp]) so that the
@@ -189,45 +193,51 @@ CBD_NTX_INLINE void fwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
   std::vector<T> ap(static_cast<size_t>(d * mbp)), bp(static_cast<size_t>(d * nbp)),
       s(static_cast<size_t>(mbp * nbp));
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  T m[kBlockRows], l[kBlockRows];
-  bool nan_row[kBlockRows];
+  // per-row state, vectorised across the rows of the block (the score tile is stored transposed)
+  constexpr int64_t kRows = round_up(kBlockRows, kMR);
+  T m[kRows], l[kRows], tmax[kRows], shift[kRows], rescale[kRows], sum[kRows];
 
   for_each_block(n, r0, r1, [&](int64_t i0, int64_t rows) {
     pack_transposed(u, i0, rows, mbp, inv_temp, ap.data());  // inv_temp folded into the A pack
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < mbp; ++r) {
       m[r] = neg_inf;
       l[r] = T(0);
-      nan_row[r] = false;
     }
     for (int64_t j0 = 0; j0 < 2 * n;) {
       const int64_t nb = std::min<int64_t>(kBlockCols, (j0 < n ? n : 2 * n) - j0);
       pack_transposed(u, j0, nb, nbp, T(1), bp.data());
-      score_block(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1)
-      for (int64_t r = 0; r < rows; ++r) {
-        T* srow = s.data() + r * nbp;
-        const int64_t diag = i0 + r - j0;
-        if (diag >= 0 && diag < nb) srow[diag] = neg_inf;  // j != i
-        // (2) online log-sum-exp: m = running max, l = sum exp(s - m)
-        T tmax = neg_inf;
-        bool has_nan = false;
-        for (int64_t c = 0; c < nb; ++c) {
-          tmax = srow[c] > tmax ? srow[c] : tmax;
-          has_nan |= srow[c] != srow[c];
-        }
-        nan_row[r] = nan_row[r] || has_nan;
-        if (tmax == neg_inf) continue;  // nothing but the excluded diagonal (or NaN, flagged)
-        const T m_new = tmax > m[r] ? tmax : m[r];
-        const T rescale = m[r] == neg_inf ? T(0) : fast_exp(m[r] - m_new);
-        T sum = T(0);
-        for (int64_t c = 0; c < nb; ++c) sum += fast_exp(srow[c] - m_new);
-        l[r] = l[r] * rescale + sum;
+      score_block_t(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) St[c][r], c < nb
+      for (int64_t c = 0; c < nb; ++c) {  // j != i
+        const int64_t r = j0 + c - i0;
+        if (r >= 0 && r < rows) s[c * mbp + r] = neg_inf;
+      }
+      // (2) online log-sum-exp per row r: m = running max, l = sum exp(s - m). A NaN score is
+      // skipped by the max but poisons the sum, so the row's lse is NaN. shift = m, or 0 while
+      // m is -inf (nothing but the excluded diagonal so far), so that exp(-inf - shift) = 0.
+      for (int64_t r = 0; r < mbp; ++r) {
+        tmax[r] = neg_inf;
+        sum[r] = T(0);
+      }
+      for (int64_t c = 0; c < nb; ++c) {
+        const T* col = s.data() + c * mbp;
+        for (int64_t r = 0; r < mbp; ++r) tmax[r] = col[r] > tmax[r] ? col[r] : tmax[r];
+      }
+      for (int64_t r = 0; r < mbp; ++r) {
+        const T m_new = tmax[r] > m[r] ? tmax[r] : m[r];
+        shift[r] = m_new == neg_inf ? T(0) : m_new;
+        rescale[r] = fast_exp(m[r] - shift[r]);  // 0 while m was -inf
         m[r] = m_new;
       }
+      for (int64_t c = 0; c < nb; ++c) {
+        const T* col = s.data() + c * mbp;
+        for (int64_t r = 0; r < mbp; ++r) sum[r] += fast_exp(col[r] - shift[r]);
+      }
+      for (int64_t r = 0; r < mbp; ++r) l[r] = l[r] * rescale[r] + sum[r];
       j0 += nb;
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i = i0 + r;
-      const T v = nan_row[r] ? std::numeric_limits<T>::quiet_NaN() : m[r] + std::log(l[r]);
+      const T v = m[r] + std::log(l[r]);
       lse[i] = v;
       term[i] = v - inv_temp * dot(u.row(i), u.row(u.partner(i)), d);  // (3)
     }
