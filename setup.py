@@ -11,6 +11,8 @@ Flags (environment variables), as a tree:
         `-- (default)                torch is a CUDA build and a CUDA toolkit (nvcc) is found
             CBD_FAST_CUDA_ARCHS      e.g. "9.0" or "8.0;9.0"; else TORCH_CUDA_ARCH_LIST; else 9.0
     CBD_FAST_DEBUG=1             -O0 -g instead of -O3
+    CBD_FAST_OPT_LEVEL=0..3      host optimisation level (default 3); 0 builds fastest, for
+                                 compile/link checks (scripts/check_cuda_extension.sh)
     MAX_JOBS=N                   parallel compile jobs (torch's cpp_extension)
 
 The build writes ``cbd_fast/_build_info.json`` (torch and CUDA versions, archs, which backends
@@ -155,7 +157,10 @@ def main() -> None:
     with_cuda, cuda_why = _cuda_wanted()
     archs = _cuda_archs() if with_cuda else []
     debug = _flag("CBD_FAST_DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    level = os.environ.get("CBD_FAST_OPT_LEVEL", "3").strip()
+    if level not in ("0", "1", "2", "3"):
+        sys.exit(f"cbd_fast: CBD_FAST_OPT_LEVEL must be 0, 1, 2 or 3; got {level!r}")
+    opt = ["-O0", "-g"] if debug else [f"-O{level}"]
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern)))  # noqa: E731
     cpu_sources = [p for p in rel("csrc/torch/*.cpp") if not p.endswith("_cuda.cpp")]
@@ -200,6 +205,7 @@ def main() -> None:
         "cuda_archs": archs,
         "backends_compiled": ["cpp", "cuda"] if with_cuda else ["cpp"],
         "debug": debug,
+        "opt_flags": opt,
     }
 
     class BuildExt(BuildExtension):

@@ -80,11 +80,12 @@ def default_cases(device: torch.device) -> list[Case]:
 
 
 def default_loops(device: torch.device) -> list[str]:
-    """CPU: floor, naive, strong, cbd_fast and the channels_last variants (the layout is worth ~1.5x
-    for the small CNN on the CPU, see NOTES.md). CUDA: all but the CPU-only ones."""
+    """CPU: floor, naive, strong, cbd_fast, the clean-forward-reuse prototype and the channels_last
+    variants (the layout is worth ~1.5x for the small CNN on the CPU, see NOTES.md). CUDA: all but
+    the CPU-only ones."""
     if device.type == "cuda":
         return [n for n in LOOP_NAMES if not n.endswith("+cl")]
-    return ["floor", "naive", "strong", "cbd_fast", "floor+cl", "strong+cl", "cbd_fast+cl"]
+    return ["floor", "naive", "strong", "cbd_fast", "strong+reuse", "floor+cl", "strong+cl", "cbd_fast+cl"]
 
 
 def _parse_cases(text: str) -> list[Case]:

@@ -725,11 +725,14 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: weight update after all steps.
 #:
 #: float32 (calibrated on fmnist_cnn, bs 16-64, 2-3 steps): equal-math loops with different reduction
-#: orders differ by <= 2e-7 on losses with BN eval (<= 1e-4 with BN train: the clean term amplifies
-#: batch-statistics rounding) and <= 7e-5 on updates; a semantic difference moves the update by
-#: 0.1-0.6 (K 1 vs 2: 0.22, clean weight 0.5 vs 1: 0.28, eps 4 vs 8/255: 0.21, tau 0.4 vs 0.5: 0.26,
-#: no clean term: 0.57, lr 0.011 vs 0.01: 0.098, BN train vs eval: 4.7e3) and the loss by 4e-5 to 70.
-#: So 1e-3 / 1e-2 leave >100x room for rounding and still catch every one of those.
+#: orders differ by <= 1e-6 on losses with BN eval (<= 1e-4 with BN train: the clean term amplifies
+#: batch-statistics rounding) and by 1e-5 to 9e-3 on updates (the high end when a PGD sign flips
+#: where an input gradient is ~0 and the flip cascades: bs 32, K 5, 3 steps); a semantic
+#: difference moves the update by 0.1-0.6 (K 1 vs 2: 0.22, clean weight 0.5 vs 1: 0.28, eps 4 vs
+#: 8/255: 0.21, tau 0.4 vs 0.5: 0.26, no clean term: 0.57, lr 0.011 vs 0.01: 0.098, BN train vs eval:
+#: 4.7e3) and the loss by 4e-5 to 70.
+#: So 1e-3 / 5e-2 leave 5-1000x room for rounding and still catch every one of those (2x margin for
+#: the subtlest, a 10 % change of the learning rate).
 #:
 #: bfloat16: autocast noise alone moves the update by ~0.14 (fmnist_cnn, CPU autocast: a few PGD
 #: signs flip), as much as a subtle semantic difference, so a bf16 comparison cannot prove the
@@ -737,7 +740,7 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: with the float32 tolerances (the semantics), and the timed bf16 configuration with these loose
 #: bounds (catches a broken bf16 path: NaN, garbage, an update pointing elsewhere).
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"loss_rtol": 1e-3, "update_rtol": 1e-2},
+    "float32": {"loss_rtol": 1e-3, "update_rtol": 5e-2},
     "bfloat16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
     "float16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
 }

@@ -126,10 +126,11 @@ def check_images(x: torch.Tensor, *, what: str = "images", values: bool = True) 
         step = max(1, (1 << 22) // max(1, x[0].numel()))
         lo_v, hi_v = math.inf, -math.inf
         for i in range(0, x.shape[0], step):
-            lo, hi = torch.aminmax(x[i : i + step])
+            chunk = x if step >= x.shape[0] else x[i : i + step]  # (a view)
+            lo, hi = torch.aminmax(chunk)
             lo_f, hi_f = float(lo), float(hi)
             if not (math.isfinite(lo_f) and math.isfinite(hi_f)):  # aminmax propagates NaN
-                n_bad = int((~torch.isfinite(x[i : i + step])).sum())
+                n_bad = int((~torch.isfinite(chunk)).sum())
                 last = min(i + step, x.shape[0]) - 1
                 raise ValueError(
                     f"{what} contain NaN/Inf value(s) ({n_bad} in images {i}..{last}); "

@@ -72,8 +72,11 @@ class FMNISTNet(nn.Module):
 
 
 def save_model(model: nn.Module, path: str) -> None:
-    """Save ``model``'s state_dict with float tensors stored as float16 (half the size; the weights of
-    this small CNN lose nothing measurable: ACC/ASR identical on the test set)."""
+    """Save ``model``'s state_dict with float tensors stored as float16 (half the size, ~200 KB).
+
+    Measured on the shipped BadNets/Blended models: test ACC moves by at most 0.03 points (1-3 of
+    10,000 images), ASR is unchanged.
+    """
     import os
 
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}

@@ -10,6 +10,7 @@
 #   CUDA_HOME [/usr/local/cuda-13.0]         the toolkit (bin/nvcc, include/cuda_runtime.h)
 #   TORCH_CUDA_ARCH_LIST [9.0]               target architectures
 #   MAX_JOBS [2]                             parallel compile jobs
+#   CBD_FAST_OPT_LEVEL [0]                   host optimisation (setup.py); 0 compiles fastest
 # The source is copied to a temporary folder (`--keep` keeps it), so the CPU build in the tree is
 # untouched.
 set -euo pipefail
@@ -21,6 +22,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 export CBD_FAST_FORCE_CUDA=1
+export CBD_FAST_OPT_LEVEL=${CBD_FAST_OPT_LEVEL:-0}  # a link check needs no optimised code; -O0 compiles faster
 unset CBD_FAST_SKIP_EXT CBD_FAST_NO_CUDA CBD_FAST_DISABLE_EXT TRITON_INTERPRET
 KEEP=0
 [ "${1:-}" = "--keep" ] && KEEP=1
