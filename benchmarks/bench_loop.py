@@ -11,7 +11,7 @@ and random starts for a few steps and compares their loss curves and weight upda
 loop's (``TOLERANCES``). A loop that disagrees is NOT timed: its test fails and prints the
 disagreement, and the summary shows "DISAGREE" instead of a speedup.
 
-Run (CPU defaults: the Fashion-MNIST CNN at bs 256, K 5, and ResNet-18 32 px at bs 16, K 5, 3 rounds)::
+Run (CPU defaults: the Fashion-MNIST CNN at bs 256, K 5, and ResNet-18 32 px at bs 8, K 2, 2 rounds)::
 
     pytest benchmarks/bench_loop.py --benchmark-json=benchmarks/results/loop_cpu.json
 
@@ -69,14 +69,14 @@ class Case:
 
 
 def default_cases(device: torch.device) -> list[Case]:
-    """The cases of issue 7: CPU small CNN bs 256 K 5 (+ ResNet-18 32 px, small: one step is ~18 F of
-    17.8 GFLOP at bs 16, several seconds on 2 cores); CUDA ResNet-50 224 px bs 256 K 5 and ViT-B/16
+    """The cases of issue 7: CPU small CNN bs 256 K 5 (+ ResNet-18 32 px, small: at bs 8 K 2 one step
+    is ~12 F of 8.9 GFLOP, a few seconds of one core); CUDA ResNet-50 224 px bs 256 K 5 and ViT-B/16
     bs 128 K 5."""
     if QUICK:
         return [Case("fmnist_cnn", 32, 2)]
     if device.type == "cuda":
         return [Case("resnet50", 256, 5), Case("vit_b16", 128, 5)]
-    return [Case("fmnist_cnn", 256, 5), Case("resnet18", 16, 5, rounds=3)]
+    return [Case("fmnist_cnn", 256, 5), Case("resnet18", 8, 2, rounds=2)]
 
 
 def default_loops(device: torch.device) -> list[str]:
@@ -310,7 +310,11 @@ def test_interleaved(benchmark: Any, case: Case) -> None:
     benchmark.group = case.id + "-interleaved"
     report = _agreement(case)["loops"]
     names = [n for n in LOOPS if n.startswith("floor") or (n in report and report[n]["ok"])]
-    refused = {n: report[n]["message"] for n in LOOPS if n in report and not report[n]["ok"]}
+    refused = {
+        n: report[n]["message"]
+        for n in LOOPS
+        if n in report and not report[n]["ok"] and not report[n].get("unavailable")
+    }
     cfg, enc, x = _config(case), _encoder(case), _batch(case)
     runners = {n: make_loop(n, cfg, DEVICE).prepare(enc) for n in names}
     clock = time.process_time if TIMER == "process" else time.perf_counter

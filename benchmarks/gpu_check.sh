@@ -12,13 +12,16 @@
 #   info      python -m cbd_fast.info (which backends were built / are usable)
 #   gputests  pytest -m gpu tests/
 #   loop      bench_loop: ResNet-50 224 px bs 256 K 5: floor, naive, strong, cbd_fast   (the targets)
-#   ops       bench_nt_xent.py + bench_pgd.py
-#   options   bench_loop: the GPU options one at a time (channels_last off, CUDA graph, value_and_grad)
+#   ops_nt_xent, ops_pgd   the op benchmarks (bench_nt_xent.py, bench_pgd.py), one stage each
+#   options   bench_loop: the GPU options one at a time (channels_last off, CUDA graph, value_and_grad,
+#             the clean-forward reuse prototype)
 #   vit       bench_loop: ViT-B/16 bs 128 K 5: floor, naive, strong, cbd_fast
 #   compile   bench_loop: torch.compile of the encoder (strong+compile, cbd_fast+compile)
 #   summary   benchmarks/run_gpu_check.py: summary.md + summary.json from everything above
-# Files written under $OUT (8 at most, one level): log.txt, summary.md, summary.json and the
-# pytest-benchmark JSON of each benchmark stage: loop.json, ops.json, options.json, vit.json, compile.json.
+# Files written under $OUT (5, one level): log.txt, summary.md (the short table, also printed last),
+# summary.json (stages, ratios, agreement, op medians), loop.json (pytest-benchmark JSON of the
+# target comparison, usable with --benchmark-compare) and bench_raw.json ({stage: pytest-benchmark
+# JSON} for every benchmark stage).
 set -u
 set -o pipefail
 
@@ -73,23 +76,25 @@ bench_loop() { # bench_loop JSON_NAME CASES LOOPS (exported: `timeout` runs it t
     env CBD_BENCH_CASES="$cases" CBD_BENCH_LOOPS="$loops" CBD_BENCH_OUT="$SCRATCH/$name" \
         "$PY" -m pytest benchmarks/bench_loop.py -q -p no:cacheprovider -rA \
         -k "not detects_a_difference and not refuses_speedup" \
-        --benchmark-json="$OUT/$name.json" --benchmark-columns=median,iqr,min,rounds
+        --benchmark-json="$SCRATCH/$name.json" --benchmark-columns=median,iqr,min,rounds
 }
 export -f bench_loop
 
 if ((DRY)); then
     # CPU rehearsal: tiny sizes, the CPU's loops; the build is skipped unless CBD_CHECK_BUILD=1.
     export CBD_BENCH_DEVICE=cpu CBD_BENCH_ROUNDS=2
+    OPS_ENV=(CBD_BENCH_QUICK=1)
     R50="fmnist_cnn:32:2"
     VIT="fmnist_cnn:16:1"
     CORE="floor,naive,strong,cbd_fast"
-    OPTIONS="strong-cl,strong+graph,strong+vg,cbd_fast-cl"
+    OPTIONS="strong-cl,strong+graph,strong+vg,strong+reuse,cbd_fast-cl"
     COMPILE="strong,strong+compile"
 else
     R50="resnet50:256:5"
     VIT="vit_b16:128:5:6"
     CORE="floor,naive,strong,cbd_fast"
-    OPTIONS="strong,strong-cl,strong+graph,strong+vg,cbd_fast,cbd_fast-cl"
+    OPTIONS="strong,strong-cl,strong+graph,strong+vg,strong+reuse,cbd_fast,cbd_fast-cl"
+    OPS_ENV=(CBD_BENCH_ROUNDS=10)
     COMPILE="strong,strong+compile,cbd_fast,cbd_fast+compile"
 fi
 
@@ -115,14 +120,15 @@ stage gputests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/
 
 stage loop 150 bash -c 'bench_loop "$@"' _ loop "$R50" "$CORE"
 
-OPS_FILES=()
-for f in benchmarks/bench_nt_xent.py benchmarks/bench_pgd.py; do [[ -f $f ]] && OPS_FILES+=("$f"); done
-if ((${#OPS_FILES[@]})); then
-    stage ops 90 env CBD_BENCH_ROUNDS=10 "$PY" -m pytest "${OPS_FILES[@]}" -q -p no:cacheprovider -rfEs \
-        --benchmark-json="$OUT/ops.json" --benchmark-columns=median,iqr,min,rounds --benchmark-max-time=0.5
-else
-    printf 'ops\tskipped\t0\tno op benchmark files\n' >>"$STAGES"
-fi
+for op in nt_xent pgd; do
+    if [[ -f benchmarks/bench_$op.py ]]; then
+        stage "ops_$op" 60 env "${OPS_ENV[@]}" "$PY" -m pytest "benchmarks/bench_$op.py" -q -p no:cacheprovider \
+            -rfEs --benchmark-json="$SCRATCH/ops_$op.json" --benchmark-columns=median,iqr,min,rounds \
+            --benchmark-max-time=0.5
+    else
+        printf 'ops_%s\tskipped\t0\tno benchmarks/bench_%s.py\n' "$op" "$op" >>"$STAGES"
+    fi
+done
 
 stage options 100 bash -c 'bench_loop "$@"' _ options "$R50" "$OPTIONS"
 
@@ -135,7 +141,7 @@ echo "== stage summary (t=$(elapsed)s)" | tee -a "$LOG"
 timeout -k 5 30 "$PY" benchmarks/run_gpu_check.py summarize --scratch "$SCRATCH" --out "$OUT" \
     --stages "$STAGES" --elapsed "$(elapsed)" --dry-run "$DRY" >>"$LOG" 2>&1 ||
     echo "summary failed (rc=$?)" | tee -a "$LOG"
-find "$OUT" -maxdepth 1 -type f -empty -delete # JSON files of killed pytest runs
+[[ -s "$SCRATCH/loop.json" ]] && cp "$SCRATCH/loop.json" "$OUT/loop.json"
 cat "$OUT/summary.md" 2>/dev/null || cat "$STAGES"
 rm -rf "$SCRATCH"
 echo "== done in $(elapsed)s; files under $OUT:"

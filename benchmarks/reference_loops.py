@@ -320,7 +320,7 @@ class NaiveCBD(_Loop):
             x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0, 1)
         else:
             x_adv = x_init.clone()
-        clean = model(x).detach()
+        clean = None
         for _ in range(s.steps):
             x_adv.requires_grad_(True)
             clean = model(x).detach()  # the anchors, recomputed at every step
@@ -330,6 +330,8 @@ class NaiveCBD(_Loop):
             x_adv = x_adv.detach() + alpha * x_adv.grad.sign()
             x_adv = torch.max(torch.min(x_adv, x + eps), x - eps)
             x_adv = torch.clamp(x_adv, 0, 1)
+        if clean is None:  # K = 0: the anchors are still needed for the attack loss
+            clean = model(x).detach()
         opt.zero_grad()
         # fine-tune
         _set_finetune_mode(model, s.bn_policy)

@@ -3,9 +3,10 @@
     python benchmarks/run_gpu_check.py summarize --scratch DIR --out OUT --stages STAGES.tsv
 
 Reads the stage table (name, status, seconds, note), each bench_loop stage's ``loop_summary.json``
-(ratios, agreement) from ``SCRATCH/<stage>/`` and the pytest-benchmark JSON files in ``OUT``
-(op benchmarks: name, group, median). Also usable on a local run: ``summarize --out DIR`` with
-just the JSON files.
+(ratios, agreement) from ``SCRATCH/<stage>/`` and the pytest-benchmark JSON files
+``SCRATCH/<stage>.json`` (op benchmarks: name, group, median); writes ``OUT/summary.json``,
+``OUT/summary.md`` and ``OUT/bench_raw.json`` ({stage: pytest-benchmark JSON}: split it back with
+``json.load`` to use ``--benchmark-compare``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 LOOP_STAGES = ("loop", "options", "vit", "compile")
+OP_STAGES = ("ops_nt_xent", "ops_pgd")
 
 
 def _read_json(path: Path) -> Any:
@@ -70,14 +72,22 @@ def summarize(
         "ops": [],
         "machine": None,
     }
+    raw: dict[str, Any] = {}
+    for name in (*LOOP_STAGES, *OP_STAGES):
+        data = _read_json(scratch / f"{name}.json") if scratch else None
+        if data is not None:
+            raw[name] = data
     for name in LOOP_STAGES:
         loop = _read_json(scratch / name / "loop_summary.json") if scratch else None
         if loop is not None:
             summary["loops"][name] = loop
             summary["machine"] = summary["machine"] or loop.get("machine")
-        elif (out / f"{name}.json").exists():
-            summary["loops"][name] = {"raw": _bench_rows(_read_json(out / f"{name}.json"))}
-    summary["ops"] = _bench_rows(_read_json(out / "ops.json"))
+        elif name in raw:
+            summary["loops"][name] = {"raw": _bench_rows(raw[name])}
+    for name in OP_STAGES:
+        summary["ops"] += [{"stage": name, **row} for row in _bench_rows(raw.get(name))]
+    if raw:
+        (out / "bench_raw.json").write_text(json.dumps(raw, default=str))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "summary.md").write_text(markdown(summary))
     return summary
@@ -120,10 +130,24 @@ def markdown(summary: dict[str, Any]) -> str:
             for k, v in g.get("speedups", {}).items():
                 lines.append(f"- {k}: " + (f"**{v:.2f}x**" if isinstance(v, float) else str(v)[:200]))
     if summary["ops"]:
-        lines += ["", "## ops", "", "| benchmark | group | median ms |", "| --- | --- | ---: |"]
+        lines += [
+            "",
+            "## ops",
+            "",
+            "| benchmark | group | median ms | ratios |",
+            "| --- | --- | ---: | --- |",
+        ]
         for r in summary["ops"]:
-            lines.append(f"| {r['name']} | {r['group']} | {r['median_ms']:.3f} |")
+            ratios = {k: v for k, v in r["extra_info"].items() if "ratio" in k or "speedup" in k}
+            lines.append(f"| {r['name']} | {r['group']} | {r['median_ms']:.3f} | {_short(ratios)} |")
     return "\n".join(lines) + "\n"
+
+
+def _short(d: dict[str, Any]) -> str:
+    parts = []
+    for k, v in d.items():
+        parts.append(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={str(v)[:60]}")
+    return ", ".join(parts)[:200]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -366,3 +366,79 @@ class PGDAndPatch(Adversary):
             parts.append(self._patch_attack(inp, inp.x[n_pgd:], inp.clean_features[n_pgd:b]))
         self._calls += 1
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@register_adversary("pgd_patch_warp")
+class PGDPatchWarp(PGDAndPatch):
+    """``pgd_patch`` plus a universal smooth-warp adversary on a third of the batch.
+
+    Warping triggers (WaNet) move pixels instead of adding to them, which an L-inf ball reaches only
+    partly. The warp third applies one flow field shared by the images: a ``4 x 4`` grid of 2-D
+    displacements (in pixels, each within ``+-warp_pixels``, default 2) upsampled bicubically to the
+    image, sampled bilinearly; per batch ``steps`` signed-gradient steps of ``warp_pixels / 4`` on
+    NT-Xent(f(x'), clean anchors) update the shared field, which persists across batches (seeded
+    start from ``config.seed``). Thirds: PGD, patch, warp.
+    """
+
+    def __init__(self, config: PurifyConfig) -> None:
+        super().__init__(config)
+        self._flow: torch.Tensor | None = None
+
+    def _warp_apply(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        ys, xs = torch.meshgrid(
+            torch.linspace(-1, 1, h, device=x.device),
+            torch.linspace(-1, 1, w, device=x.device),
+            indexing="ij",
+        )
+        ident = torch.stack([xs, ys], -1)[None]
+        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device)
+        # 1. control displacements (pixels) -> dense field, 2. pixels -> normalised grid offsets.
+        up = torch.nn.functional.interpolate(flow, size=(h, w), mode="bicubic", align_corners=True)
+        grid = (ident + up.permute(0, 2, 3, 1) * scale).clamp(-1, 1).expand(n, h, w, 2)
+        # 3. bilinear resampling of every image with the same field.
+        return torch.nn.functional.grid_sample(
+            x.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=True
+        ).to(x.dtype)
+
+    def _warp_attack(self, inp: AttackInputs, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        from cbd_fast.attack import attack_mode
+        from cbd_fast.ops import nt_xent
+
+        ex = getattr(self.config, "extra", None) or {}
+        smax = float(ex.get("warp_pixels", 2.0))
+        cfg = self.config
+        if self._flow is None:
+            g = torch.Generator().manual_seed(int(cfg.seed) + 7919)
+            self._flow = ((torch.rand(1, 2, 4, 4, generator=g) * 2 - 1) * smax).to(x.device)
+        flow = self._flow
+        with attack_mode(inp.encoder), torch.enable_grad():
+            for _ in range(cfg.steps if x.shape[0] >= 2 else 0):
+                flow = flow.detach().requires_grad_(True)
+                z = inp.encoder(self._warp_apply(x, flow)).flatten(1).float()
+                loss = nt_xent(z, anchors, cfg.temperature, backend=cfg.backend)
+                (g,) = torch.autograd.grad(loss, flow)
+                flow = (flow.detach() + smax / 4 * g.sign()).clamp(-smax, smax)
+        self._flow = flow.detach()
+        return self._warp_apply(x, self._flow).detach()
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        b = inp.x.shape[0]
+        if self._patches is None:
+            self._scan(inp.encoder, inp.x)
+        n_pgd = b - 2 * (b // 3)
+        n_patch = b // 3
+        parts = []
+        sub = AttackInputs(
+            encoder=inp.encoder, x=inp.x[:n_pgd], clean_features=inp.clean_features[:n_pgd],
+            indices=inp.indices[:n_pgd], epoch=inp.epoch, gather=None, config=inp.config,
+        )
+        parts.append(self._pgd(sub))
+        if n_patch > 0:
+            sl = slice(n_pgd, n_pgd + n_patch)
+            parts.append(self._patch_attack(inp, inp.x[sl], inp.clean_features[sl]))
+            sl = slice(n_pgd + n_patch, b)
+            parts.append(self._warp_attack(inp, inp.x[sl], inp.clean_features[sl]))
+        self._calls += 1
+        return torch.cat(parts)
+

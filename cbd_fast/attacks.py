@@ -173,8 +173,12 @@ def make_trigger(name: str, **kwargs: object) -> Trigger:
 
 
 def poison_dataset(
-    data: ImageSet, trigger: Callable[[torch.Tensor], torch.Tensor], *, rate: float = 0.1,
-    target: int = 0, seed: int = 0,
+    data: ImageSet,
+    trigger: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    rate: float = 0.1,
+    target: int = 0,
+    seed: int = 0,
 ) -> tuple[ImageSet, torch.Tensor]:
     """All-to-one poisoning: stamp ``rate`` of the images with the trigger and relabel them ``target``.
 
@@ -199,8 +203,15 @@ def poison_dataset(
 
 
 def train_classifier(
-    model: nn.Module, data: ImageSet, *, epochs: int = 3, batch_size: int = 128, lr: float = 0.05,
-    weight_decay: float = 5e-4, seed: int = 0, progress: bool = False,
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    progress: bool = False,
 ) -> nn.Module:
     """Supervised training with cross-entropy, SGD + Nesterov momentum and a one-cycle schedule, in place.
 
@@ -240,9 +251,16 @@ def train_classifier(
 
 
 def plant_feature_backdoor(
-    encoder: nn.Module, shadow: torch.Tensor, reference: torch.Tensor,
-    trigger: Callable[[torch.Tensor], torch.Tensor], *, epochs: int = 3, batch_size: int = 128,
-    lr: float = 1e-3, seed: int = 0, progress: bool = False,
+    encoder: nn.Module,
+    shadow: torch.Tensor,
+    reference: torch.Tensor,
+    trigger: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = False,
 ) -> nn.Module:
     """BadEncoder-style (Jia et al. 2022) self-supervised backdoor, in place: no labels, no head.
 
@@ -311,7 +329,13 @@ SELF_SUPERVISED_ATTACKS: tuple[str, ...] = ("badencoder",)
 
 
 def build_backdoored_model(
-    attack: str, train: ImageSet, *, seed: int = 0, epochs: int = 3, rate: float = 0.1, target: int = 0,
+    attack: str,
+    train: ImageSet,
+    *,
+    seed: int = 0,
+    epochs: int = 3,
+    rate: float = 0.1,
+    target: int = 0,
     progress: bool = False,
 ) -> nn.Module:
     """Train a backdoored ``FMNISTNet`` (deterministic for a given ``seed`` on one thread).

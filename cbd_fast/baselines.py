@@ -1,8 +1,8 @@
 """Baseline defenses run side by side with CBD on the same model and the same images (evaluation).
 
 - ``no_defense``: the backbone as downloaded.
-- ``plain_finetune``: ``cbd_fast.purify`` with the same config but ``epsilon=0`` (the same loss with no
-  adversary): isolates what the contrastive adversary adds. Label-free.
+- ``plain_finetune``: ``cbd_fast.purify`` with the same config but no adversary (``adversary="none"``,
+  ``epsilon=0``: the same loss with x_adv = x): isolates what the adversary adds. Label-free.
 - ``supervised_finetune``: cross-entropy fine-tuning of backbone + head with the defender's images
   LABELED (uses labels: a stronger-information baseline).
 - ``adversarial_unlearning``: label-based adversarial unlearning: PGD adversaries that maximise the
@@ -30,8 +30,13 @@ def no_defense(backbone: nn.Module) -> nn.Module:
     return copy.deepcopy(backbone)
 
 
-def plain_finetune(backbone: nn.Module, images: torch.Tensor, config: Any = None, **overrides: Any) -> nn.Module:
-    """``cbd_fast.purify(backbone, images, config, epsilon=0, **overrides)``: the CBD loss without the adversary.
+def plain_finetune(
+    backbone: nn.Module, images: torch.Tensor, config: Any = None, **overrides: Any
+) -> nn.Module:
+    """``purify(backbone, images, config, adversary="none", epsilon=0)``: the CBD loss with no adversary.
+
+    x_adv = x, so every term of the loss (pulling, clean term) is computed as in CBD but nothing is
+    attacked: isolates what the adversary adds.
 
     Args:
         backbone: images -> features (not modified).
@@ -40,7 +45,7 @@ def plain_finetune(backbone: nn.Module, images: torch.Tensor, config: Any = None
     """
     from cbd_fast import purify
 
-    overrides = {**overrides, "epsilon": 0.0}
+    overrides = {**overrides, "epsilon": 0.0, "adversary": "none"}
     return purify(backbone, images, config, **overrides)
 
 
@@ -52,8 +57,17 @@ def _check(images: torch.Tensor, labels: torch.Tensor) -> None:
 
 
 def _train_ce(
-    backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float,
-    batch_size: int, seed: int, epsilon: float = 0.0, steps: int = 0,
+    backbone: nn.Module,
+    head: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    epsilon: float = 0.0,
+    steps: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     _check(images, labels)
     bb, hd = copy.deepcopy(backbone), copy.deepcopy(head)
@@ -75,7 +89,9 @@ def _train_ce(
                 for _ in range(steps):
                     xa.requires_grad_(True)
                     (grad,) = torch.autograd.grad(F.cross_entropy(net(xa), y), xa)
-                    xa = torch.min(torch.max(xa.detach() + alpha * grad.sign(), x - epsilon), x + epsilon).clamp(0, 1)
+                    xa = torch.min(
+                        torch.max(xa.detach() + alpha * grad.sign(), x - epsilon), x + epsilon
+                    ).clamp(0, 1)
                 loss_terms.append(xa.detach())
             net.train()
             loss = F.cross_entropy(net(x), y)
@@ -89,8 +105,15 @@ def _train_ce(
 
 
 def supervised_finetune(
-    backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 5,
-    lr: float = 0.01, batch_size: int = 128, seed: int = 0,
+    backbone: nn.Module,
+    head: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 5,
+    lr: float = 0.01,
+    batch_size: int = 128,
+    seed: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """Cross-entropy fine-tuning of ``head(backbone(x))`` on labeled images (SGD, cosine schedule).
 
@@ -107,8 +130,17 @@ def supervised_finetune(
 
 
 def adversarial_unlearning(
-    backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epsilon: float = 16 / 255,
-    steps: int = 5, epochs: int = 5, lr: float = 0.01, batch_size: int = 128, seed: int = 0,
+    backbone: nn.Module,
+    head: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epsilon: float = 16 / 255,
+    steps: int = 5,
+    epochs: int = 5,
+    lr: float = 0.01,
+    batch_size: int = 128,
+    seed: int = 0,
 ) -> tuple[nn.Module, nn.Module]:
     """Label-based adversarial unlearning: CE on clean + CE-PGD adversarial images (true labels).
 
@@ -121,5 +153,15 @@ def adversarial_unlearning(
     """
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0; got {epsilon}, {steps}")
-    return _train_ce(backbone, head, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                     epsilon=epsilon, steps=steps)
+    return _train_ce(
+        backbone,
+        head,
+        images,
+        labels,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        epsilon=epsilon,
+        steps=steps,
+    )

@@ -146,7 +146,9 @@ def load_fashion_mnist(
     images = read_idx(_find(root_path, img_stem))
     labels = read_idx(_find(root_path, lab_stem))
     if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"unexpected IDX shapes under {root_path}: images {images.shape}, labels {labels.shape}")
+        raise ValueError(
+            f"unexpected IDX shapes under {root_path}: images {images.shape}, labels {labels.shape}"
+        )
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)

@@ -42,8 +42,15 @@ def asset_path(attack: str, seed: int = 0) -> Path:
     return ASSETS / f"{attack}_seed{seed}.pt"
 
 
-def load_or_train(attack: str, seed: int = 0, *, train: Any = None, cache_dir: str | Path | None = None,
-                  progress: bool = True, epochs: int = 3) -> nn.Module:
+def load_or_train(
+    attack: str,
+    seed: int = 0,
+    *,
+    train: Any = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    epochs: int = 3,
+) -> nn.Module:
     """The backdoored ``FMNISTNet`` for (``attack``, ``seed``): the shipped asset, else a cached one in
     ``cache_dir``, else trained now (poisoned training, ~2-4 minutes on 2 CPU cores; saved to
     ``cache_dir`` when given).
@@ -79,7 +86,9 @@ def load_or_train(attack: str, seed: int = 0, *, train: Any = None, cache_dir: s
     return model
 
 
-def _classifier(backbone: nn.Module, head: nn.Module | None, probe_data: tuple[torch.Tensor, torch.Tensor] | None) -> nn.Module:
+def _classifier(
+    backbone: nn.Module, head: nn.Module | None, probe_data: tuple[torch.Tensor, torch.Tensor] | None
+) -> nn.Module:
     from cbd_fast.metrics import linear_probe
 
     if head is not None:
@@ -89,9 +98,18 @@ def _classifier(backbone: nn.Module, head: nn.Module | None, probe_data: tuple[t
 
 
 def run_demo(
-    attack: str = "badnets", *, seed: int = 0, report_dir: str | Path | None = "runs/demo", quick: bool = False,
-    baselines: bool = True, quiet: bool = False, unlabeled_fraction: float = 0.05, n_test: int | None = None,
-    cache_dir: str | Path | None = "runs/models", diagnostic: bool = True, **overrides: Any,
+    attack: str = "badnets",
+    *,
+    seed: int = 0,
+    report_dir: str | Path | None = "runs/demo",
+    quick: bool = False,
+    baselines: bool = True,
+    quiet: bool = False,
+    unlabeled_fraction: float = 0.05,
+    n_test: int | None = None,
+    cache_dir: str | Path | None = "runs/models",
+    diagnostic: bool = True,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Run the demo and return a JSON-able summary.
 
@@ -113,7 +131,7 @@ def run_demo(
         ``{"attack", "seed", "results": {method: {"acc", "asr", "der", "seconds"}}, "diagnostic",
         "history", "config", "report"}``.
     """
-    from cbd_fast import PurifyConfig, Purifier
+    from cbd_fast import Purifier, PurifyConfig
     from cbd_fast.attacks import trigger_for
     from cbd_fast.baselines import adversarial_unlearning, plain_finetune, supervised_finetune
     from cbd_fast.data import load_fashion_mnist, split_unlabeled
@@ -145,8 +163,10 @@ def run_demo(
     results: dict[str, dict[str, float]] = {}
     before = evaluate(model.backbone)
     results["no_defense"] = {**before, "seconds": 0.0}
-    say(f"[{attack}] backdoored model: ACC {100 * before['acc']:.1f}%  ASR {100 * before['asr']:.1f}%  "
-        f"({len(x_unl)} unlabeled images for the defense)")
+    say(
+        f"[{attack}] backdoored model: ACC {100 * before['acc']:.1f}%  ASR {100 * before['asr']:.1f}%  "
+        f"({len(x_unl)} unlabeled images for the defense)"
+    )
 
     config = PurifyConfig(**{"seed": seed, "progress": not quiet, **overrides}).validate()
     t0 = time.perf_counter()
@@ -162,11 +182,16 @@ def run_demo(
         epochs = config.epochs
         t0 = time.perf_counter()
         bb, hd = supervised_finetune(model.backbone, sup_head, x_unl, y_unl, epochs=epochs, seed=seed)
-        results["supervised_finetune"] = {**evaluate(bb, None if ssl else hd), "seconds": time.perf_counter() - t0}
+        results["supervised_finetune"] = {
+            **evaluate(bb, None if ssl else hd),
+            "seconds": time.perf_counter() - t0,
+        }
         t0 = time.perf_counter()
         bb, hd = adversarial_unlearning(model.backbone, sup_head, x_unl, y_unl, epochs=epochs, seed=seed)
-        results["adversarial_unlearning"] = {**evaluate(bb, None if ssl else hd),
-                                             "seconds": time.perf_counter() - t0}
+        results["adversarial_unlearning"] = {
+            **evaluate(bb, None if ssl else hd),
+            "seconds": time.perf_counter() - t0,
+        }
     for r in results.values():
         r["der"] = defense_effectiveness_rate(before["acc"], before["asr"], r["acc"], r["asr"])
 
@@ -178,32 +203,66 @@ def run_demo(
         eps = (config.epsilon or 8 / 255,) if quick else (8 / 255, 16 / 255, 32 / 255)
         xs = test.images[:n_diag]
         diag = {
-            "before": evocation_diagnostic(model.backbone, xs, classifier=_classifier(model.backbone, head, probe_data),
-                                           trigger=trigger, target=0, epsilons=eps, steps=5 if quick else 10),
-            "after": evocation_diagnostic(purified, xs, classifier=_classifier(purified, head, probe_data),
-                                          trigger=trigger, target=0, epsilons=eps, steps=5 if quick else 10),
+            "before": evocation_diagnostic(
+                model.backbone,
+                xs,
+                classifier=_classifier(model.backbone, head, probe_data),
+                trigger=trigger,
+                target=0,
+                epsilons=eps,
+                steps=5 if quick else 10,
+            ),
+            "after": evocation_diagnostic(
+                purified,
+                xs,
+                classifier=_classifier(purified, head, probe_data),
+                trigger=trigger,
+                target=0,
+                epsilons=eps,
+                steps=5 if quick else 10,
+            ),
         }
 
     if not quiet:
         _print_table(attack, results)
         if diag is not None:
             for row in diag["before"]["per_epsilon"]:
-                say(f"  diagnostic (before): eps {row['epsilon_255']:.0f}/255: {100 * row['target_share']:.1f}% of "
+                say(
+                    f"  diagnostic (before): eps {row['epsilon_255']:.0f}/255: "
+                    f"{100 * row['target_share']:.1f}% of "
                     f"contrastive adversaries classified as the target (chance {100 * row['chance']:.1f}%), "
                     f"cos to triggered centroid {row['cos_adv_to_trigger_centroid']:.2f} vs clean "
-                    f"{diag['before']['cos_clean_to_trigger_centroid']:.2f}")
+                    f"{diag['before']['cos_clean_to_trigger_centroid']:.2f}"
+                )
 
     report = None
     if report_dir is not None:
-        report = _write_report(report_dir, config, fit.history, results, diag, model.backbone, purified,
-                               test.images[:256], trigger, attack, seed, len(x_unl))
+        report = _write_report(
+            report_dir,
+            config,
+            fit.history,
+            results,
+            diag,
+            model.backbone,
+            purified,
+            test.images[:256],
+            trigger,
+            attack,
+            seed,
+            len(x_unl),
+        )
         say(f"report: {report}")
     total = time.perf_counter() - t_start
     say(f"total {total:.0f} s")
     return {
-        "attack": attack, "seed": seed, "results": results, "diagnostic": diag, "history": fit.history,
+        "attack": attack,
+        "seed": seed,
+        "results": results,
+        "diagnostic": diag,
+        "history": fit.history,
         "config": config.to_dict() if hasattr(config, "to_dict") else vars(config),
-        "report": str(report) if report else None, "seconds": total,
+        "report": str(report) if report else None,
+        "seconds": total,
     }
 
 
@@ -211,8 +270,10 @@ def _print_table(attack: str, results: dict[str, dict[str, float]]) -> None:
     print(f"\n{'method (' + attack + ')':<28}{'labels':>8}{'ACC %':>8}{'ASR %':>8}{'DER':>7}{'s':>7}")
     uses_labels = {"supervised_finetune": "yes", "adversarial_unlearning": "yes"}
     for name, r in results.items():
-        print(f"{name:<28}{uses_labels.get(name, 'no'):>8}{100 * r['acc']:>8.1f}{100 * r['asr']:>8.1f}"
-              f"{r['der']:>7.3f}{r['seconds']:>7.0f}")
+        print(
+            f"{name:<28}{uses_labels.get(name, 'no'):>8}{100 * r['acc']:>8.1f}{100 * r['asr']:>8.1f}"
+            f"{r['der']:>7.3f}{r['seconds']:>7.0f}"
+        )
     print()
 
 
@@ -222,21 +283,31 @@ def _write_report(report_dir, config, history, results, diag, before, after, x, 
     except ImportError:  # pragma: no cover - the report module is optional
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps({"results": results, "diagnostic": diag, "history": history},
-                                                    default=str, indent=1))
+        (out / "report.json").write_text(
+            json.dumps({"results": results, "diagnostic": diag, "history": history}, default=str, indent=1)
+        )
         return out / "report.json"
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-    proj = collect_projections(copy.deepcopy(before), copy.deepcopy(after), x, x_triggered=trigger(x),
-                               config=config, n=256)
-    return write_report(report_dir, config=cfg, history=history, evaluation={"attack": attack, "seed": seed,
-                        "unlabeled_images": n_unl, "results": results}, diagnostic=diag, projections=proj,
-                        extra={"demo": "cbd_fast.demo"})
+    proj = collect_projections(
+        copy.deepcopy(before), copy.deepcopy(after), x, x_triggered=trigger(x), config=config, n=256
+    )
+    return write_report(
+        report_dir,
+        config=cfg,
+        history=history,
+        evaluation={"attack": attack, "seed": seed, "unlabeled_images": n_unl, "results": results},
+        diagnostic=diag,
+        projections=proj,
+        extra={"demo": "cbd_fast.demo"},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """``cbd-fast demo`` entry point. Returns the exit status."""
     p = argparse.ArgumentParser(prog="cbd-fast demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--attack", default="badnets", choices=_ALL_ATTACKS, help="backdoor to remove (default badnets)")
+    p.add_argument(
+        "--attack", default="badnets", choices=_ALL_ATTACKS, help="backdoor to remove (default badnets)"
+    )
     p.add_argument("--seed", type=int, default=0, help="model / data seed (0 is shipped)")
     p.add_argument("--report", default="runs/demo", metavar="DIR", help="report folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny subset, 1 epoch (CI smoke test)")
@@ -248,8 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             p.error(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    run_demo(args.attack, seed=args.seed, report_dir=args.report, quick=args.quick, baselines=not args.no_baselines,
-             quiet=args.quiet)
+    run_demo(
+        args.attack,
+        seed=args.seed,
+        report_dir=args.report,
+        quick=args.quick,
+        baselines=not args.no_baselines,
+        quiet=args.quiet,
+    )
     return 0
 
 

@@ -28,8 +28,15 @@ __all__ = ["contrastive_adversaries", "evocation_diagnostic"]
 
 
 def contrastive_adversaries(
-    encoder: nn.Module, images: torch.Tensor, *, epsilon: float = 16 / 255, steps: int = 10,
-    step_size: float | None = None, temperature: float = 0.5, seed: int = 0, batch_size: int = 256,
+    encoder: nn.Module,
+    images: torch.Tensor,
+    *,
+    epsilon: float = 16 / 255,
+    steps: int = 10,
+    step_size: float | None = None,
+    temperature: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """Per-sample contrastive PGD adversaries of ``images`` against ``encoder`` (BN/dropout in eval).
 
@@ -82,10 +89,17 @@ def _feats(encoder: nn.Module, x: torch.Tensor, bs: int = 1000) -> torch.Tensor:
 
 
 def evocation_diagnostic(
-    encoder: nn.Module, images: torch.Tensor, *, classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None, target: int | None = None,
-    epsilons: tuple[float, ...] = (8 / 255, 16 / 255, 32 / 255), steps: int = 10, temperature: float = 0.5,
-    seed: int = 0, return_features: bool = False,
+    encoder: nn.Module,
+    images: torch.Tensor,
+    *,
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target: int | None = None,
+    epsilons: tuple[float, ...] = (8 / 255, 16 / 255, 32 / 255),
+    steps: int = 10,
+    temperature: float = 0.5,
+    seed: int = 0,
+    return_features: bool = False,
 ) -> dict[str, Any]:
     """How strongly contrastive adversarial examples reach the backdoor, per attack radius.
 
@@ -118,7 +132,9 @@ def evocation_diagnostic(
     clean_f = _feats(encoder, images)
     clean_pred = None
     if classifier is not None:
-        clean_pred = torch.cat([classifier(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)])
+        clean_pred = torch.cat(
+            [classifier(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)]
+        )
     centroid = None
     trig_f = None
     if trigger is not None:
@@ -130,7 +146,9 @@ def evocation_diagnostic(
         res["clean_feature_norm"] = clean_f.norm(dim=1).mean().item()
     adv_f = None
     for eps in epsilons:
-        adv = contrastive_adversaries(encoder, images, epsilon=eps, steps=steps, temperature=temperature, seed=seed)
+        adv = contrastive_adversaries(
+            encoder, images, epsilon=eps, steps=steps, temperature=temperature, seed=seed
+        )
         adv_f = _feats(encoder, adv)
         row: dict[str, Any] = {"epsilon": eps, "epsilon_255": round(eps * 255, 3)}
         row["dist_adv_to_clean"] = (adv_f - clean_f).norm(dim=1).mean().item()
@@ -151,7 +169,10 @@ def evocation_diagnostic(
         res["per_epsilon"].append(row)
     encoder.train(was_training)
     if return_features:
-        res["_features"] = {"clean": clean_f.numpy(), "adversarial": adv_f.numpy() if adv_f is not None else None}
+        res["_features"] = {
+            "clean": clean_f.numpy(),
+            "adversarial": adv_f.numpy() if adv_f is not None else None,
+        }
         if trig_f is not None:
             res["_features"]["triggered"] = trig_f.numpy()
     return res

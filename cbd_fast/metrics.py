@@ -27,7 +27,9 @@ __all__ = [
 
 
 @torch.no_grad()
-def predict(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict(
+    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
+) -> torch.Tensor:
     """Arg-max predictions [N] int64 of ``model`` on [N, ...] ``images``, in batches, in eval mode."""
     was_training = getattr(model, "training", None)
     if isinstance(model, nn.Module):
@@ -38,7 +40,9 @@ def predict(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def accuracy(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor
+) -> float:
     """Fraction in [0, 1] of [N] ``labels`` that ``model`` predicts right on [N, C, H, W] ``images``."""
     if len(images) != len(labels):
         raise ValueError(f"images and labels must have the same length; got {len(images)} and {len(labels)}")
@@ -48,10 +52,13 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor
 
 
 def attack_success_rate(
-    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-    trigger: Callable[[torch.Tensor], torch.Tensor], target: int = 0,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Callable[[torch.Tensor], torch.Tensor],
+    target: int = 0,
 ) -> float:
-    """ASR in [0, 1]: share of the non-target ``images`` that, stamped with ``trigger``, are classified ``target``.
+    """ASR in [0, 1]: share of non-target ``images`` that, with ``trigger``, are classified ``target``.
 
     Args:
         model: the classifier.
@@ -66,18 +73,27 @@ def attack_success_rate(
     return (predict(model, trigger(images[keep])) == target).float().mean().item()
 
 
-def defense_effectiveness_rate(acc_before: float, asr_before: float, acc_after: float, asr_after: float) -> float:
+def defense_effectiveness_rate(
+    acc_before: float, asr_before: float, acc_after: float, asr_after: float
+) -> float:
     """DER = (max(0, ASR_before - ASR_after) - max(0, ACC_before - ACC_after) + 1) / 2, all fractions."""
-    for name, v in (("acc_before", acc_before), ("asr_before", asr_before), ("acc_after", acc_after),
-                    ("asr_after", asr_after)):
+    for name, v in (
+        ("acc_before", acc_before),
+        ("asr_before", asr_before),
+        ("acc_after", acc_after),
+        ("asr_after", asr_after),
+    ):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be a fraction in [0, 1]; got {v}")
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
 
 
 def evaluate_backdoor(
-    model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor,
-    trigger: Callable[[torch.Tensor], torch.Tensor], target: int = 0,
+    model: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger: Callable[[torch.Tensor], torch.Tensor],
+    target: int = 0,
 ) -> dict[str, float]:
     """``{"acc": ACC, "asr": ASR}`` of ``model`` on a test set (fractions in [0, 1])."""
     return {
@@ -87,15 +103,24 @@ def evaluate_backdoor(
 
 
 @torch.no_grad()
-def _features(encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def _features(
+    encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
+) -> torch.Tensor:
     if isinstance(encoder, nn.Module):
         encoder.eval()
     return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def linear_probe(
-    encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: torch.Tensor, *,
-    num_classes: int = 10, steps: int = 300, lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int = 10,
+    steps: int = 300,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
 ) -> nn.Module:
     """Train a linear classifier on frozen ``encoder`` features of clean labeled data.
 

@@ -67,6 +67,10 @@ fi
   >/dev/null 2>&1 || pip_install "setuptools>=64" wheel ninja numpy
 "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("triton") is None)' \
   || { log "installing triton"; pip_install triton; }
+# pip puts ninja in the interpreter's script folder; torch's build finds it on PATH (else it falls
+# back to a serial build).
+PATH="$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 extras="triton,report,io"
 [ "$WITH_TEST" = 1 ] && extras="$extras,test"
 

@@ -42,7 +42,7 @@ def test_blended_is_fixed_convex_mix():
     pattern = (y - 0.8 * x) / 0.2
     assert torch.allclose(pattern, pattern[0:1].expand_as(pattern), atol=1e-5)  # same for every image
     assert torch.allclose(Blended(alpha=0.2, seed=7)(x), y)  # deterministic
-    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
     with pytest.raises(ValueError, match="alpha"):
         Blended(alpha=1.5)(x)
 
@@ -64,7 +64,7 @@ def test_wanet_is_smooth_small_warp():
     ident = WaNet(strength=0.0)(x)
     assert torch.allclose(ident, x, atol=1e-5)  # zero strength = identity
     y = t(x)
-    assert not torch.allclose(y, x) and 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert not torch.allclose(y, x) and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -72,7 +72,7 @@ def test_every_trigger_keeps_range_and_shape(name):
     x = _imgs()
     y = make_trigger(name)(x)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
 
 
 def test_make_trigger_unknown():
@@ -115,8 +115,13 @@ class _PatchReactiveEncoder(torch.nn.Module):
 
     def forward(self, x):
         corner = x[..., 25:, 25:].mean(dim=(1, 2, 3))
-        return torch.stack([x.mean(dim=(1, 2, 3)), x[..., :14, :].mean(dim=(1, 2, 3)),
-                            10 * torch.relu(corner - 0.5)], dim=1) + 0.1
+        return (
+            torch.stack(
+                [x.mean(dim=(1, 2, 3)), x[..., :14, :].mean(dim=(1, 2, 3)), 10 * torch.relu(corner - 0.5)],
+                dim=1,
+            )
+            + 0.1
+        )
 
 
 def test_pgd_patch_adversary_finds_a_patch_trigger_label_free():
@@ -129,10 +134,11 @@ def test_pgd_patch_adversary_finds_a_patch_trigger_label_free():
     enc = _PatchReactiveEncoder()
     with torch.no_grad():
         anchors = enc(x)
-    inp = AttackInputs(encoder=enc, x=x, clean_features=anchors, indices=torch.arange(8), epoch=0, gather=None,
-                       config=cfg)
+    inp = AttackInputs(
+        encoder=enc, x=x, clean_features=anchors, indices=torch.arange(8), epoch=0, gather=None, config=cfg
+    )
     x_adv = adv(inp)
-    assert x_adv.shape == x.shape and 0.0 <= float(x_adv.min()) and float(x_adv.max()) <= 1.0
+    assert x_adv.shape == x.shape and float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     best = adv.scan_scores[0]
     assert (best[1], best[2], best[3]) == (25, 25, 1.0)  # the white 3x3 patch at the corner
     assert torch.all(x_adv[4:, :, 25:, 25:] > 0.9)  # the patch half carries it

@@ -42,12 +42,17 @@ def ev(bb):
 
 before = ev(model.backbone)
 seed = int(ov.pop("data_seed", 0))
+if "pull_ratio" in ov:
+    from cbd_fast.regularizers import OriginalAnchor
+
+    OriginalAnchor.pull_ratio = float(ov["pull_ratio"])
+    rec_ratio = ov.pop("pull_ratio")
 ux, _ = split_unlabeled(train, 0.05, seed=seed)
 t0 = time.perf_counter()
 res = Purifier(progress=False, **ov).fit(model.backbone, ux)
 secs = time.perf_counter() - t0
 after = ev(res.encoder)
-rec = {"tag": tag, "loop": True, "model": path, "attack": attack, "overrides": ov, "before": before, "after": after,
+rec = {"tag": tag, "loop": True, "model": path, "attack": attack, "overrides": {**ov, "pull_ratio": globals().get("rec_ratio", 0.2)}, "before": before, "after": after,
        "secs": round(secs, 1), "hist": [{k: round(v, 4) for k, v in h.items() if k.startswith("loss")} for h in res.history]}
 print(json.dumps(rec))
 with open("scripts/research/runs.jsonl", "a") as fh:
