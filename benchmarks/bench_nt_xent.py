@@ -17,7 +17,8 @@ Modes: ``fwd`` (no autograd) and ``fwdbwd`` (both views require grad, ``backward
 Cases: 2N in {512, 2048, 8192, 32768} x D in {128, 512, 2048} where affordable. CPU default: the
 target case 2N=4096, D=128 float32 plus a few small ones; ``CBD_BENCH_FULL=1`` adds the larger
 CPU cases; ``CBD_BENCH_QUICK=1`` keeps two tiny cases and 2 rounds (CI smoke run);
-``CBD_BENCH_PROVIDERS=eager,cpp`` restricts the providers; ``CBD_BENCH_ROUNDS`` sets the rounds.
+``CBD_BENCH_PROVIDERS=eager,cpp`` restricts the providers; ``CBD_BENCH_ROUNDS`` sets the rounds;
+``CBD_BENCH_THREADS=1`` sets torch's (and the cpp kernel's) CPU threads.
 CUDA: 2N=8192, D=512 bfloat16 (target: fwd+bwd >= 2x eager) and 2N=131072, D=512 bfloat16 without eager (its
 score matrix alone would take 64 GiB). ``compiled`` is left out of QUICK runs (compile time).
 
@@ -71,6 +72,8 @@ else:
         ]
 
 DEVICE = "cuda" if CUDA else "cpu"
+if os.environ.get("CBD_BENCH_THREADS"):  # e.g. 1: a single-thread comparison, less hurt by a busy machine
+    torch.set_num_threads(int(os.environ["CBD_BENCH_THREADS"]))
 MODES = ("fwd", "fwdbwd")
 
 

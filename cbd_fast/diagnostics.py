@@ -56,7 +56,7 @@ def contrastive_adversaries(
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0; got {epsilon}, {steps}")
     alpha = epsilon / 4 if step_size is None else step_size
-    was_training = encoder.training
+    modes = [(m, m.training) for m in encoder.modules()]  # restored per submodule
     flags = [q.requires_grad for q in encoder.parameters()]
     encoder.eval().requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
@@ -79,7 +79,8 @@ def contrastive_adversaries(
     finally:
         for q, fl in zip(encoder.parameters(), flags):
             q.requires_grad_(fl)
-        encoder.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(out)
 
 
@@ -126,7 +127,7 @@ def evocation_diagnostic(
         raise TypeError(f"images must be a [N, C, H, W] tensor; got {getattr(images, 'shape', type(images))}")
     if len(images) < 2:
         raise ValueError(f"images must hold at least 2 images; got {len(images)}")
-    was_training = encoder.training
+    modes = [(m, m.training) for m in encoder.modules()]  # restored per submodule at the end
     encoder.eval()
     res: dict[str, Any] = {"n": len(images), "steps": steps, "temperature": temperature, "per_epsilon": []}
     clean_f = _feats(encoder, images)
@@ -167,7 +168,8 @@ def evocation_diagnostic(
             row["cos_adv_to_trigger_centroid"] = F.cosine_similarity(adv_f, centroid).mean().item()
             row["dist_adv_to_trigger_centroid"] = (adv_f - centroid).norm(dim=1).mean().item()
         res["per_epsilon"].append(row)
-    encoder.train(was_training)
+    for m, mode in modes:
+        m.training = mode
     if return_features:
         res["_features"] = {
             "clean": clean_f.numpy(),

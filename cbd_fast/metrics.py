@@ -31,12 +31,15 @@ def predict(
     model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
     """Arg-max predictions [N] int64 of ``model`` on [N, ...] ``images``, in batches, in eval mode."""
-    was_training = getattr(model, "training", None)
+    # every submodule's own flag is restored (a BatchNorm frozen in eval inside a training model stays so)
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
     if isinstance(model, nn.Module):
         model.eval()
-    out = [model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
-    if isinstance(model, nn.Module) and was_training:
-        model.train()
+    try:
+        out = [model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -106,9 +109,14 @@ def evaluate_backdoor(
 def _features(
     encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
+    modes = [(m, m.training) for m in encoder.modules()] if isinstance(encoder, nn.Module) else []
     if isinstance(encoder, nn.Module):
         encoder.eval()
-    return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    try:
+        return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    finally:  # the caller's flags back, per submodule
+        for m, mode in modes:
+            m.training = mode
 
 
 def linear_probe(

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -40,6 +40,7 @@ from cbd_fast.ops import nt_xent, nt_xent_value_and_grad, pgd_init, pgd_step
 def _settings(n: int) -> settings:
     return settings(
         max_examples=n, deadline=None, derandomize=True, database=None,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: each example is a purify run
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
 
@@ -79,6 +80,8 @@ def _same(a: Any, b: Any) -> bool:
         )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
 
 
@@ -86,6 +89,8 @@ def _diff(before: Any, after: Any, path: str = "") -> list[str]:
     """Human-readable paths where two snapshots differ."""
     if isinstance(before, dict) and isinstance(after, dict) and before.keys() == after.keys():
         return [d for k in before for d in _diff(before[k], after[k], f"{path}.{k}" if path else str(k))]
+    if isinstance(before, (list, tuple)) and isinstance(after, (list, tuple)) and len(before) == len(after):
+        return [d for i, (x, y) in enumerate(zip(before, after)) for d in _diff(x, y, f"{path}[{i}]")]
     return [] if _same(before, after) else [f"{path}: {_short(before)} -> {_short(after)}"]
 
 
@@ -239,6 +244,7 @@ def feature_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
 @given(ab=feature_pairs(), backend=st.sampled_from(cbd_fast.available_backends("cpu")))
 def test_nt_xent_family_mutates_nothing(ab: tuple[torch.Tensor, torch.Tensor], backend: str) -> None:
     a, b = ab
+    assume(not (backend == "triton" and a.dtype == torch.float64))  # triton serves 32/16-bit only
     before = (_tensor_state(a), _tensor_state(b))
     nt_xent(a, b, 0.5, backend=backend)
     NTXentLoss(0.5, backend=backend)(a, b)
@@ -254,6 +260,7 @@ def test_nt_xent_family_mutates_nothing(ab: tuple[torch.Tensor, torch.Tensor], b
     backend=st.sampled_from(cbd_fast.available_backends("cpu")),
 )
 def test_pgd_ops_mutate_only_x_adv(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, backend: str) -> None:
+    assume(not (backend == "triton" and dtype == torch.float64))  # triton serves 32/16-bit only
     g = torch.Generator().manual_seed(len(shape))
     x_clean = torch.rand(shape, generator=g).to(dtype)
     grad = torch.randn(shape, generator=g).to(dtype)
