@@ -460,7 +460,23 @@ def summarize(
                 twin = "strong" + option
                 problem = ok(fast) or ok(twin)
                 speedups[f"{fast} vs {twin}"] = problem if problem else t[twin] / t[fast]
-        groups[gid] = {"loops": rows, "speedups": speedups, "unavailable": (unavailable or {}).get(gid, {})}
+        agree = {}
+        for name, r in rep["loops"].items():
+            parts = [r.get("float32"), r.get("timed")] if "float32" in r else [r]
+            agree[name] = {
+                "ok": r["ok"],
+                "checks": [
+                    {k: p.get(k) for k in ("precision", "loss_rdiff", "update_rdiff", "tolerance")}
+                    for p in parts
+                    if p
+                ],
+            }
+        groups[gid] = {
+            "loops": rows,
+            "speedups": speedups,
+            "unavailable": (unavailable or {}).get(gid, {}),
+            "agreement": agree,
+        }
         for row in rows.values():
             bs = _batch_of(gid)
             row["images_per_s"] = bs / row["median_s"] if bs else None
@@ -486,15 +502,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"### {gid}",
             "",
-            "| loop | ms / batch | images/s | x floor | x floor+cl |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| loop | ms / batch | images/s | x floor | x floor+cl | vs naive: loss / update rel diff |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, r in g["loops"].items():
             xf = f"{r['x_floor']:.2f}" if r["x_floor"] else "-"
             xfc = f"{r['x_floor_cl']:.2f}" if r.get("x_floor_cl") else "-"
-            lines.append(f"| {name} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.0f} | {xf} | {xfc} |")
+            a = g.get("agreement", {}).get(name)
+            agree = (
+                "-"
+                if a is None
+                else ("ok " if a["ok"] else "FAIL ")
+                + "; ".join(
+                    f"{c['precision']}: {c['loss_rdiff']:.1e} / {c['update_rdiff']:.1e}"
+                    for c in a["checks"]
+                    if c.get("loss_rdiff") is not None
+                )
+            )
+            lines.append(
+                f"| {name} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.0f} | {xf} | {xfc} | {agree} |"
+            )
         for name, why in g["unavailable"].items():
-            lines.append(f"| {name} | n/a: {why[:100]} | | | |")
+            lines.append(f"| {name} | n/a: {why[:100]} | | | | |")
         lines.append("")
         for k, v in g["speedups"].items():
             lines.append(f"- {k}: " + (f"{v:.2f}x" if isinstance(v, float) else str(v)))

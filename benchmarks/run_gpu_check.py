@@ -118,15 +118,23 @@ def markdown(summary: dict[str, Any]) -> str:
                 "",
                 f"{gid}:",
                 "",
-                "| loop | ms/batch | img/s | x floor |",
-                "| --- | ---: | ---: | ---: |",
+                "| loop | ms/batch | img/s | x floor | vs naive: loss / update rel diff |",
+                "| --- | ---: | ---: | ---: | --- |",
             ]
             for ln, r in g["loops"].items():
                 xf = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
                 ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-"
-                lines.append(f"| {ln} | {1e3 * r['median_s']:.1f} | {ips} | {xf} |")
+                a = g.get("agreement", {}).get(ln)
+                agree = "-"
+                if a is not None:
+                    agree = ("ok " if a["ok"] else "FAIL ") + "; ".join(
+                        f"{c['precision']}: {c['loss_rdiff']:.1e} / {c['update_rdiff']:.1e}"
+                        for c in a.get("checks", [])
+                        if c.get("loss_rdiff") is not None
+                    )
+                lines.append(f"| {ln} | {1e3 * r['median_s']:.1f} | {ips} | {xf} | {agree} |")
             for ln, why in g.get("unavailable", {}).items():
-                lines.append(f"| {ln} | n/a: {str(why)[:90]} | | |")
+                lines.append(f"| {ln} | n/a: {str(why)[:90]} | | | |")
             for k, v in g.get("speedups", {}).items():
                 lines.append(f"- {k}: " + (f"**{v:.2f}x**" if isinstance(v, float) else str(v)[:200]))
     if summary["ops"]:

@@ -55,6 +55,10 @@ def contrastive_adversaries(
 
     if epsilon < 0 or steps < 0:
         raise ValueError(f"epsilon and steps must be >= 0; got {epsilon}, {steps}")
+    if len(images) < 2 or batch_size < 2:
+        raise ValueError(
+            f"images and batch_size must be >= 2 (NT-Xent negatives); got {len(images)}, {batch_size}"
+        )
     alpha = epsilon / 4 if step_size is None else step_size
     modes = [(m, m.training) for m in encoder.modules()]  # restored per submodule
     flags = [q.requires_grad for q in encoder.parameters()]
@@ -62,8 +66,11 @@ def contrastive_adversaries(
     g = torch.Generator().manual_seed(seed)
     out = []
     try:
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size]
+        n = len(images)
+        for i in range(0, n, batch_size):
+            if n - i == 1:  # a last single image was attacked with the previous batch
+                break
+            x = images[i : i + batch_size + (1 if n - i - batch_size == 1 else 0)]
             with torch.no_grad():
                 anchor = encoder(x)
             noise = (torch.rand(x.shape, generator=g) * 2 - 1).to(x)

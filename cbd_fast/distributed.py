@@ -20,8 +20,9 @@ What "the same run on any number of ranks" means here, and how each piece keeps 
   PGD step all-gathers the adversarial features once (``gather_local_grad``) with the gradient path
   kept only through this rank's own slice and NO backward communication: the step only needs
   ``sign(dL/dx_adv)`` of this rank's own inputs, and every rank holds the full global loss.
-- Random starts come from ``per_sample_uniform`` (a counter-based hash of seed, epoch, sample index
-  and element index), so a sample's start does not depend on which rank or batch it lands in.
+- Random starts come from ``per_sample_uniform`` (``cbd_fast.adversaries.per_sample_uniform``: a pure
+  function of seed, epoch and sample index), so a sample's start does not depend on which rank or
+  batch it lands in.
 - Only ``ctx.is_main`` (rank 0) writes checkpoints, reports and progress bars.
 - ``run_guard`` turns an exception on one rank into a stop of every rank (the error is posted to
   the rendezvous store and the process group is torn down so peers blocked in a collective fail
@@ -69,6 +70,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from cbd_fast.adversaries import per_sample_uniform as _sample_uniform
 
 __all__ = [
     "DistContext",
@@ -860,22 +863,8 @@ def run_guard(ctx: DistContext) -> Iterator[None]:
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) without int64 overflow (split c in 16-bit halves)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche mixer (xorshift-multiply, constants of the 'lowbias32' family) on int64."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
 def _mix32_int(x: int) -> int:
+    """A 32-bit avalanche mixer (xorshift-multiply, constants of the 'lowbias32' family) on an int."""
     x &= _M32
     x ^= x >> 16
     x = (x * 0x7FEB352D) & _M32
@@ -910,9 +899,10 @@ def per_sample_uniform(
 ) -> torch.Tensor:
     """Uniform noise in [0, 1) drawn per sample from (seed, epoch, sample index, element index).
 
-    A counter-based hash (no generator state), so sample ``i``'s noise is the same whichever rank,
-    batch or position it lands in: random starts do not depend on sharding. Values are multiples of
-    ``2**-bits`` with ``bits = min(24, significand bits of dtype)``, hence exactly representable in
+    The values of ``cbd_fast.adversaries.per_sample_uniform`` (stream 0; the noise the purify loop
+    draws), so sample ``i``'s noise is the same whichever rank, batch or position it lands in: random
+    starts do not depend on sharding. Values are multiples of ``2**-bits`` with
+    ``bits = min(24, significand bits of dtype)`` (rounded down), hence exactly representable in
     ``dtype`` and strictly below 1.
 
     Args:
@@ -941,19 +931,13 @@ def per_sample_uniform(
     if indices.numel() and int(indices.min()) < 0:
         raise ValueError(f"indices must be >= 0; got min {int(indices.min())}")
     device = indices.device if device is None else torch.device(device)
-    numel = math.prod(int(s) for s in shape_per_sample)
-    idx = indices.to(device=device, dtype=torch.int64)
-    # 1. per-sample key from (seed, epoch, index): two 32-bit halves of the index
-    k = _key(int(seed), int(epoch))
-    h = _mix32((idx & _M32) ^ k)
-    h = _mix32(h ^ ((idx >> 32) & _M32))
-    # 2. per-element counter hashed with the sample key
-    j = torch.arange(numel, device=device, dtype=torch.int64)
-    bits = _mix32(_mix32(h[:, None] ^ j[None, :]) ^ 0x165667B1)
-    # 3. top `nbits` bits -> k / 2**nbits in [0, 1), exactly representable in dtype
+    shape = tuple(int(s) for s in shape_per_sample)
+    u = _sample_uniform(indices.to(device), shape, seed=int(seed), epoch=int(epoch))
+    # float32 multiples of 2**-24; keep the top `nbits` bits so the values are exact in dtype, < 1
     nbits = min(24, round(-math.log2(torch.finfo(dtype).eps)) + 1)
-    u = (bits >> (32 - nbits)).to(torch.float32) * (1.0 / (1 << nbits))
-    return u.to(dtype).reshape(len(indices), *shape_per_sample)
+    if nbits < 24:
+        u = torch.floor(u * float(1 << nbits)) * (1.0 / (1 << nbits))
+    return u.to(dtype)
 
 
 def per_sample_random_start(

@@ -9,10 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nt_xent_reference", "pgd_step_reference", "pgd_init_reference", "NORM_EPS"]
+__all__ = ["nt_xent_reference", "pgd_step_reference", "pgd_init_reference", "opmath_dtype", "NORM_EPS"]
 
 #: Rows are L2-normalised as ``x / max(||x||, NORM_EPS)`` (``F.normalize``): a zero row stays zero.
 NORM_EPS = 1e-12
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in for tensors of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def nt_xent_reference(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -28,7 +33,7 @@ def nt_xent_reference(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5
         ``(1/2N) * sum_i [ -s_{i,p(i)} + logsumexp_{j != i} s_ij ]`` with
         ``s_ij = <u_i, u_j> / tau``, ``u = [normalize(a); normalize(b)]`` and ``p(i) = i +- N``.
     """
-    compute = torch.float64 if a.dtype == torch.float64 else torch.float32
+    compute = opmath_dtype(a.dtype)
     n = a.shape[0]
     # 1. Cosine similarity: L2-normalise the 2N rows, then scaled dot products.
     #    The norms are taken in float64: the squares of float32 features beyond ~1e19 would overflow.
@@ -69,7 +74,7 @@ def pgd_step_reference(
     Returns:
         ``x_adv`` (the same tensor object).
     """
-    compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    compute = opmath_dtype(x_adv.dtype)
     xa, g, xc = x_adv.to(compute), grad.to(compute), x_clean.to(compute)
     # 1. Ascent step: sign(0) = 0, sign(NaN) = NaN (torch.sign alone maps NaN to 0).
     y = xa + step_size * torch.where(torch.isnan(g), g, torch.sign(g))
@@ -93,11 +98,14 @@ def pgd_init_reference(
     The noise is drawn in float32 on ``x_clean``'s device from ``generator`` (reproducible for a
     given generator state), added in float32, and rounded once to ``x_clean.dtype``.
     """
-    compute = torch.float64 if x_clean.dtype == torch.float64 else torch.float32
+    compute = opmath_dtype(x_clean.dtype)
     noise = torch.rand(x_clean.shape, generator=generator, device=x_clean.device, dtype=compute)
     y = x_clean.to(compute) + (2.0 * noise - 1.0) * epsilon
-    y = torch.clamp(torch.clamp(y, min=x_clean.to(compute) - epsilon,
-                                max=x_clean.to(compute) + epsilon), min=lower, max=upper)
+    y = torch.clamp(
+        torch.clamp(y, min=x_clean.to(compute) - epsilon, max=x_clean.to(compute) + epsilon),
+        min=lower,
+        max=upper,
+    )
     return y.to(x_clean.dtype).contiguous(memory_format=_memory_format(x_clean))
 
 

@@ -230,12 +230,12 @@ class OriginalAnchor(CleanTerm):
     ``z0 = f_0(x)``: clean features stay where the original head reads them (norms included: the
     head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins for triggered
     ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
-    ``pull_ratio`` (class attribute, 0.2; ``config.extra["pull_ratio"]`` when the config has that
+    ``pull_ratio`` (class attribute, 0.3; ``config.extra["pull_ratio"]`` when the config has that
     dict) weighs the adversarial half against the clean half.
     """
 
     needs_reference = True
-    pull_ratio: ClassVar[float] = 0.2
+    pull_ratio: ClassVar[float] = 0.3  # measured: 0.3 vs 0.2/0.5 (scripts/research/log.md)
 
     def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
         assert inp.reference_features is not None

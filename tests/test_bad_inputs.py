@@ -30,7 +30,7 @@ from torch import nn
 
 import cbd_fast
 from cbd_fast import checkpoint as ckpt
-from cbd_fast import cli
+from cbd_fast import cli, diagnostics
 from cbd_fast.attack import contrastive_pgd
 from cbd_fast.backends import backend_status
 from cbd_fast.config import PurifyConfig
@@ -59,7 +59,11 @@ class Case:
 
 
 def _f(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
-    return torch.rand(*shape, dtype=dtype, device=device) if device != "meta" else torch.empty(*shape, device=device)
+    return (
+        torch.rand(*shape, dtype=dtype, device=device)
+        if device != "meta"
+        else torch.empty(*shape, device=device)
+    )
 
 
 def _pgd(**kw: Any) -> Callable[[str], object]:
@@ -71,8 +75,14 @@ def _pgd(**kw: Any) -> Callable[[str], object]:
         scal = {"step_size": 2 / 255, "epsilon": 8 / 255, "lower": 0.0, "upper": 1.0}
         scal.update({k: v for k, v in kw.items() if k in scal})
         return pgd_step(
-            args["x_adv"], args["grad"], args["x_clean"], scal["step_size"], scal["epsilon"],
-            lower=scal["lower"], upper=scal["upper"], backend=backend,
+            args["x_adv"],
+            args["grad"],
+            args["x_clean"],
+            scal["step_size"],
+            scal["epsilon"],
+            lower=scal["lower"],
+            upper=scal["upper"],
+            backend=backend,
         )
 
     return call
@@ -126,62 +136,292 @@ def _attack(encoder: nn.Module | None = None, **kw: Any) -> Callable[[str], obje
 
 OP_CASES = [
     # -- nt_xent: ranks and shapes
-    Case("nt_xent 1-D a", lambda bk: nt_xent(_f(8), _f(8), backend=bk), ValueError, ("a must be 2-D", "1-D", "(8,)")),
-    Case("nt_xent 3-D b", lambda bk: nt_xent(_f(4, 8), _f(4, 8, 1), backend=bk), ValueError, ("b must be 2-D", "(4, 8, 1)")),
-    Case("nt_xent shapes differ", lambda bk: nt_xent(_f(4, 8), _f(4, 9), backend=bk), ValueError, ("b must have a's shape", "(4, 9)")),
-    Case("nt_xent one row (no negative)", lambda bk: nt_xent(_f(1, 8), _f(1, 8), backend=bk), ValueError, ("N >= 2", "N=1")),
-    Case("nt_xent zero features", lambda bk: nt_xent(_f(4, 0), _f(4, 0), backend=bk), ValueError, ("D >= 1", "D=0")),
-    Case("nt_xent empty batch", lambda bk: nt_xent(_f(0, 8), _f(0, 8), backend=bk), ValueError, ("N >= 2", "N=0")),
+    Case(
+        "nt_xent 1-D a",
+        lambda bk: nt_xent(_f(8), _f(8), backend=bk),
+        ValueError,
+        ("a must be 2-D", "1-D", "(8,)"),
+    ),
+    Case(
+        "nt_xent 3-D b",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8, 1), backend=bk),
+        ValueError,
+        ("b must be 2-D", "(4, 8, 1)"),
+    ),
+    Case(
+        "nt_xent shapes differ",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 9), backend=bk),
+        ValueError,
+        ("b must have a's shape", "(4, 9)"),
+    ),
+    Case(
+        "nt_xent one row (no negative)",
+        lambda bk: nt_xent(_f(1, 8), _f(1, 8), backend=bk),
+        ValueError,
+        ("N >= 2", "N=1"),
+    ),
+    Case(
+        "nt_xent zero features",
+        lambda bk: nt_xent(_f(4, 0), _f(4, 0), backend=bk),
+        ValueError,
+        ("D >= 1", "D=0"),
+    ),
+    Case(
+        "nt_xent empty batch",
+        lambda bk: nt_xent(_f(0, 8), _f(0, 8), backend=bk),
+        ValueError,
+        ("N >= 2", "N=0"),
+    ),
     # -- nt_xent: dtypes and devices
-    Case("nt_xent dtypes differ", lambda bk: nt_xent(_f(4, 8), _f(4, 8, dtype=torch.float64), backend=bk), TypeError, ("b must have a's dtype", "torch.float64")),
-    Case("nt_xent integer tensor", lambda bk: nt_xent(torch.ones(4, 8, dtype=torch.int64), _f(4, 8), backend=bk), TypeError, ("a must be", "torch.int64")),
-    Case("nt_xent complex tensor", lambda bk: nt_xent(_f(4, 8), torch.ones(4, 8, dtype=torch.complex64), backend=bk), TypeError, ("b must be", "torch.complex64")),
-    Case("nt_xent bool tensor", lambda bk: nt_xent(torch.ones(4, 8, dtype=torch.bool), _f(4, 8), backend=bk), TypeError, ("a must be", "torch.bool")),
-    Case("nt_xent devices differ (meta)", lambda bk: nt_xent(_f(4, 8), _f(4, 8, device="meta"), backend=bk), ValueError, ("same device", "cpu", "meta")),
-    Case("nt_xent not a tensor", lambda bk: nt_xent([[0.0] * 8] * 4, _f(4, 8), backend=bk), TypeError, ("a must be a torch.Tensor", "list")),
-    Case("nt_xent float64 on triton", lambda bk: nt_xent(_f(4, 8, dtype=torch.float64), _f(4, 8, dtype=torch.float64), backend=bk), TypeError, ("backend 'triton'", "torch.float64"), ("triton",)),
+    Case(
+        "nt_xent dtypes differ",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8, dtype=torch.float64), backend=bk),
+        TypeError,
+        ("b must have a's dtype", "torch.float64"),
+    ),
+    Case(
+        "nt_xent integer tensor",
+        lambda bk: nt_xent(torch.ones(4, 8, dtype=torch.int64), _f(4, 8), backend=bk),
+        TypeError,
+        ("a must be", "torch.int64"),
+    ),
+    Case(
+        "nt_xent complex tensor",
+        lambda bk: nt_xent(_f(4, 8), torch.ones(4, 8, dtype=torch.complex64), backend=bk),
+        TypeError,
+        ("b must be", "torch.complex64"),
+    ),
+    Case(
+        "nt_xent bool tensor",
+        lambda bk: nt_xent(torch.ones(4, 8, dtype=torch.bool), _f(4, 8), backend=bk),
+        TypeError,
+        ("a must be", "torch.bool"),
+    ),
+    Case(
+        "nt_xent devices differ (meta)",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8, device="meta"), backend=bk),
+        ValueError,
+        ("same device", "cpu", "meta"),
+    ),
+    Case(
+        "nt_xent not a tensor",
+        lambda bk: nt_xent([[0.0] * 8] * 4, _f(4, 8), backend=bk),
+        TypeError,
+        ("a must be a torch.Tensor", "list"),
+    ),
+    Case(
+        "nt_xent float64 on triton",
+        lambda bk: nt_xent(_f(4, 8, dtype=torch.float64), _f(4, 8, dtype=torch.float64), backend=bk),
+        TypeError,
+        ("backend 'triton'", "torch.float64"),
+        ("triton",),
+    ),
     # -- nt_xent: hyper-parameters
-    Case("nt_xent temperature 0", lambda bk: nt_xent(_f(4, 8), _f(4, 8), 0.0, backend=bk), ValueError, ("temperature must be finite and > 0", "0.0")),
-    Case("nt_xent temperature negative", lambda bk: nt_xent(_f(4, 8), _f(4, 8), -0.5, backend=bk), ValueError, ("temperature", "-0.5")),
-    Case("nt_xent temperature NaN", lambda bk: nt_xent(_f(4, 8), _f(4, 8), float("nan"), backend=bk), ValueError, ("temperature", "nan")),
-    Case("nt_xent temperature inf", lambda bk: nt_xent(_f(4, 8), _f(4, 8), float("inf"), backend=bk), ValueError, ("temperature", "inf")),
-    Case("nt_xent temperature string", lambda bk: nt_xent(_f(4, 8), _f(4, 8), "0.5", backend=bk), TypeError, ("temperature must be a real number", "'0.5'")),
-    Case("nt_xent temperature tensor", lambda bk: nt_xent(_f(4, 8), _f(4, 8), torch.tensor([0.5, 0.5]), backend=bk), TypeError, ("temperature", "Tensor")),
-    Case("NTXentLoss temperature 0", lambda bk: NTXentLoss(temperature=0, backend=bk), ValueError, ("temperature", "0")),
+    Case(
+        "nt_xent temperature 0",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), 0.0, backend=bk),
+        ValueError,
+        ("temperature must be finite and > 0", "0.0"),
+    ),
+    Case(
+        "nt_xent temperature negative",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), -0.5, backend=bk),
+        ValueError,
+        ("temperature", "-0.5"),
+    ),
+    Case(
+        "nt_xent temperature NaN",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), float("nan"), backend=bk),
+        ValueError,
+        ("temperature", "nan"),
+    ),
+    Case(
+        "nt_xent temperature inf",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), float("inf"), backend=bk),
+        ValueError,
+        ("temperature", "inf"),
+    ),
+    Case(
+        "nt_xent temperature string",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), "0.5", backend=bk),
+        TypeError,
+        ("temperature must be a real number", "'0.5'"),
+    ),
+    Case(
+        "nt_xent temperature tensor",
+        lambda bk: nt_xent(_f(4, 8), _f(4, 8), torch.tensor([0.5, 0.5]), backend=bk),
+        TypeError,
+        ("temperature", "Tensor"),
+    ),
+    Case(
+        "NTXentLoss temperature 0",
+        lambda bk: NTXentLoss(temperature=0, backend=bk),
+        ValueError,
+        ("temperature", "0"),
+    ),
     # -- pgd_step (in place): shapes, dtypes, devices, layouts
-    Case("pgd_step grad shape", _pgd(grad=torch.randn(2, 3, 4, 5)), ValueError, ("grad must have x_adv's shape", "(2, 3, 4, 5)")),
-    Case("pgd_step x_clean dtype", _pgd(x_clean=_f(2, 3, 4, 4, dtype=torch.float16)), TypeError, ("x_clean must have x_adv's dtype", "torch.float16")),
-    Case("pgd_step x_clean on meta", _pgd(x_clean=_f(2, 3, 4, 4, device="meta")), ValueError, ("x_clean must be on x_adv's device", "meta")),
-    Case("pgd_step integer x_adv", _pgd(x_adv=torch.zeros(2, 3, 4, 4, dtype=torch.int32)), TypeError, ("x_adv must be", "torch.int32")),
-    Case("pgd_step uint8 images", _pgd(x_adv=torch.zeros(2, 3, 4, 4, dtype=torch.uint8)), TypeError, ("x_adv must be", "torch.uint8")),
-    Case("pgd_step complex grad", _pgd(grad=torch.zeros(2, 3, 4, 4, dtype=torch.complex64)), TypeError, ("grad must be", "torch.complex64")),
-    Case("pgd_step non-contiguous x_adv", _pgd(x_adv=_f(2, 3, 4, 8)[..., ::2], grad=torch.randn(2, 3, 4, 8)[..., ::2], x_clean=_f(2, 3, 4, 8)[..., ::2]), ValueError, ("x_adv must be dense", "strides (96, 32, 8, 2)")),
-    Case("pgd_step expanded (overlapping) x_adv", _pgd(x_adv=_f(1, 3, 4, 4).expand(2, 3, 4, 4)), ValueError, ("x_adv must be dense and non-overlapping", "(0, 16, 4, 1)")),
-    Case("pgd_step x_adv overlaps grad", _pgd(x_adv=_OV_X, grad=_OV_G), ValueError, ("x_adv partially overlaps grad",)),
-    Case("pgd_step layouts differ", _pgd(grad=torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)), ValueError, ("grad must have x_adv's memory layout", "(48, 1, 12, 3)")),
-    Case("pgd_step not a tensor", _pgd(grad=np.zeros((2, 3, 4, 4), np.float32)), TypeError, ("grad must be a torch.Tensor", "ndarray")),
+    Case(
+        "pgd_step grad shape",
+        _pgd(grad=torch.randn(2, 3, 4, 5)),
+        ValueError,
+        ("grad must have x_adv's shape", "(2, 3, 4, 5)"),
+    ),
+    Case(
+        "pgd_step x_clean dtype",
+        _pgd(x_clean=_f(2, 3, 4, 4, dtype=torch.float16)),
+        TypeError,
+        ("x_clean must have x_adv's dtype", "torch.float16"),
+    ),
+    Case(
+        "pgd_step x_clean on meta",
+        _pgd(x_clean=_f(2, 3, 4, 4, device="meta")),
+        ValueError,
+        ("x_clean must be on x_adv's device", "meta"),
+    ),
+    Case(
+        "pgd_step integer x_adv",
+        _pgd(x_adv=torch.zeros(2, 3, 4, 4, dtype=torch.int32)),
+        TypeError,
+        ("x_adv must be", "torch.int32"),
+    ),
+    Case(
+        "pgd_step uint8 images",
+        _pgd(x_adv=torch.zeros(2, 3, 4, 4, dtype=torch.uint8)),
+        TypeError,
+        ("x_adv must be", "torch.uint8"),
+    ),
+    Case(
+        "pgd_step complex grad",
+        _pgd(grad=torch.zeros(2, 3, 4, 4, dtype=torch.complex64)),
+        TypeError,
+        ("grad must be", "torch.complex64"),
+    ),
+    Case(
+        "pgd_step non-contiguous x_adv",
+        _pgd(
+            x_adv=_f(2, 3, 4, 8)[..., ::2],
+            grad=torch.randn(2, 3, 4, 8)[..., ::2],
+            x_clean=_f(2, 3, 4, 8)[..., ::2],
+        ),
+        ValueError,
+        ("x_adv must be dense", "strides (96, 32, 8, 2)"),
+    ),
+    Case(
+        "pgd_step expanded (overlapping) x_adv",
+        _pgd(x_adv=_f(1, 3, 4, 4).expand(2, 3, 4, 4)),
+        ValueError,
+        ("x_adv must be dense and non-overlapping", "(0, 16, 4, 1)"),
+    ),
+    Case(
+        "pgd_step x_adv overlaps grad",
+        _pgd(x_adv=_OV_X, grad=_OV_G),
+        ValueError,
+        ("x_adv partially overlaps grad",),
+    ),
+    Case(
+        "pgd_step layouts differ",
+        _pgd(grad=torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)),
+        ValueError,
+        ("grad must have x_adv's memory layout", "(48, 1, 12, 3)"),
+    ),
+    Case(
+        "pgd_step not a tensor",
+        _pgd(grad=np.zeros((2, 3, 4, 4), np.float32)),
+        TypeError,
+        ("grad must be a torch.Tensor", "ndarray"),
+    ),
     # -- pgd_step: scalars
     Case("pgd_step negative epsilon", _pgd(epsilon=-0.1), ValueError, ("epsilon must be >= 0", "-0.1")),
-    Case("pgd_step NaN step_size", _pgd(step_size=float("nan")), ValueError, ("step_size must be finite", "nan")),
+    Case(
+        "pgd_step NaN step_size",
+        _pgd(step_size=float("nan")),
+        ValueError,
+        ("step_size must be finite", "nan"),
+    ),
     Case("pgd_step negative step_size", _pgd(step_size=-1.0), ValueError, ("step_size must be >= 0", "-1.0")),
     Case("pgd_step bool epsilon", _pgd(epsilon=True), TypeError, ("epsilon must be a real number", "True")),
-    Case("pgd_step lower > upper", _pgd(lower=1.0, upper=0.0), ValueError, ("lower must be <= upper", "lower=1.0", "upper=0.0")),
+    Case(
+        "pgd_step lower > upper",
+        _pgd(lower=1.0, upper=0.0),
+        ValueError,
+        ("lower must be <= upper", "lower=1.0", "upper=0.0"),
+    ),
     Case("pgd_step infinite upper", _pgd(upper=float("inf")), ValueError, ("upper must be finite", "inf")),
     # -- pgd_init
-    Case("pgd_init negative epsilon", lambda bk: pgd_init(_f(2, 3), -1.0), ValueError, ("epsilon must be >= 0", "-1.0")),
-    Case("pgd_init integer images", lambda bk: pgd_init(torch.zeros(2, 3, dtype=torch.uint8), 0.1), TypeError, ("x_clean must be", "torch.uint8")),
-    Case("pgd_init generator of wrong type", lambda bk: pgd_init(_f(2, 3), 0.1, generator=0), TypeError, ("generator must be a torch.Generator", "int")),
+    Case(
+        "pgd_init negative epsilon",
+        lambda bk: pgd_init(_f(2, 3), -1.0),
+        ValueError,
+        ("epsilon must be >= 0", "-1.0"),
+    ),
+    Case(
+        "pgd_init integer images",
+        lambda bk: pgd_init(torch.zeros(2, 3, dtype=torch.uint8), 0.1),
+        TypeError,
+        ("x_clean must be", "torch.uint8"),
+    ),
+    Case(
+        "pgd_init generator of wrong type",
+        lambda bk: pgd_init(_f(2, 3), 0.1, generator=0),
+        TypeError,
+        ("generator must be a torch.Generator", "int"),
+    ),
     # -- contrastive_pgd
-    Case("attack: encoder is a function", lambda bk: _attack(encoder=lambda x: x)(bk), TypeError, ("encoder must be a torch.nn.Module", "function")),
-    Case("attack: encoder returns a tuple", lambda bk: _attack(encoder=_Enc("tuple"))(bk), TypeError, ("the encoder returned tuple",)),
-    Case("attack: encoder returns a dict", lambda bk: _attack(encoder=_Enc("dict"))(bk), TypeError, ("the encoder returned dict",)),
-    Case("attack: integer images", lambda bk: _attack(x=torch.zeros(4, 1, 6, 6, dtype=torch.uint8))(bk), TypeError, ("x must be a float tensor", "torch.uint8")),
-    Case("attack: anchors batch differs", lambda bk: _attack(clean_features=torch.randn(3, 16))(bk), ValueError, ("clean_features must have x's batch size 4", "(3, 16)")),
-    Case("attack: anchors on meta", lambda bk: _attack(clean_features=torch.empty(4, 16, device="meta"))(bk), ValueError, ("clean_features must be on x's device", "meta")),
-    Case("attack: negative steps", lambda bk: _attack(steps=-1)(bk), ValueError, ("steps must be an int >= 0", "-1")),
+    Case(
+        "attack: encoder is a function",
+        lambda bk: _attack(encoder=lambda x: x)(bk),
+        TypeError,
+        ("encoder must be a torch.nn.Module", "function"),
+    ),
+    Case(
+        "attack: encoder returns a tuple",
+        lambda bk: _attack(encoder=_Enc("tuple"))(bk),
+        TypeError,
+        ("the encoder returned tuple",),
+    ),
+    Case(
+        "attack: encoder returns a dict",
+        lambda bk: _attack(encoder=_Enc("dict"))(bk),
+        TypeError,
+        ("the encoder returned dict",),
+    ),
+    Case(
+        "attack: integer images",
+        lambda bk: _attack(x=torch.zeros(4, 1, 6, 6, dtype=torch.uint8))(bk),
+        TypeError,
+        ("x must be a float tensor", "torch.uint8"),
+    ),
+    Case(
+        "attack: anchors batch differs",
+        lambda bk: _attack(clean_features=torch.randn(3, 16))(bk),
+        ValueError,
+        ("clean_features must have x's batch size 4", "(3, 16)"),
+    ),
+    Case(
+        "attack: anchors on meta",
+        lambda bk: _attack(clean_features=torch.empty(4, 16, device="meta"))(bk),
+        ValueError,
+        ("clean_features must be on x's device", "meta"),
+    ),
+    Case(
+        "attack: negative steps",
+        lambda bk: _attack(steps=-1)(bk),
+        ValueError,
+        ("steps must be an int >= 0", "-1"),
+    ),
     Case("attack: float steps", lambda bk: _attack(steps=2.5)(bk), ValueError, ("steps", "2.5")),
-    Case("attack: temperature 0", lambda bk: _attack(temperature=0.0)(bk), ValueError, ("temperature must be > 0", "0.0")),
-    Case("attack: x_init shape", lambda bk: _attack(x_init=_f(4, 1, 6, 5))(bk), ValueError, ("x_init must match x", "(4, 1, 6, 5)")),
+    Case(
+        "attack: temperature 0",
+        lambda bk: _attack(temperature=0.0)(bk),
+        ValueError,
+        ("temperature must be > 0", "0.0"),
+    ),
+    Case(
+        "attack: x_init shape",
+        lambda bk: _attack(x_init=_f(4, 1, 6, 5))(bk),
+        ValueError,
+        ("x_init must match x", "(4, 1, 6, 5)"),
+    ),
 ]
 
 
@@ -203,7 +443,7 @@ def _assert_raises(case: Case, arg: Any) -> None:
     assert not missing, f"{case.name}: message {message!r} lacks {missing}"
 
 
-# ---- purify / Purifier / PurifyConfig / checkpoints ---------------------------------------------------------
+# ---- purify / Purifier / PurifyConfig / checkpoints ------------------------------------------------------
 
 FAST = {"epochs": 1, "batch_size": 4, "steps": 1, "progress": False, "clean_term": "none"}
 
@@ -249,7 +489,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
 def _purify(data: Any = None, encoder: nn.Module | None = None, **kw: Any) -> Callable[[Env], object]:
     def call(e: Env) -> object:
         args = {**FAST, **{k: (v(e) if callable(v) else v) for k, v in kw.items()}}
-        return cbd_fast.purify(encoder if encoder is not None else _Enc(), _images() if data is None else data, **args)
+        return cbd_fast.purify(
+            encoder if encoder is not None else _Enc(), _images() if data is None else data, **args
+        )
 
     return call
 
@@ -275,31 +517,131 @@ def _nan_at(n: int, i: int) -> torch.Tensor:
 
 API_CASES = [
     # -- data
-    Case("purify: empty data", _purify(torch.empty(0, 1, 6, 6)), ValueError, ("data must be non-empty", "(0, 1, 6, 6)")),
+    Case(
+        "purify: empty data",
+        _purify(torch.empty(0, 1, 6, 6)),
+        ValueError,
+        ("data must be non-empty", "(0, 1, 6, 6)"),
+    ),
     Case("purify: a single image", _purify(_images(1)), ValueError, ("at least 2 images", "got 1")),
-    Case("purify: NaN image", _purify(_nan_at(8, 3)), ValueError, ("data contain NaN/Inf value(s)", "1 in images 0..7")),
-    Case("purify: Inf image", _purify(torch.where(_images() > 0.5, float("inf"), 0.0)), ValueError, ("data contain", "NaN/Inf")),
-    Case("purify: values outside [0, 1]", _purify(_images() * 255), ValueError, ("data must be in [0, 1]", "max 2")),
-    Case("purify: 3-D images", _purify(torch.rand(8, 6, 6)), ValueError, ("data must be 4-D [N, C, H, W]", "(8, 6, 6)")),
-    Case("purify: int32 images", _purify(torch.zeros(8, 1, 6, 6, dtype=torch.int32)), TypeError, ("data must be float in [0, 1] or uint8", "torch.int32")),
-    Case("purify: complex images", _purify(torch.zeros(8, 1, 6, 6, dtype=torch.complex64)), TypeError, ("data must be float", "torch.complex64")),
+    Case(
+        "purify: NaN image",
+        _purify(_nan_at(8, 3)),
+        ValueError,
+        ("data contain NaN/Inf value(s)", "1 in images 0..7"),
+    ),
+    Case(
+        "purify: Inf image",
+        _purify(torch.where(_images() > 0.5, float("inf"), 0.0)),
+        ValueError,
+        ("data contain", "NaN/Inf"),
+    ),
+    Case(
+        "purify: values outside [0, 1]",
+        _purify(_images() * 255),
+        ValueError,
+        ("data must be in [0, 1]", "max 2"),
+    ),
+    Case(
+        "purify: 3-D images",
+        _purify(torch.rand(8, 6, 6)),
+        ValueError,
+        ("data must be 4-D [N, C, H, W]", "(8, 6, 6)"),
+    ),
+    Case(
+        "purify: int32 images",
+        _purify(torch.zeros(8, 1, 6, 6, dtype=torch.int32)),
+        TypeError,
+        ("data must be float in [0, 1] or uint8", "torch.int32"),
+    ),
+    Case(
+        "purify: complex images",
+        _purify(torch.zeros(8, 1, 6, 6, dtype=torch.complex64)),
+        TypeError,
+        ("data must be float", "torch.complex64"),
+    ),
     Case("purify: data is a string", _purify("images/"), TypeError, ("data must be a Tensor", "str")),
-    Case("purify: dataset of strings", _purify(_ListData(["a.png"] * 8)), TypeError, ("dataset item 0 must be an image tensor", "str")),
-    Case("purify: dataset dict without 'image'", _purify(_ListData([{"img": _images(1)[0]}] * 8)), ValueError, ("without an 'image' key", "['img']")),
-    Case("purify: dataset with a NaN in batch 1", _purify(_ListData(list(_nan_at(8, 6))), batch_size=4), ValueError, ("data batch", "of epoch 1", "NaN/Inf")),
+    Case(
+        "purify: dataset of strings",
+        _purify(_ListData(["a.png"] * 8)),
+        TypeError,
+        ("dataset item 0 must be an image tensor", "str"),
+    ),
+    Case(
+        "purify: dataset dict without 'image'",
+        _purify(_ListData([{"img": _images(1)[0]}] * 8)),
+        ValueError,
+        ("without an 'image' key", "['img']"),
+    ),
+    Case(
+        "purify: dataset with a NaN in batch 1",
+        _purify(_ListData(list(_nan_at(8, 6))), batch_size=4),
+        ValueError,
+        ("data batch", "of epoch 1", "NaN/Inf"),
+    ),
     # -- encoders
-    Case("purify: encoder returns NaN", _purify(encoder=_Enc("nan")), ValueError, ("non-finite features (NaN/Inf)",)),
+    Case(
+        "purify: encoder returns NaN",
+        _purify(encoder=_Enc("nan")),
+        ValueError,
+        ("non-finite features (NaN/Inf)",),
+    ),
     Case("purify: encoder returns Inf", _purify(encoder=_Enc("inf")), ValueError, ("non-finite features",)),
-    Case("purify: encoder returns a tuple", _purify(encoder=_Enc("tuple")), TypeError, ("must return a Tensor of features", "got a tuple", "feature_fn")),
-    Case("purify: encoder returns a dict", _purify(encoder=_Enc("dict")), TypeError, ("must return a Tensor of features", "got a dict")),
-    Case("purify: encoder returns integers", _purify(encoder=_Enc("int")), TypeError, ("features must be floating point", "torch.int64")),
-    Case("purify: encoder returns a scalar", _purify(encoder=_Enc("scalar")), ValueError, ("batch size 4 first", "()")),
-    Case("purify: encoder is not a module", _purify(encoder=torch.nn.functional.relu), TypeError, ("encoder must be a torch.nn.Module", "function")),
-    Case("purify: encoder without parameters", _purify(encoder=nn.Flatten()), ValueError, ("no floating-point parameters",)),
+    Case(
+        "purify: encoder returns a tuple",
+        _purify(encoder=_Enc("tuple")),
+        TypeError,
+        ("must return a Tensor of features", "got a tuple", "feature_fn"),
+    ),
+    Case(
+        "purify: encoder returns a dict",
+        _purify(encoder=_Enc("dict")),
+        TypeError,
+        ("must return a Tensor of features", "got a dict"),
+    ),
+    Case(
+        "purify: encoder returns integers",
+        _purify(encoder=_Enc("int")),
+        TypeError,
+        ("features must be floating point", "torch.int64"),
+    ),
+    Case(
+        "purify: encoder returns a scalar",
+        _purify(encoder=_Enc("scalar")),
+        ValueError,
+        ("batch size 4 first", "()"),
+    ),
+    Case(
+        "purify: encoder is not a module",
+        _purify(encoder=torch.nn.functional.relu),
+        TypeError,
+        ("encoder must be a torch.nn.Module", "function"),
+    ),
+    Case(
+        "purify: encoder without parameters",
+        _purify(encoder=nn.Flatten()),
+        ValueError,
+        ("no floating-point parameters",),
+    ),
     # -- config
-    Case("config: unknown key", _purify(epohcs=3), TypeError, ("unknown PurifyConfig field(s) 'epohcs'", "valid fields: epsilon")),
-    Case("config: unknown dict key", lambda e: cbd_fast.Purifier({"learning_rate": 0.1}), TypeError, ("'learning_rate'", "valid fields")),
-    Case("config: negative epsilon", lambda e: PurifyConfig(epsilon=-0.1).validate(), ValueError, ("epsilon must be >= 0", "-0.1")),
+    Case(
+        "config: unknown key",
+        _purify(epohcs=3),
+        TypeError,
+        ("unknown PurifyConfig field(s) 'epohcs'", "valid fields: epsilon"),
+    ),
+    Case(
+        "config: unknown dict key",
+        lambda e: cbd_fast.Purifier({"learning_rate": 0.1}),
+        TypeError,
+        ("'learning_rate'", "valid fields"),
+    ),
+    Case(
+        "config: negative epsilon",
+        lambda e: PurifyConfig(epsilon=-0.1).validate(),
+        ValueError,
+        ("epsilon must be >= 0", "-0.1"),
+    ),
     Case("config: batch_size 1", _purify(batch_size=1), ValueError, ("batch_size must be >= 2", "got 1")),
     Case("config: epochs 0", _purify(epochs=0), ValueError, ("epochs must be >= 1", "got 0")),
     Case("config: temperature 0", _purify(temperature=0), ValueError, ("temperature must be > 0", "got 0")),
@@ -307,18 +649,75 @@ API_CASES = [
     Case("config: momentum 1", _purify(momentum=1.0), ValueError, ("momentum must be in [0, 1)", "1.0")),
     Case("config: steps 2.5", _purify(steps=2.5), TypeError, ("steps must be an integer", "2.5")),
     Case("config: epochs as string", _purify(epochs="3"), TypeError, ("epochs must be an integer", "'3'")),
-    Case("config: unknown optimizer", _purify(optimizer="rmsprop"), ValueError, ("optimizer must be one of", "'rmsprop'")),
-    Case("config: unknown backend", _purify(backend="cudnn"), ValueError, ("backend must be None or one of", "'cudnn'")),
-    Case("config: unknown clean term", _purify(clean_term="l2"), ValueError, ("clean_term must be one of", "'l2'")),
+    Case(
+        "config: unknown optimizer",
+        _purify(optimizer="rmsprop"),
+        ValueError,
+        ("optimizer must be one of", "'rmsprop'"),
+    ),
+    Case(
+        "config: unknown backend",
+        _purify(backend="cudnn"),
+        ValueError,
+        ("backend must be None or one of", "'cudnn'"),
+    ),
+    Case(
+        "config: unknown clean term",
+        _purify(clean_term="l2"),
+        ValueError,
+        ("clean_term must be one of", "'l2'"),
+    ),
     Case("config: bad device string", _purify(device="gpu0"), ValueError, ("device must be", "'gpu0'")),
-    Case("config: resume without a directory", _purify(resume=True), ValueError, ("resume=True needs checkpoint_dir", "None")),
-    Case("config: wrong config object", lambda e: cbd_fast.Purifier(config=[("epochs", 1)]), TypeError, ("config must be a PurifyConfig", "list")),
+    Case(
+        "config: resume without a directory",
+        _purify(resume=True),
+        ValueError,
+        ("resume=True needs checkpoint_dir", "None"),
+    ),
+    Case(
+        "config: wrong config object",
+        lambda e: cbd_fast.Purifier(config=[("epochs", 1)]),
+        TypeError,
+        ("config must be a PurifyConfig", "list"),
+    ),
     # -- checkpoints
-    Case("resume: checkpoint of another model", _purify(checkpoint_dir=lambda e: str(e.other_model), resume=True), ckpt.CheckpointError, ("was written for another model", "purify-epoch0001.ckpt", "fingerprint")),
-    Case("resume: corrupted checkpoint", _purify(checkpoint_dir=lambda e: str(e.corrupt), resume=True), ckpt.CheckpointError, ("no usable checkpoint in", "corrupt", "checksum mismatch", "purify-epoch0001.ckpt")),
-    Case("resume: truncated checkpoint", _purify(checkpoint_dir=lambda e: str(e.truncated), resume=True), ckpt.CheckpointError, ("corrupt or truncated", "purify-epoch0001.ckpt")),
-    Case("load_checkpoint: not a checkpoint", lambda e: ckpt.load_checkpoint(e.garbage), ckpt.CheckpointError, ("is not a cbd_fast checkpoint", "garbage.ckpt")),
-    Case("save_checkpoint: keep 0", lambda e: ckpt.save_checkpoint(e.tmp / "k", 1, {}, keep=0), ValueError, ("keep must be >= 1", "got 0")),
+    Case(
+        "resume: checkpoint of another model",
+        _purify(checkpoint_dir=lambda e: str(e.other_model), resume=True),
+        ckpt.CheckpointError,
+        ("was written for another model", "purify-epoch0001.ckpt", "fingerprint"),
+    ),
+    Case(
+        "resume: corrupted checkpoint",
+        _purify(checkpoint_dir=lambda e: str(e.corrupt), resume=True),
+        ckpt.CheckpointError,
+        ("no usable checkpoint in", "corrupt", "checksum mismatch", "purify-epoch0001.ckpt"),
+    ),
+    Case(
+        "resume: truncated checkpoint",
+        _purify(checkpoint_dir=lambda e: str(e.truncated), resume=True),
+        ckpt.CheckpointError,
+        ("corrupt or truncated", "purify-epoch0001.ckpt"),
+    ),
+    # -- evaluation helpers
+    Case(
+        "diagnostics: a single image",
+        lambda e: diagnostics.contrastive_adversaries(_Enc(), _images(1), steps=1),
+        ValueError,
+        ("images and batch_size must be >= 2", "got 1, 256"),
+    ),
+    Case(
+        "load_checkpoint: not a checkpoint",
+        lambda e: ckpt.load_checkpoint(e.garbage),
+        ckpt.CheckpointError,
+        ("is not a cbd_fast checkpoint", "garbage.ckpt"),
+    ),
+    Case(
+        "save_checkpoint: keep 0",
+        lambda e: ckpt.save_checkpoint(e.tmp / "k", 1, {}, keep=0),
+        ValueError,
+        ("keep must be >= 1", "got 0"),
+    ),
 ]
 
 
@@ -336,7 +735,7 @@ def test_resume_from_another_model_leaves_its_checkpoint_intact(env: Env) -> Non
     assert path.read_bytes() == before and [p for _, p in ckpt.list_checkpoints(env.other_model)] == [path]
 
 
-# ---- the CLI --------------------------------------------------------------------------------------------------
+# ---- the CLI ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -372,8 +771,19 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _cli(*extra: Any, data: str = "x") -> Callable[[dict[str, Path]], list[str]]:
     def argv(f: dict[str, Path]) -> list[str]:
         out = [
-            "purify", "--model", str(f["model"]), "--data", str(f[data]), "--out", str(f["dir"] / "out.pt"),
-            "--set", "epochs=1", "--set", "steps=1", "--set", "batch_size=4",
+            "purify",
+            "--model",
+            str(f["model"]),
+            "--data",
+            str(f[data]),
+            "--out",
+            str(f["dir"] / "out.pt"),
+            "--set",
+            "epochs=1",
+            "--set",
+            "steps=1",
+            "--set",
+            "batch_size=4",
         ]
         return out + [str(a(f) if callable(a) else a) for a in extra]
 
@@ -381,23 +791,61 @@ def _cli(*extra: Any, data: str = "x") -> Callable[[dict[str, Path]], list[str]]
 
 
 CLI_CASES = [
-    CliCase("cli: --set epochs=0", _cli("--set", "epochs=0"), 1, ("invalid config", "epochs must be >= 1", "got 0")),
-    CliCase("cli: --set batch_size=1", _cli("--set", "batch_size=1"), 1, ("batch_size must be >= 2", "got 1")),
-    CliCase("cli: --set temperature=0", _cli("--set", "temperature=0"), 1, ("temperature must be > 0", "got 0")),
-    CliCase("cli: --set optimizer=rmsprop", _cli("--set", "optimizer=rmsprop"), 1, ("optimizer must be one of", "'rmsprop'")),
+    CliCase(
+        "cli: --set epochs=0",
+        _cli("--set", "epochs=0"),
+        1,
+        ("invalid config", "epochs must be >= 1", "got 0"),
+    ),
+    CliCase(
+        "cli: --set batch_size=1", _cli("--set", "batch_size=1"), 1, ("batch_size must be >= 2", "got 1")
+    ),
+    CliCase(
+        "cli: --set temperature=0", _cli("--set", "temperature=0"), 1, ("temperature must be > 0", "got 0")
+    ),
+    CliCase(
+        "cli: --set optimizer=rmsprop",
+        _cli("--set", "optimizer=rmsprop"),
+        1,
+        ("optimizer must be one of", "'rmsprop'"),
+    ),
     CliCase("cli: --set without '='", _cli("--set", "epochs"), 2, ("--set expects key=value", "'epochs'")),
     CliCase("cli: --set 8/0", _cli("--set", "epsilon=8/0"), 2, ("division by zero", "'8/0'")),
-    CliCase("cli: NaN epsilon from a config file", _cli("--config", lambda f: f["nan_cfg"]), 1, ("epsilon must be finite", "nan")),
-    CliCase("cli: broken YAML", _cli("--config", lambda f: f["broken"]), 1, ("cannot parse config file", "broken.yaml")),
-    CliCase("cli: YAML list, not a mapping", _cli("--config", lambda f: f["list"]), 1, ("must hold a mapping", "list.yaml", "list")),
-    CliCase("cli: config suffix .ini", _cli("--config", lambda f: f["cfg"]), 1, ("must end in .yaml", "cfg.ini")),
+    CliCase(
+        "cli: NaN epsilon from a config file",
+        _cli("--config", lambda f: f["nan_cfg"]),
+        1,
+        ("epsilon must be finite", "nan"),
+    ),
+    CliCase(
+        "cli: broken YAML",
+        _cli("--config", lambda f: f["broken"]),
+        1,
+        ("cannot parse config file", "broken.yaml"),
+    ),
+    CliCase(
+        "cli: YAML list, not a mapping",
+        _cli("--config", lambda f: f["list"]),
+        1,
+        ("must hold a mapping", "list.yaml", "list"),
+    ),
+    CliCase(
+        "cli: config suffix .ini", _cli("--config", lambda f: f["cfg"]), 1, ("must end in .yaml", "cfg.ini")
+    ),
     CliCase("cli: NaN in the images", _cli(data="nan"), 1, ("nan.npy", "NaN or Inf")),
-    CliCase("cli: float images outside [0, 1]", _cli(data="big"), 1, ("big.npy", "must be in [0, 1]", "max 2.997")),
+    CliCase(
+        "cli: float images outside [0, 1]", _cli(data="big"), 1, ("big.npy", "must be in [0, 1]", "max 2.997")
+    ),
     CliCase("cli: complex images", _cli(data="complex"), 1, ("complex.npy", "complex64")),
     CliCase("cli: a single image", _cli(data="one"), 1, ("at least 2 images", "got 1")),
     CliCase("cli: --limit 0", _cli("--limit", "0"), 1, ("limit must be a positive integer", "0")),
     CliCase("cli: --fraction 1.5", _cli("--fraction", "1.5"), 1, ("fraction must be in (0, 1]", "1.5")),
-    CliCase("cli: --device gpu", lambda f: ["evaluate", "--model", str(f["model"]), "--data", str(f["x"]), "--device", "gpu"], 2, ("--device must be", "'gpu'")),
+    CliCase(
+        "cli: --device gpu",
+        lambda f: ["evaluate", "--model", str(f["model"]), "--data", str(f["x"]), "--device", "gpu"],
+        2,
+        ("--device must be", "'gpu'"),
+    ),
 ]
 
 

@@ -71,6 +71,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+def factory_args(files: dict[str, Path], weights: str = "sd") -> list[str]:
+    """``--model`` options of the factory form: FMNISTNet(**KW) with the weights ``files[weights]``."""
+    return ["--model", FACTORY, "--factory-kwargs", KW_JSON, "--weights", str(files[weights])]
+
+
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
     code = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -94,12 +99,7 @@ def test_purify_factory_with_config_set_precedence_and_report(files, tmp_path, c
     code, stdout, err = run(
         [
             "purify",
-            "--model",
-            FACTORY,
-            "--factory-kwargs",
-            KW_JSON,
-            "--weights",
-            files["st"],
+            *factory_args(files, "st"),
             "--feature-layer",
             "backbone",
             "--data",
@@ -169,10 +169,10 @@ def test_purify_report_diagnostic_and_evaluation_wiring(files, tmp_path, capsys,
     monkeypatch.setattr(diagnostics, "evocation_diagnostic", fake)
     rep = tmp_path / "rep"
     code, _, err = run(
-        ["purify", "--model", FACTORY, "--factory-kwargs", KW_JSON, "--weights", files["sd"],
-         "--feature-layer", "backbone", "--data", files["x"], "--limit", "16", "--out", tmp_path / "m.pt",
-         "--report", rep, "--trigger", "sig", "--target", "2", "--diagnostic", "--eval-data", files["x"],
-         "--eval-labels", files["labels"], "--eval-limit", "20", "--report-samples", "8", *FAST, "-q"],
+        ["purify", *factory_args(files), "--feature-layer", "backbone", "--data", files["x"], "--limit", "16",
+         "--out", tmp_path / "m.pt", "--report", rep, "--trigger", "sig", "--target", "2", "--diagnostic",
+         "--eval-data", files["x"], "--eval-labels", files["labels"], "--eval-limit", "20",
+         "--report-samples", "8", *FAST, "-q"],
         capsys,
     )  # fmt: skip
     assert code == 0, err
@@ -242,12 +242,7 @@ def test_purify_verbose_logs_and_shows_progress(files, tmp_path, capsys):
     code, _, err = run(
         [
             "purify",
-            "--model",
-            FACTORY,
-            "--factory-kwargs",
-            KW_JSON,
-            "--weights",
-            files["sd"],
+            *factory_args(files),
             "--feature-layer",
             "backbone",
             "--data",
@@ -280,12 +275,7 @@ def _bad_cases(files: dict[str, Path], tmp: Path) -> dict[str, tuple[list, str]]
     (tmp / "junk.pt").write_bytes(b"definitely not a model")
     (tmp / "bad.yaml").write_text("epochs: 1\nwarmup: 3\n")
     base = [
-        "--model",
-        FACTORY,
-        "--factory-kwargs",
-        KW_JSON,
-        "--weights",
-        files["sd"],
+        *factory_args(files),
         "--feature-layer",
         "backbone",
     ]
@@ -427,12 +417,7 @@ def test_evaluate_acc_and_asr(files, tmp_path, capsys):
     code, stdout, err = run(
         [
             "evaluate",
-            "--model",
-            FACTORY,
-            "--factory-kwargs",
-            KW_JSON,
-            "--weights",
-            files["sd"],
+            *factory_args(files),
             "--data",
             files["x"],
             "--labels",
@@ -502,12 +487,7 @@ def test_evaluate_fashion_mnist_dataset(files, capsys):
     code, stdout, err = run(
         [
             "evaluate",
-            "--model",
-            FACTORY,
-            "--factory-kwargs",
-            KW_JSON,
-            "--weights",
-            files["sd"],
+            *factory_args(files),
             "--dataset",
             "fashion-mnist",
             "--limit",
@@ -575,12 +555,7 @@ def test_python_m_cbd_fast_subprocess_smoke(files, tmp_path):
             "-m",
             "cbd_fast",
             "purify",
-            "--model",
-            FACTORY,
-            "--factory-kwargs",
-            KW_JSON,
-            "--weights",
-            str(files["sd"]),
+            *factory_args(files),
             "--feature-layer",
             "backbone",
             "--data",

@@ -38,13 +38,23 @@ CUDA = torch.cuda.is_available()
 GPU_BACKENDS = [n for n in ("cuda", "triton") if CUDA and backend_status("cuda")[n] is None]
 
 F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
-DTYPES = {"cpp": [F32, F64, BF16, F16], "torch": [F32, F64, BF16, F16], "triton": [F32, BF16, F16], "cuda": [F32, BF16, F16]}
+DTYPES = {
+    "cpp": [F32, F64, BF16, F16],
+    "torch": [F32, F64, BF16, F16],
+    "triton": [F32, BF16, F16],
+    "cuda": [F32, BF16, F16],
+}
 
 # hypothesis budgets: (op, backend) -> max_examples. Interpreted Triton is slow: a few cases.
 BUDGET = {
-    ("nt_xent", "cpp"): 60, ("nt_xent", "torch"): 25, ("nt_xent", "triton"): 6,
-    ("nt_xent_value_and_grad", "cpp"): 30, ("nt_xent_value_and_grad", "triton"): 4,
-    ("pgd_step", "cpp"): 80, ("pgd_step", "torch"): 30, ("pgd_step", "triton"): 10,
+    ("nt_xent", "cpp"): 60,
+    ("nt_xent", "torch"): 25,
+    ("nt_xent", "triton"): 6,
+    ("nt_xent_value_and_grad", "cpp"): 30,
+    ("nt_xent_value_and_grad", "triton"): 4,
+    ("pgd_step", "cpp"): 80,
+    ("pgd_step", "torch"): 30,
+    ("pgd_step", "triton"): 10,
     ("gpu", "any"): 40,
 }
 COUNTS: collections.Counter[str] = collections.Counter()
@@ -52,7 +62,10 @@ COUNTS: collections.Counter[str] = collections.Counter()
 
 def _settings(key: tuple[str, str]) -> settings:
     return settings(
-        max_examples=BUDGET[key], deadline=None, derandomize=True, database=None,
+        max_examples=BUDGET[key],
+        deadline=None,
+        derandomize=True,
+        database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )
 
@@ -88,7 +101,8 @@ def nt_xent_cases(draw: st.DrawFn, backend: str, max_n: int = 80, max_d: int = 1
     lo, hi = _log10_range(dtype)
     mag = 10.0 ** draw(st.integers(lo, hi))
     tau = 10.0 ** draw(st.floats(-1.3, 0.7))  # 0.05 .. 5
-    kind = draw(st.sampled_from(["randn", "row_scales", "duplicates", "zero_row", "positive"]))
+    kind = draw(st.sampled_from(["randn", "row_scales", "duplicates", "zero_row", "positive", "nonfinite"]))
+    transposed = draw(st.booleans())  # hand the kernel a's transpose view (non-contiguous strides)
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     a = torch.randn(n, d, generator=g, dtype=F64)
     b = torch.randn(n, d, generator=g, dtype=F64)
@@ -102,7 +116,20 @@ def nt_xent_cases(draw: st.DrawFn, backend: str, max_n: int = 80, max_d: int = 1
     elif kind == "positive":  # all features >= 0 (ReLU outputs): large cosine similarities
         a, b = a.abs(), b.abs()
     a, b = (a * mag).to(dtype).to(F64), (b * mag).to(dtype).to(F64)  # exactly what the kernel sees
-    return {"a": a, "b": b, "tau": tau, "dtype": dtype, "desc": f"N={n} D={d} {dtype} mag=1e{math.log10(mag):+.0f} tau={tau:.3g} {kind}"}
+    if kind == "nonfinite":  # documented: NaN or Inf anywhere in the inputs gives a NaN loss
+        (a if draw(st.booleans()) else b)[draw(st.integers(0, n - 1)), draw(st.integers(0, d - 1))] = draw(
+            st.sampled_from([math.nan, math.inf, -math.inf])
+        )
+    return {
+        "a": a,
+        "b": b,
+        "tau": tau,
+        "dtype": dtype,
+        "nonfinite": kind == "nonfinite",
+        "transposed": transposed,
+        "desc": f"N={n} D={d} {dtype} mag=1e{math.log10(mag):+.0f} tau={tau:.3g} {kind}"
+        + (" transposed" if transposed else ""),
+    }
 
 
 def _reference_grads(a: torch.Tensor, b: torch.Tensor, tau: float) -> tuple[torch.Tensor, ...]:
@@ -135,6 +162,9 @@ def _check_against_reference(
 ) -> None:
     """``got`` = (loss, grad_a[, grad_b]) of the kernel vs the float64 reference, by ``_TOL``."""
     a, b, tau, dtype = case["a"], case["b"], case["tau"], case["dtype"]
+    if case["nonfinite"]:
+        assert torch.isnan(got[0]), f"{backend} {case['desc']}: loss {got[0].item()} for non-finite inputs"
+        return
     want = _reference_grads(a, b, tau)[: len(got)]
     masks = {}
     for name, g, w in zip(names, got, want):
@@ -143,7 +173,9 @@ def _check_against_reference(
         representable = torch.isfinite(w.to(g.dtype))
         assert torch.isfinite(g)[representable].all(), f"{backend} {case['desc']}: non-finite {name}"
         if not representable.all():
-            assert torch.equal(torch.isinf(g), ~representable), f"{backend} {case['desc']}: {name} inf pattern"
+            assert torch.equal(torch.isinf(g), ~representable), (
+                f"{backend} {case['desc']}: {name} inf pattern"
+            )
             g.masked_fill_(~representable, 0.0)
             w.masked_fill_(~representable, 0.0)
         masks[name] = ~representable
@@ -167,12 +199,18 @@ def _check_against_reference(
 
 
 def _run_nt_xent(case: dict, backend: str, device: str = "cpu") -> tuple[torch.Tensor, ...]:
-    a = case["a"].to(device=device, dtype=case["dtype"]).requires_grad_(True)
+    a = case["a"].to(device=device, dtype=case["dtype"])
     b = case["b"].to(device=device, dtype=case["dtype"]).requires_grad_(True)
-    loss = nt_xent(a, b, case["tau"], backend=backend)
+    if case["transposed"]:  # a leaf of shape [D, N]; the op sees its [N, D] transpose view
+        leaf = a.t().contiguous().requires_grad_(True)
+        a_in = leaf.t()
+    else:
+        leaf = a_in = a.requires_grad_(True)
+    loss = nt_xent(a_in, b, case["tau"], backend=backend)
     assert loss.shape == () and loss.dtype == (F64 if case["dtype"] == F64 else F32)
     loss.backward()
-    return loss.detach().cpu(), a.grad.cpu(), b.grad.cpu()
+    grad_a = leaf.grad.t() if case["transposed"] else leaf.grad
+    return loss.detach().cpu(), grad_a.cpu(), b.grad.cpu()
 
 
 def _fuzz_nt_xent(backend: str, max_n: int = 80, max_d: int = 150):
@@ -191,6 +229,8 @@ def _fuzz_value_and_grad(backend: str, max_n: int = 80, max_d: int = 150):
     def run(case: dict) -> None:
         COUNTS[f"nt_xent_value_and_grad/{backend}"] += 1
         a, b = case["a"].to(case["dtype"]), case["b"].to(case["dtype"])
+        if case["transposed"]:
+            a = a.t().contiguous().t()
         loss, grad_a = nt_xent_value_and_grad(a, b, case["tau"], backend=backend)
         assert grad_a.dtype == case["dtype"] and grad_a.shape == a.shape
         _check_against_reference((loss, grad_a), case, ("loss", "grad_a"), backend)
@@ -230,10 +270,17 @@ def pgd_cases(draw: st.DrawFn, backend: str, max_numel: int = 40_000) -> dict:
     eps = mag * draw(st.sampled_from([0.0, 1e-3, 0.03, 0.5, 2.0]))
     step = mag * draw(st.sampled_from([0.0, 1e-3, 0.01, 0.3, 5.0]))
     box = draw(st.sampled_from(["unit", "wide", "tight", "point"]))
-    lower, upper = {"unit": (0.0, 1.0), "wide": (-mag * 10, mag * 10), "tight": (0.2 * mag, 0.6 * mag), "point": (0.5 * mag, 0.5 * mag)}[box]
+    lower, upper = {
+        "unit": (0.0, 1.0),
+        "wide": (-mag * 10, mag * 10),
+        "tight": (0.2 * mag, 0.6 * mag),
+        "point": (0.5 * mag, 0.5 * mag),
+    }[box]
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     xc = torch.rand(shape, generator=g, dtype=F64) * mag
-    xa = xc + (eps + mag * 0.01) * (4 * torch.rand(shape, generator=g, dtype=F64) - 2)  # some outside the ball
+    xa = xc + (eps + mag * 0.01) * (
+        4 * torch.rand(shape, generator=g, dtype=F64) - 2
+    )  # some outside the ball
     grad = torch.randn(shape, generator=g, dtype=F64) * 10.0 ** draw(st.integers(-30, 30))
     special = draw(st.sampled_from(["none", "zeros", "nan_grad", "nan_x", "tiny_grad"]))
     flat = grad.view(-1)
@@ -247,18 +294,40 @@ def pgd_cases(draw: st.DrawFn, backend: str, max_numel: int = 40_000) -> dict:
         flat.mul_(1e-300)  # zero in every dtype after rounding, or denormal in float64
     x_adv, grad, x_clean = (t.to(dtype) for t in (xa, grad, xc))
     if len(shape) == 4 and draw(st.booleans()):
-        x_adv, grad, x_clean = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_clean))
-    desc = f"shape={shape} {dtype} mag=1e{math.log10(mag):+.0f} eps={eps:.3g} step={step:.3g} box={box} {special}"
-    return {"x_adv": x_adv, "grad": grad, "x_clean": x_clean, "step": step, "eps": eps, "lower": lower,
-            "upper": upper, "dtype": dtype, "desc": desc}
+        x_adv, grad, x_clean = (
+            t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_clean)
+        )
+    desc = f"shape={shape} {dtype} mag=1e{math.log10(mag):+.0f} eps={eps:.3g} step={step:.3g} {box} {special}"
+    return {
+        "x_adv": x_adv,
+        "grad": grad,
+        "x_clean": x_clean,
+        "step": step,
+        "eps": eps,
+        "lower": lower,
+        "upper": upper,
+        "dtype": dtype,
+        "desc": desc,
+    }
 
 
 def _check_pgd(case: dict, backend: str, device: str = "cpu") -> None:
     want = case["x_adv"].clone()
-    pgd_step_reference(want, case["grad"], case["x_clean"], case["step"], case["eps"], case["lower"], case["upper"])
+    pgd_step_reference(
+        want, case["grad"], case["x_clean"], case["step"], case["eps"], case["lower"], case["upper"]
+    )
     x_adv, grad, x_clean = (case[k].to(device) for k in ("x_adv", "grad", "x_clean"))
     strides = x_adv.stride()
-    out = pgd_step(x_adv, grad, x_clean, case["step"], case["eps"], lower=case["lower"], upper=case["upper"], backend=backend)
+    out = pgd_step(
+        x_adv,
+        grad,
+        x_clean,
+        case["step"],
+        case["eps"],
+        lower=case["lower"],
+        upper=case["upper"],
+        backend=backend,
+    )
     assert out is x_adv and x_adv.stride() == strides
     key = "triton-interpreter" if backend == "triton" and device == "cpu" else backend
     try:
@@ -301,7 +370,9 @@ def test_fuzz_gpu_backends(backend: str) -> None:
     @given(case=nt_xent_cases(backend, max_n=300, max_d=300), pcase=pgd_cases(backend, max_numel=200_000))
     def run(case: dict, pcase: dict) -> None:
         COUNTS[f"gpu/{backend}"] += 1
-        _check_against_reference(_run_nt_xent(case, backend, "cuda"), case, ("loss", "grad_a", "grad_b"), backend)
+        _check_against_reference(
+            _run_nt_xent(case, backend, "cuda"), case, ("loss", "grad_a", "grad_b"), backend
+        )
         _check_pgd(pcase, backend, "cuda")
 
     run()

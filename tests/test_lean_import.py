@@ -48,7 +48,8 @@ def test_public_names_resolve_lazily() -> None:
         """
         import sys
         import cbd_fast
-
+        lazy = [m for m in ("cbd_fast.kernels.triton", "cbd_fast.cli", "cbd_fast.demo") if m in sys.modules]
+        assert not lazy, f"import cbd_fast imported {lazy}"
         assert callable(cbd_fast.build_info)
         assert isinstance(cbd_fast.build_info(), dict)
         assert "available_backends" in dir(cbd_fast)

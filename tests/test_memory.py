@@ -119,6 +119,7 @@ def _tensor_data(n: int, dtype: torch.dtype) -> torch.Tensor:
     return data if dtype == torch.uint8 else data.to(dtype) / 255
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_tensor_data_is_streamed_not_copied(dtype: torch.dtype) -> None:
     """A Tensor dataset (100 batches) is indexed a batch at a time: no whole-dataset copy or
@@ -174,7 +175,10 @@ def _peak_rss_growth_kib(n: int, mode: str = "lazy") -> float:
     """Peak resident-set growth (KiB) of a purify run over ``n`` 3x32x32 images, sampled every 2 ms."""
     proc = subprocess.run(
         [sys.executable, "-c", _RSS_WORKER, str(n), mode],
-        capture_output=True, text=True, timeout=300, env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["growth_bytes"] / 1024
@@ -196,7 +200,9 @@ def test_peak_rss_is_flat_for_a_dataset_100x_one_batch() -> None:
     small = _peak_rss_growth_kib(10 * 16)
     large = _peak_rss_growth_kib(100 * 16)
     control = _peak_rss_growth_kib(100 * 16, "materialised")
-    print(f"peak RSS growth: {large:.0f} KiB (100 batches), {small:.0f} KiB (10 batches), "
-          f"{control:.0f} KiB (100 batches materialised); dataset {dataset_kib:.0f} KiB")
+    print(
+        f"peak RSS growth: {large:.0f} KiB (100 batches), {small:.0f} KiB (10 batches), "
+        f"{control:.0f} KiB (100 batches materialised); dataset {dataset_kib:.0f} KiB"
+    )
     assert control > 0.9 * dataset_kib  # the instrument sees a materialised dataset
     assert large - small < dataset_kib / 4, f"peak RSS growth {large} KiB (100 batches) vs {small} KiB (10)"

@@ -39,7 +39,10 @@ from cbd_fast.ops import nt_xent, nt_xent_value_and_grad, pgd_init, pgd_step
 
 def _settings(n: int) -> settings:
     return settings(
-        max_examples=n, deadline=None, derandomize=True, database=None,
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
         phases=[Phase.explicit, Phase.generate],  # no shrinking: each example is a purify run
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
@@ -75,8 +78,11 @@ def _module_state(m: nn.Module) -> dict[str, Any]:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (
-            isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-            and a.shape == b.shape and torch.equal(a, b)
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and torch.equal(a, b)
         )
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
@@ -103,7 +109,7 @@ def _assert_untouched(before: Any, after: Any, what: str) -> None:
     assert not d, f"{what} was mutated: " + "; ".join(d[:8])
 
 
-# ---- the caller's objects -----------------------------------------------------------------------------------
+# ---- the caller's objects --------------------------------------------------------------------------------
 
 
 class Net(nn.Module):
@@ -152,7 +158,7 @@ def _float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div(255) if x.dtype == torch.uint8 else x
 
 
-# ---- purify / Purifier ----------------------------------------------------------------------------------------
+# ---- purify / Purifier -----------------------------------------------------------------------------------
 
 
 @_settings(4)
@@ -166,8 +172,14 @@ def test_purify_mutates_nothing(s: dict[str, Any], clean_term: str, bn_policy: s
     before = (_module_state(net), _tensor_state(x))
     rng = torch.get_rng_state()
     out = cbd_fast.purify(
-        net, x.detach() if x.requires_grad else x, epochs=1, batch_size=4, steps=1, progress=False,
-        clean_term=clean_term, bn_policy=bn_policy,
+        net,
+        x.detach() if x.requires_grad else x,
+        epochs=1,
+        batch_size=4,
+        steps=1,
+        progress=False,
+        clean_term=clean_term,
+        bn_policy=bn_policy,
     )
     _assert_untouched(before, (_module_state(net), _tensor_state(x)), "purify's encoder or data")
     assert torch.equal(torch.get_rng_state(), rng), "purify changed the caller's RNG state"
@@ -200,12 +212,14 @@ def test_purifier_fit_on_a_dataset_mutates_nothing(s: dict[str, Any]) -> None:
     assert result.encoder is not net
 
 
-# ---- attack and ops --------------------------------------------------------------------------------------------
+# ---- attack and ops --------------------------------------------------------------------------------------
 
 
 @_settings(8)
 @given(s=setups(), steps=st.integers(0, 2), random_start=st.booleans(), use_init=st.booleans())
-def test_contrastive_pgd_mutates_nothing(s: dict[str, Any], steps: int, random_start: bool, use_init: bool) -> None:
+def test_contrastive_pgd_mutates_nothing(
+    s: dict[str, Any], steps: int, random_start: bool, use_init: bool
+) -> None:
     net, x = s["net"], _float(s["x"])
     if s["form"] == "requires_grad":
         x.requires_grad_(True)
@@ -215,8 +229,15 @@ def test_contrastive_pgd_mutates_nothing(s: dict[str, Any], steps: int, random_s
     owned = {"x": x, "clean": clean} | ({"x_init": x_init} if x_init is not None else {})
     before = (_module_state(net), {k: _tensor_state(v) for k, v in owned.items()})
     x_adv = contrastive_pgd(
-        net, x, clean, epsilon=8 / 255, step_size=2 / 255, steps=steps, temperature=0.5,
-        random_start=random_start, x_init=x_init,
+        net,
+        x,
+        clean,
+        epsilon=8 / 255,
+        step_size=2 / 255,
+        steps=steps,
+        temperature=0.5,
+        random_start=random_start,
+        x_init=x_init,
     )
     after = (_module_state(net), {k: _tensor_state(v) for k, v in owned.items()})
     _assert_untouched(before, after, "contrastive_pgd's inputs")
@@ -259,7 +280,9 @@ def test_nt_xent_family_mutates_nothing(ab: tuple[torch.Tensor, torch.Tensor], b
     channels_last=st.booleans(),
     backend=st.sampled_from(cbd_fast.available_backends("cpu")),
 )
-def test_pgd_ops_mutate_only_x_adv(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, backend: str) -> None:
+def test_pgd_ops_mutate_only_x_adv(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, backend: str
+) -> None:
     assume(not (backend == "triton" and dtype == torch.float64))  # triton serves 32/16-bit only
     g = torch.Generator().manual_seed(len(shape))
     x_clean = torch.rand(shape, generator=g).to(dtype)
@@ -270,10 +293,12 @@ def test_pgd_ops_mutate_only_x_adv(shape: tuple[int, ...], dtype: torch.dtype, c
     x_adv = pgd_init(x_clean, 8 / 255, generator=torch.Generator().manual_seed(0))
     assert x_adv.untyped_storage().data_ptr() != x_clean.untyped_storage().data_ptr()
     pgd_step(x_adv, grad, x_clean, 2 / 255, 8 / 255, backend=backend)
-    _assert_untouched(before, (_tensor_state(x_clean), _tensor_state(grad)), "pgd_init/pgd_step's x_clean and grad")
+    _assert_untouched(
+        before, (_tensor_state(x_clean), _tensor_state(grad)), "pgd_init/pgd_step's x_clean and grad"
+    )
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------------
+# ---- evaluation ------------------------------------------------------------------------------------------
 
 
 @_settings(5)
@@ -307,15 +332,31 @@ def _digest(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def test_cli_purify_leaves_model_and_data_files_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_purify_leaves_model_and_data_files_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     torch.manual_seed(0)
     model, data, out = tmp_path / "model.pt", tmp_path / "x.npy", tmp_path / "purified.pt"
     torch.save(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten()), model)
     np.save(data, np.random.default_rng(0).random((8, 1, 6, 6), dtype=np.float32))
     before = {p.name: (_digest(p), p.stat().st_mtime_ns) for p in (model, data)}
     code = cli.main(
-        ["--quiet", "purify", "--model", str(model), "--data", str(data), "--out", str(out),
-         "--set", "epochs=1", "--set", "steps=1", "--set", "batch_size=4"]
+        [
+            "--quiet",
+            "purify",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--set",
+            "epochs=1",
+            "--set",
+            "steps=1",
+            "--set",
+            "batch_size=4",
+        ]
     )
     assert code == 0, capsys.readouterr().err
     assert {p.name: (_digest(p), p.stat().st_mtime_ns) for p in (model, data)} == before

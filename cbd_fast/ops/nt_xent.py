@@ -31,35 +31,27 @@ A NaN or Inf anywhere in the inputs gives a NaN loss (and NaN gradients); nothin
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
 from cbd_fast import _ext
-from cbd_fast.backends import select_backend
-from cbd_fast.reference import NORM_EPS, nt_xent_reference
+from cbd_fast.ops._common import (
+    check_backend_dtype,
+    check_float_tensor,
+    check_real,
+    register_fake_once,
+    select_op_backend,
+)
+from cbd_fast.reference import NORM_EPS, nt_xent_reference, opmath_dtype
 
 __all__ = ["nt_xent", "nt_xent_value_and_grad", "check_nt_xent_args"]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_BACKEND_DTYPES = {
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cpp": _FLOAT_DTYPES,
-    "torch": _FLOAT_DTYPES,
-}
-
 
 # ---- torch.library registrations ------------------------------------------------------------------
 
 
-def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _fwd_fake(za: torch.Tensor, zb: torch.Tensor, inv_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    dt = _loss_dtype(za.dtype)
+    dt = opmath_dtype(za.dtype)
     return za.new_empty((), dtype=dt), za.new_empty((2 * za.shape[0],), dtype=dt)
 
 
@@ -107,12 +99,8 @@ def _register_native_fakes() -> None:
     """Fake impls of the compiled ops, when the extension loads (a missing one is not an error)."""
     if _ext.load() is None:
         return
-    for name, fn in (("cbd_fast::nt_xent_fwd", _fwd_fake), ("cbd_fast::nt_xent_bwd", _bwd_fake)):
-        try:
-            torch.library.register_fake(name)(fn)
-        except RuntimeError as exc:  # registered already (a module reload): keep the first one
-            if "already" not in str(exc):
-                raise
+    register_fake_once("cbd_fast::nt_xent_fwd", _fwd_fake)
+    register_fake_once("cbd_fast::nt_xent_bwd", _bwd_fake)
 
 
 _register_native_fakes()
@@ -162,10 +150,7 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
             not finite and > 0.
     """
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float32, bfloat16, float16 or float64 tensor; got {t.dtype}")
+        check_float_tensor(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D [N, D]; got {t.dim()}-D shape {tuple(t.shape)}")
     if b.shape != a.shape:
@@ -178,11 +163,7 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
         raise ValueError(f"a must have N >= 2 rows (each row needs a negative); got N={a.shape[0]}")
     if a.shape[1] < 1:
         raise ValueError(f"a must have D >= 1 features; got D={a.shape[1]}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(
-            f"temperature must be a real number; got {type(temperature).__name__} {temperature!r}"
-        )
-    tau = float(temperature)
+    tau = check_real("temperature", temperature)
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"temperature must be finite and > 0; got {temperature}")
     return tau
@@ -191,28 +172,20 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
 @torch.compiler.assume_constant_result
 def _select(device: str, is_f64: bool, backend: str | None) -> str:
     """Backend choice for (device, dtype class, request); a constant while torch.compile traces."""
-    dev = torch.device(device)
-    if backend is None and is_f64:
-        priority = ("cpp", "torch") if dev.type == "cpu" else ("torch",)
-    else:
-        priority = ("triton", "cuda", "torch") if dev.type == "cuda" else ("cpp", "torch")
-    return select_backend("nt_xent", dev, backend, priority=priority)
+    dtype = torch.float64 if is_f64 else torch.float32  # only the dtype class matters here
+    return select_op_backend("nt_xent", torch.device(device), dtype, backend, ("triton", "cuda", "torch"))
 
 
 def _resolve_backend(a: torch.Tensor, backend: str | None) -> str:
     name = _select(str(a.device), a.dtype == torch.float64, backend)
-    if a.dtype not in _BACKEND_DTYPES[name]:
-        raise TypeError(
-            f"nt_xent: backend {name!r} serves {[str(d) for d in _BACKEND_DTYPES[name]]} tensors; "
-            f"got a of dtype {a.dtype} (use backend='cpp', 'torch' or None)"
-        )
+    check_backend_dtype("nt_xent", name, "a", a.dtype)
     return name
 
 
 def _normalized(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Step 1-2: float32/float64 L2 normalisation; 16-bit rows go back to 16 bits for triton/cuda."""
     # float64 norms: the squares of float32/bfloat16 features beyond ~1e19 would overflow float32
-    z = F.normalize(x.to(torch.float64), dim=1, eps=NORM_EPS).to(_loss_dtype(x.dtype))
+    z = F.normalize(x.to(torch.float64), dim=1, eps=NORM_EPS).to(opmath_dtype(x.dtype))
     if backend in ("triton", "cuda") and x.dtype in (torch.bfloat16, torch.float16):
         z = z.to(x.dtype)
     return z.contiguous()

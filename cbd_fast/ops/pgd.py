@@ -23,25 +23,20 @@ and ``torch.library.opcheck`` can test them.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from cbd_fast import _ext
-from cbd_fast.backends import select_backend
+from cbd_fast.ops._common import (
+    check_backend_dtype,
+    check_float_tensor,
+    check_real,
+    register_fake_once,
+    select_op_backend,
+)
 from cbd_fast.reference import pgd_init_reference, pgd_step_reference
 
 __all__ = ["pgd_step", "pgd_init", "check_pgd_step_args"]
-
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Storage dtypes each backend serves (the torch reference serves every float dtype).
-_BACKEND_DTYPES = {
-    "cuda": (torch.float32, torch.bfloat16, torch.float16),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-    "cpp": _FLOAT_DTYPES,
-    "torch": _FLOAT_DTYPES,
-}
-
 
 # ---- torch.library registrations ------------------------------------------------------------------
 
@@ -79,11 +74,7 @@ def _native_op() -> torch._ops.OpOverloadPacket:
     if _ext.load() is None:  # select_backend has already refused; this is a second line
         raise RuntimeError(f"pgd_step: the compiled extension is not loaded: {_ext.load_error()}")
     if not _native_fake_registered:
-        try:
-            torch.library.register_fake("cbd_fast::pgd_step_")(_pgd_step_native_fake)
-        except RuntimeError as exc:  # registered already (e.g. a module reload): keep the first one
-            if "already" not in str(exc):
-                raise
+        register_fake_once("cbd_fast::pgd_step_", _pgd_step_native_fake)
         _native_fake_registered = True
     return torch.ops.cbd_fast.pgd_step_
 
@@ -92,9 +83,7 @@ def _native_op() -> torch._ops.OpOverloadPacket:
 
 
 def _check_scalar(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (int or float); got {type(value).__name__} {value!r}")
-    value = float(value)
+    value = check_real(name, value, kinds=" (int or float)")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     return value
@@ -105,14 +94,6 @@ def _check_box(lower: object, upper: object) -> tuple[float, float]:
     if lo > hi:
         raise ValueError(f"lower must be <= upper; got lower={lo}, upper={hi}")
     return lo, hi
-
-
-def _check_float_tensor(name: str, t: object) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float32, bfloat16, float16 or float64 tensor; got {t.dtype}")
-    return t
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -162,9 +143,9 @@ def check_pgd_step_args(
             x_adv partially overlaps grad or x_clean, a scalar is not finite, step_size or epsilon
             is negative, or lower > upper.
     """
-    _check_float_tensor("x_adv", x_adv)
-    _check_float_tensor("grad", grad)
-    _check_float_tensor("x_clean", x_clean)
+    check_float_tensor("x_adv", x_adv)
+    check_float_tensor("grad", grad)
+    check_float_tensor("x_clean", x_clean)
     for name, t in (("grad", grad), ("x_clean", x_clean)):
         if t.dtype != x_adv.dtype:
             raise TypeError(f"{name} must have x_adv's dtype {x_adv.dtype}; got {t.dtype}")
@@ -204,18 +185,10 @@ def _resolve_backend(x: torch.Tensor, backend: str | None) -> str:
 
 @torch.compiler.assume_constant_result  # torch.compile: resolved once at trace time, not traced
 def _backend_for(dev: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    if backend is None and dtype == torch.float64:
-        priority = ("cpp", "torch") if dev.type == "cpu" else ("torch",)
-    else:
-        priority = ("cuda", "triton", "torch") if dev.type == "cuda" else ("cpp", "torch")
-    name = select_backend("pgd_step", dev, backend, priority=priority)
+    name = select_op_backend("pgd_step", dev, dtype, backend, ("cuda", "triton", "torch"))
     if name in ("cpp", "cuda"):
         _native_op()  # registers the fake impl here: this function runs eagerly even under tracing
-    if dtype not in _BACKEND_DTYPES[name]:
-        raise TypeError(
-            f"pgd_step: backend {name!r} serves {[str(d) for d in _BACKEND_DTYPES[name]]} tensors; "
-            f"got x_adv of dtype {dtype} (use backend='torch' or None)"
-        )
+    check_backend_dtype("pgd_step", name, "x_adv", dtype)
     return name
 
 
@@ -318,7 +291,7 @@ def pgd_init(
         >>> torch.equal(a, b)
         True
     """
-    _check_float_tensor("x_clean", x_clean)
+    check_float_tensor("x_clean", x_clean)
     eps = _check_scalar("epsilon", epsilon)
     if eps < 0:
         raise ValueError(f"epsilon must be >= 0; got {eps}")

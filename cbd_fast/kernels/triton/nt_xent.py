@@ -17,19 +17,13 @@ that ``scripts/check_triton_hopper.py`` can compile them for sm_90 without a GPU
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from cbd_fast.kernels.triton._utils import TL_DTYPE, dtype_name, interpreting, pointer_type
+
 __all__ = ["nt_xent_fwd_triton", "nt_xent_bwd_triton", "hopper_compile_specs", "block_sizes"]
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -163,7 +157,7 @@ def block_sizes(d: int, interpret: bool) -> dict[str, int]:
 
 
 def _check(za: torch.Tensor, zb: torch.Tensor) -> None:
-    if za.dtype not in _TL_DTYPE or zb.dtype != za.dtype:
+    if za.dtype not in TL_DTYPE or zb.dtype != za.dtype:
         raise TypeError(f"za/zb must both be float32, bfloat16 or float16; got {za.dtype} and {zb.dtype}")
     if za.dim() != 2 or zb.shape != za.shape:
         raise ValueError(
@@ -194,7 +188,7 @@ def nt_xent_fwd_triton(
     n, d = za.shape
     lse = torch.empty(2 * n, dtype=torch.float32, device=za.device)
     term = torch.empty(2 * n, dtype=torch.float32, device=za.device)
-    interp = _interpreting()
+    interp = interpreting()
     bs = block_sizes(d, interp)
     grid = (triton.cdiv(2 * n, bs["BLOCK_M"]),)
     _nt_xent_fwd_kernel[grid](
@@ -230,7 +224,7 @@ def nt_xent_bwd_triton(
     if not (need_a or need_b):
         return ga, gb
     row_start, row_end = (0 if need_a else n), (2 * n if need_b else n)
-    interp = _interpreting()
+    interp = interpreting()
     bs = block_sizes(d, interp)
     grid = (triton.cdiv(row_end - row_start, bs["BLOCK_M"]), triton.cdiv(d, bs["BLOCK_DV"]))
     g = grad.reshape(1).to(device=za.device, dtype=torch.float32).contiguous()
@@ -253,10 +247,10 @@ def hopper_compile_specs() -> list[dict]:
     """
     specs = []
     for dtype in (torch.float32, torch.bfloat16):
-        ptr = f"*{_TL_DTYPE[dtype]}"
+        ptr = pointer_type(dtype)
         bs = block_sizes(512, interpret=False)
         common = {"UPCAST": dtype == torch.float32, "PRECISION": _precision(dtype)}
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         fwd_sig = {
             "za_ptr": ptr, "zb_ptr": ptr, "lse_ptr": "*fp32", "term_ptr": "*fp32",
             "N": "i32", "D": "i32", "inv_temp": "fp32",

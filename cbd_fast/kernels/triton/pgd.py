@@ -16,13 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from cbd_fast.kernels.triton._utils import TL_DTYPE, dtype_name, pointer_type
+
 __all__ = ["pgd_step_triton", "hopper_compile_specs", "BLOCK"]
 
 #: Elements per program: 4096 elements = 16 KiB of float32 per tensor per program.
 BLOCK = 4096
 _NUM_WARPS = 8
-
-_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @triton.jit
@@ -100,8 +100,8 @@ def hopper_compile_specs() -> list[dict]:
         (float32, bfloat16, float16), for ``triton.compiler.ASTSource(fn, signature, constexprs)``.
     """
     specs = []
-    for dtype, tl_name in _TL_DTYPE.items():
-        ptr = f"*{tl_name}"
+    for dtype in TL_DTYPE:
+        ptr = pointer_type(dtype)
         signature = {
             "x_adv_ptr": ptr,
             "grad_ptr": ptr,
@@ -115,7 +115,7 @@ def hopper_compile_specs() -> list[dict]:
         }
         specs.append(
             {
-                "name": f"pgd_step_{str(dtype).removeprefix('torch.')}",
+                "name": f"pgd_step_{dtype_name(dtype)}",
                 "fn": _pgd_step_kernel,
                 "signature": signature,
                 "constexprs": {"BLOCK": BLOCK},
