@@ -48,7 +48,14 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
 from models import ENCODERS, build_encoder  # noqa: E402
-from reference_loops import LOOP_NAMES, TOLERANCES, check_agreement, make_loop  # noqa: E402
+from reference_loops import (  # noqa: E402
+    CLEAN_TERMS_SUPPORTED,
+    LOOP_NAMES,
+    NO_REFERENCE,
+    TOLERANCES,
+    check_agreement,
+    make_loop,
+)
 
 DEVICE = torch.device(os.environ.get("CBD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 QUICK = os.environ.get("CBD_BENCH_QUICK", "") not in ("", "0")
@@ -85,7 +92,17 @@ def default_loops(device: torch.device) -> list[str]:
     the CPU-only ones."""
     if device.type == "cuda":
         return [n for n in LOOP_NAMES if not n.endswith("+cl")]
-    return ["floor", "naive", "strong", "cbd_fast", "strong+reuse", "floor+cl", "strong+cl", "cbd_fast+cl"]
+    return [
+        "floor",
+        "naive",
+        "strong",
+        "cbd_fast",
+        "strong+reuse",
+        "floor+cl",
+        "strong+cl",
+        "cbd_fast+cl",
+        "cbd_fast@default",
+    ]
 
 
 def _parse_cases(text: str) -> list[Case]:
@@ -140,12 +157,24 @@ _TIMER = ["time.perf_counter"]
 _ITIMES: dict[str, dict[str, float]] = {}  # interleaved medians, preferred by the summary
 
 
-def _config(case: Case) -> Any:
+def bench_config(**overrides: Any) -> Any:
+    """The ``PurifyConfig`` every loop follows: the defaults, except ``adversary="pgd"`` (the paper's
+    per-sample contrastive PGD: the plain-PyTorch loops implement CBD, not the patch-scan / warp
+    adversaries of the default ``"pgd_patch_warp"``) and, should the default clean term be one the
+    reference loops lack, ``"anchor"``. The config used is recorded in the summary.
+    """
     from cbd_fast import PurifyConfig
 
-    return PurifyConfig(
-        steps=case.steps, batch_size=case.batch, device=str(DEVICE), progress=False
-    ).validate()
+    base = PurifyConfig()
+    kw: dict[str, Any] = {"adversary": "pgd", "progress": False}
+    if base.clean_term not in CLEAN_TERMS_SUPPORTED:
+        kw["clean_term"] = "anchor"
+    kw.update(overrides)
+    return base.replace(**kw)
+
+
+def _config(case: Case) -> Any:
+    return bench_config(steps=case.steps, batch_size=case.batch, device=str(DEVICE))
 
 
 def _encoder(case: Case) -> torch.nn.Module:
@@ -168,7 +197,7 @@ def _batch(case: Case, index: int = 0) -> torch.Tensor:
 
 def _agreement(case: Case) -> dict[str, Any]:
     if case not in _AGREEMENT:
-        names = [n for n in LOOPS if not n.startswith("floor")]
+        names = [n for n in LOOPS if not n.startswith("floor") and n not in NO_REFERENCE]
         if "naive" not in names:
             names = ["naive", *names]
         cfg, enc = _config(case), _encoder(case)
@@ -232,9 +261,7 @@ def test_agreement(case: Case) -> None:
 
 def test_agreement_detects_a_difference() -> None:
     """The check is not vacuous: a loop run with another K, clean weight or BN mode is flagged."""
-    from cbd_fast import PurifyConfig
-
-    cfg = PurifyConfig(steps=2, batch_size=16, device="cpu", progress=False).validate()
+    cfg = bench_config(steps=2, batch_size=16, device="cpu")
     enc = build_encoder("fmnist_cnn", seed=0)
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(16, 1, 28, 28, generator=g) for _ in range(2)]
@@ -280,7 +307,7 @@ def test_loop_step(benchmark: Any, request: pytest.FixtureRequest, case: Case, l
             "device": str(DEVICE),
         }
     )
-    if not loop.startswith("floor"):
+    if not loop.startswith("floor") and loop not in NO_REFERENCE:
         report = _agreement(case)["loops"].get(loop)
         if report is None or report.get("unavailable"):
             reason = report["message"] if report else "not checked"
@@ -309,7 +336,9 @@ def test_interleaved(benchmark: Any, case: Case) -> None:
     a drift in the machine's load hits every loop alike. These medians are the ones to quote."""
     benchmark.group = case.id + "-interleaved"
     report = _agreement(case)["loops"]
-    names = [n for n in LOOPS if n.startswith("floor") or (n in report and report[n]["ok"])]
+    names = [
+        n for n in LOOPS if n.startswith("floor") or n in NO_REFERENCE or (n in report and report[n]["ok"])
+    ]
     refused = {
         n: report[n]["message"]
         for n in LOOPS
@@ -433,6 +462,8 @@ def summarize(
         def ok(name: str, rep: dict[str, Any] = rep) -> str | None:
             if name.startswith("floor"):
                 return None
+            if name in NO_REFERENCE:
+                return "no reference loop: timed only"
             r = rep["loops"].get(name)
             if r is None:
                 return "unchecked"
@@ -480,7 +511,13 @@ def summarize(
         for row in rows.values():
             bs = _batch_of(gid)
             row["images_per_s"] = bs / row["median_s"] if bs else None
-    return {"machine": machine_info(), "tolerances": TOLERANCES, "groups": groups}
+    config = None
+    try:
+        config = bench_config().to_dict()
+        config.pop("device", None)
+    except Exception as e:  # noqa: BLE001 - the summary must not fail on a config problem
+        config = f"unavailable: {e}"
+    return {"machine": machine_info(), "config": config, "tolerances": TOLERANCES, "groups": groups}
 
 
 def _batch_of(gid: str) -> int | None:
@@ -498,6 +535,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"torch {m['torch']}, {m['threads']} threads, timer {m['timer']}, load {m['load_average']}",
         "",
     ]
+    c = summary.get("config")
+    if isinstance(c, dict):
+        lines += [
+            f"config: adversary {c['adversary']}, eps {c['epsilon']:.4f}, alpha {c['step_size']:.4f}, "
+            f"tau {c['temperature']}, clean term {c['clean_term']} x {c['clean_weight']}, {c['optimizer']} "
+            f"lr {c['lr']}, bn_policy {c['bn_policy']}, amp {c['amp_dtype']}, channels_last "
+            f"{c['channels_last']} (K and batch per case)",
+            "",
+        ]
     for gid, g in summary["groups"].items():
         lines += [
             f"### {gid}",

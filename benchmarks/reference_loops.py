@@ -60,7 +60,25 @@ __all__ = [
     "LOOP_NAMES",
     "TOLERANCES",
     "check_agreement",
+    "CLEAN_TERMS_SUPPORTED",
+    "NO_REFERENCE",
 ]
+
+
+#: clean terms of ``cbd_fast.regularizers`` the reference loops implement.
+CLEAN_TERMS_SUPPORTED = ("none", "feature_consistency", "anchor")
+
+
+def _pull_ratio(config: Any) -> float:
+    extra = getattr(config, "extra", None) or {}
+    if "pull_ratio" in extra:
+        return float(extra["pull_ratio"])
+    try:
+        from cbd_fast.regularizers import CLEAN_TERMS
+
+        return float(getattr(CLEAN_TERMS.get("anchor"), "pull_ratio", 0.3))
+    except ImportError:
+        return 0.3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,8 +91,9 @@ class LoopSettings:
     Attributes:
         epsilon, step_size, steps, temperature: the attack (L-inf radius, PGD alpha, K, tau).
         lr, momentum, weight_decay, optimizer: the fine-tune optimizer ("sgd", "adam", "adamw").
-        clean_term: "none" or "feature_consistency" (the loops here implement these two).
+        clean_term: one of ``CLEAN_TERMS_SUPPORTED`` ("none", "feature_consistency", "anchor").
         clean_weight: weight of the clean term.
+        pull_ratio: weight of the adversarial half of the "anchor" term.
         bn_policy: fine-tune BatchNorm mode: "train", "eval" or "frozen".
         amp_dtype: autocast dtype for the encoder's passes, or None for float32.
         channels_last: run the encoder and images in channels_last.
@@ -92,6 +111,7 @@ class LoopSettings:
     optimizer: str = "sgd"
     clean_term: str = "feature_consistency"
     clean_weight: float = 1.0
+    pull_ratio: float = 0.3
     bn_policy: str = "eval"
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
@@ -128,6 +148,7 @@ class LoopSettings:
             optimizer=str(getattr(config, "optimizer", "sgd")),
             clean_term=str(getattr(config, "clean_term", "none")),
             clean_weight=float(getattr(config, "clean_weight", 0.0)),
+            pull_ratio=_pull_ratio(config),
             bn_policy=str(getattr(config, "bn_policy", "train")),
             amp_dtype=amp_dtype,
             channels_last=bool(cuda if cl == "auto" else cl),
@@ -137,9 +158,9 @@ class LoopSettings:
 
     def check_supported(self) -> None:
         """ValueError when the reference loops do not implement a setting."""
-        if self.clean_term not in ("none", "feature_consistency"):
+        if self.clean_term not in CLEAN_TERMS_SUPPORTED:
             raise ValueError(
-                f"clean_term must be 'none' or 'feature_consistency' for the reference loops; "
+                f"clean_term must be one of {CLEAN_TERMS_SUPPORTED} for the reference loops; "
                 f"got {self.clean_term!r}"
             )
         if self.bn_policy not in ("train", "eval", "frozen"):
@@ -264,7 +285,7 @@ class _Loop:
         for p in model.parameters():
             p.requires_grad_(True)
         self.model = model
-        if s.clean_term == "feature_consistency":
+        if s.clean_term in ("feature_consistency", "anchor"):
             original = copy.deepcopy(model).eval()
             for p in original.parameters():
                 p.requires_grad_(False)
@@ -280,14 +301,18 @@ class _Loop:
         self.generator = _generator(s)
 
     def _clean_term(
-        self, z_clean: torch.Tensor, x: torch.Tensor, autocast: Callable[[], Any]
+        self, z_clean: torch.Tensor, z_adv: torch.Tensor, x: torch.Tensor, autocast: Callable[[], Any]
     ) -> torch.Tensor:
-        """feature consistency (``cbd_fast.regularizers.FeatureConsistency``): the squared distance of
-        f(x) to the frozen original's f0(x), over the squared norm of f0(x), summed over the batch."""
+        """The clean-behaviour terms of ``cbd_fast.regularizers`` against the frozen original f0:
+        "feature_consistency": sum ||f(x) - f0(x)||^2 / sum ||f0(x)||^2;
+        "anchor": (sum ||f(x) - f0(x)||^2 + pull_ratio * sum ||f(x_adv) - f0(x)||^2) / sum ||f0(x)||^2."""
         assert self.original is not None
         with torch.no_grad(), autocast():
             z0 = self.original(x).float()
-        return (z_clean.float() - z0).pow(2).sum() / z0.pow(2).sum().clamp_min(1e-12)
+        num = (z_clean.float() - z0).pow(2).sum()
+        if self.s.clean_term == "anchor":
+            num = num + self.s.pull_ratio * (z_adv.float() - z0).pow(2).sum()
+        return num / z0.pow(2).sum().clamp_min(1e-12)
 
     def run(self, x: torch.Tensor) -> None:
         """One step followed by a device synchronisation (what the benchmarks time)."""
@@ -339,8 +364,8 @@ class NaiveCBD(_Loop):
         zz = model(torch.cat([x_adv.detach(), x]))  # one forward of both views (BN "train": joint stats)
         z_adv, z = zz[:b], zz[b:]
         loss = naive_nt_xent(z_adv, z, s.temperature)
-        if s.clean_term == "feature_consistency":
-            loss = loss + s.clean_weight * self._clean_term(z, x, _no_autocast)
+        if s.clean_term != "none":
+            loss = loss + s.clean_weight * self._clean_term(z, z_adv, x, _no_autocast)
         with torch.no_grad():  # the contrastive loss the attack reached, at the final x_adv
             attack_loss = naive_nt_xent(z_adv, clean, s.temperature)
         loss.backward()
@@ -469,8 +494,8 @@ class StrongCBD(_Loop):
                 zz = f(torch.cat([x_adv, x])).float()  # one forward of both views
             z_adv, z = zz[:b], zz[b:]
         loss = strong_nt_xent(z_adv, z, s.temperature)
-        if s.clean_term == "feature_consistency":
-            loss = loss + s.clean_weight * self._clean_term(z, x, self._autocast)
+        if s.clean_term != "none":
+            loss = loss + s.clean_weight * self._clean_term(z, z_adv, x, self._autocast)
         with torch.no_grad():  # the contrastive loss the attack reached, at the final x_adv
             attack_loss = strong_nt_xent(z_adv, anchors, s.temperature, b_normalized=True)
         opt.zero_grad(set_to_none=True)
@@ -679,7 +704,12 @@ LOOP_NAMES = {
     "cbd_fast-cl": "cbd_fast with channels_last=False",
     "cbd_fast+cl": "cbd_fast with channels_last=True (on the CPU too)",
     "cbd_fast+compile": "cbd_fast with compile=True",
+    "cbd_fast@default": "cbd_fast with the default adversary (timed only: no reference loop to agree with)",
 }
+
+#: loops timed without an agreement check (no plain-PyTorch loop computes the same thing); the
+#: summary gives their time and floor multiple, never a speedup.
+NO_REFERENCE = ("cbd_fast@default",)
 
 
 def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
@@ -695,6 +725,10 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
     device = torch.device(device)
     if name.startswith("cbd_fast"):
         over: dict[str, Any] = {"device": str(device), "progress": False}
+        if name == "cbd_fast@default":  # the shipped default adversary (no plain-PyTorch twin)
+            from cbd_fast import PurifyConfig
+
+            over["adversary"] = PurifyConfig().adversary
         if name == "cbd_fast-cl":
             over["channels_last"] = False
         elif name == "cbd_fast+cl":
@@ -733,8 +767,13 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: difference moves the update by 0.1-0.6 (K 1 vs 2: 0.22, clean weight 0.5 vs 1: 0.28, eps 4 vs
 #: 8/255: 0.21, tau 0.4 vs 0.5: 0.26, no clean term: 0.57, lr 0.011 vs 0.01: 0.098, BN train vs eval:
 #: 4.7e3) and the loss by 4e-5 to 70.
-#: So 1e-3 / 5e-2 leave 5-1000x room for rounding and still catch every one of those (2x margin for
-#: the subtlest, a 10 % change of the learning rate).
+#: With the measured defaults of issue 6 (eps 32/255, alpha 8/255, "anchor" term x 50, lr 1e-3) one
+#: flipped PGD sign moves a pixel by 8/255 and the x50 term amplifies it: strong vs naive (and
+#: cbd_fast vs strong) then differ by 1.2e-3 on the loss and 1.4e-2 on the update over 3 steps at
+#: bs 64, K 5 (cbd_fast vs naive happened to agree to 9e-7). So 5e-3 / 5e-2: 3-4x above that noise,
+#: and the check still flags every semantic difference under these defaults too (bs 16, K 2, 2 steps:
+#: K 1: update 0.35; clean weight /2: 0.80; eps /2: 0.75; tau 0.4: 0.060; feature_consistency
+#: instead of anchor: 0.99; lr x1.1: 0.23; BN train: 5e3; the same config: 2e-6).
 #:
 #: bfloat16: autocast noise alone moves the update by ~0.14 (fmnist_cnn, CPU autocast: a few PGD
 #: signs flip), as much as a subtle semantic difference, so a bf16 comparison cannot prove the
@@ -742,7 +781,7 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: with the float32 tolerances (the semantics), and the timed bf16 configuration with these loose
 #: bounds (catches a broken bf16 path: NaN, garbage, an update pointing elsewhere).
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"loss_rtol": 1e-3, "update_rtol": 5e-2},
+    "float32": {"loss_rtol": 5e-3, "update_rtol": 5e-2},
     "bfloat16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
     "float16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
 }

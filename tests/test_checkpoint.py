@@ -11,14 +11,7 @@ from torch import nn
 import cbd_fast
 from cbd_fast import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread is faster than two fighting over a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # module-scoped, in tests/conftest.py
 
 
 def _state(v: float) -> dict:
