@@ -780,10 +780,15 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: semantics. On CUDA the benchmark therefore checks twice: every loop in true float32 (TF32 off)
 #: with the float32 tolerances (the semantics), and the timed bf16 configuration with these loose
 #: bounds (catches a broken bf16 path: NaN, garbage, an update pointing elsewhere).
+#:
+#: ``loss_rtol`` applies to the FIRST step (same weights: only PGD rounding differs) and
+#: ``later_loss_rtol`` to the later ones: after one optimizer step equivalent loops follow
+#: trajectories that drift apart chaotically (final CPU run, fmnist_cnn bs 256 K 5, step-3 loss:
+#: channels_last vs NCHW 1.1e-2 with updates 2.3e-2; first-step losses agree to 1e-6).
 TOLERANCES: dict[str, dict[str, float]] = {
-    "float32": {"loss_rtol": 5e-3, "update_rtol": 5e-2},
-    "bfloat16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
-    "float16": {"loss_rtol": 5e-2, "update_rtol": 1.0},
+    "float32": {"loss_rtol": 1e-3, "later_loss_rtol": 5e-2, "update_rtol": 5e-2},
+    "bfloat16": {"loss_rtol": 5e-2, "later_loss_rtol": 1e-1, "update_rtol": 1.0},
+    "float16": {"loss_rtol": 5e-2, "later_loss_rtol": 1e-1, "update_rtol": 1.0},
 }
 
 _UNAVAILABLE_ERRORS = (ImportError, AttributeError, NotImplementedError)
@@ -875,19 +880,31 @@ def check_agreement(
             continue
         tol = TOLERANCES.get(rec["precision"], TOLERANCES["bfloat16"])
         rec["tolerance"] = tol
-        ldiff = max(
-            abs(a - b) / max(abs(b), 1e-6)
-            for key in ("loss", "attack_loss")
-            for a, b in zip(rec[key], ref[key])
+        first = max(abs(rec[k][0] - ref[k][0]) / max(abs(ref[k][0]), 1e-6) for k in ("loss", "attack_loss"))
+        later = max(
+            [
+                abs(a - b) / max(abs(b), 1e-6)
+                for key in ("loss", "attack_loss")
+                for a, b in list(zip(rec[key], ref[key]))[1:]
+            ]
+            or [0.0]
         )
+        ldiff = max(first, later)
         ref_update = updates["naive"]
         udiff = float((updates[name] - ref_update).norm() / ref_update.norm().clamp_min(1e-30))
         finite = all(math.isfinite(v) for v in rec["loss"] + rec["attack_loss"]) and math.isfinite(udiff)
         rec["loss_rdiff"], rec["update_rdiff"] = ldiff, udiff
-        rec["ok"] = finite and ldiff <= tol["loss_rtol"] and udiff <= tol["update_rtol"]
+        rec["first_loss_rdiff"], rec["later_loss_rdiff"] = first, later
+        rec["ok"] = (
+            finite
+            and first <= tol["loss_rtol"]
+            and later <= tol.get("later_loss_rtol", tol["loss_rtol"])
+            and udiff <= tol["update_rtol"]
+        )
         rec["message"] = (
-            f"{name} ({rec['precision']}) vs naive over {len(batches)} steps: loss rel diff {ldiff:.2e} "
-            f"(tol {tol['loss_rtol']:.0e}), weight-update rel diff {udiff:.2e} "
+            f"{name} ({rec['precision']}) vs naive over {len(batches)} steps: loss rel diff first step "
+            f"{first:.2e} (tol {tol['loss_rtol']:.0e}), later {later:.2e} "
+            f"(tol {tol.get('later_loss_rtol', tol['loss_rtol']):.0e}), weight-update rel diff {udiff:.2e} "
             f"(tol {tol['update_rtol']:.0e}); "
             f"loss {_fmt(rec['loss'])} vs {_fmt(ref['loss'])}, attack {_fmt(rec['attack_loss'])} vs "
             f"{_fmt(ref['attack_loss'])}"

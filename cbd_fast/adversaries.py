@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class AttackInputs:
         gather: None in one process; when distributed, [B, D] -> [B_global, D] all-gather that keeps
             the local rows' gradient path (for the attack's features).
         config: the run's PurifyConfig (epsilon, step_size, steps, temperature, backend, seed...).
+        rank: this rank's index (0 in one process): its anchors are ``clean_features[rank*B:(rank+1)*B]``
+            (every rank holds the same B), see :attr:`local_clean_features`.
     """
 
     encoder: nn.Module
@@ -65,6 +67,41 @@ class AttackInputs:
     epoch: int
     gather: Callable[[torch.Tensor], torch.Tensor] | None
     config: PurifyConfig
+    rank: int = 0
+
+    @property
+    def local_clean_features(self) -> torch.Tensor:
+        """[B, D] the anchors of this rank's own images (all of ``clean_features`` in one process)."""
+        b = self.x.shape[0]
+        return self.clean_features[self.rank * b : (self.rank + 1) * b]
+
+    def part(self, lo: int, hi: int, *, global_negatives: bool) -> AttackInputs:
+        """The inputs restricted to this rank's rows ``lo:hi`` (a sub-attack on part of the batch).
+
+        Args:
+            lo, hi: 0 <= lo <= hi <= B, the same on every rank.
+            global_negatives: keep ``gather`` and, as anchors, rows ``lo:hi`` of EVERY rank's slice
+                (rank-major, matching what ``gather`` returns for the part's features): the part's
+                loss then uses all ranks' parts as negatives. False: local anchors, ``gather=None``
+                (for sub-attacks whose state is rank-local). Identical in one process.
+        """
+        b = self.x.shape[0]
+        if global_negatives and self.gather is not None:
+            world = self.clean_features.shape[0] // b
+            anchors = self.clean_features.view(world, b, -1)[:, lo:hi].reshape(world * (hi - lo), -1)
+            gather = self.gather
+        else:
+            anchors, gather = self.local_clean_features[lo:hi], None
+        return AttackInputs(
+            encoder=self.encoder,
+            x=self.x[lo:hi],
+            clean_features=anchors,
+            indices=self.indices[lo:hi],
+            epoch=self.epoch,
+            gather=gather,
+            config=self.config,
+            rank=self.rank if gather is not None else 0,
+        )
 
 
 class Adversary:
@@ -77,6 +114,22 @@ class Adversary:
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State kept across batches (e.g. a scanned patch, a persistent flow field) as plain data:
+        tensors (CPU), numbers, strings, None, lists, dicts, what ``torch.load(weights_only=True)``
+        reads. The loop saves it in every checkpoint so a resumed run continues exactly. Default:
+        ``{}`` (a stateless adversary)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors may arrive on the CPU).
+
+        Args:
+            state: a dict from :meth:`state_dict` of the same adversary class.
+        """
+        if state:
+            raise ValueError(f"adversary {self.name!r} keeps no state; got state keys {sorted(state)}")
 
 
 #: name -> Adversary subclass. ``PurifyConfig.adversary`` must be one of these keys.
@@ -276,9 +329,16 @@ class PGDAndPatch(Adversary):
     Settings (``config.extra`` keys when the config has that dict, else these defaults): ``patch_size``
     (``max(3, round(min(H, W) / 10))``), ``patch_stride`` (at most 32 positions per axis),
     ``patch_candidates`` (4), ``patch_scan_images`` (16), ``patch_fraction`` (share of the batch
-    given to the patch half, 0.5). The scan runs once, on the first batch; it is not checkpointed,
-    so a resumed run rescans with the partly purified encoder. Under DDP each rank scans its own
-    first batch.
+    given to the patch half, 0.5). The scan runs once, on the first batch; the found patches, their
+    refined pixels and the round-robin counter are the adversary's :meth:`state_dict`, saved in
+    checkpoints, so a resumed run continues exactly (no rescan).
+
+    Distributed: the PGD half uses global negatives (every rank's PGD half, via ``inputs.gather``),
+    as the plain ``"pgd"`` adversary does. The patch half is rank-local: each rank scans its own
+    first batch, refines its own patches against its own anchors, and the batch halves are taken
+    per rank, so a multi-rank run does not reproduce a one-process run bit for bit (use
+    ``adversary="pgd"`` for that). Checkpoints are written by rank 0, so a resumed multi-rank run
+    continues every rank from rank 0's patches.
     """
 
     def __init__(self, config: PurifyConfig) -> None:
@@ -329,6 +389,29 @@ class PGDAndPatch(Adversary):
         out[:, :, r : r + k, q : q + k] = p.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """``patches`` (None before the scan, else a list of {row, col, pixels [1, C, k, k] CPU}),
+        ``k``, ``calls`` (the round-robin counter) and ``scan_scores``."""
+        patches = None
+        if self._patches is not None:
+            patches = [{"row": r, "col": q, "pixels": p.detach().cpu().clone()} for r, q, p in self._patches]
+        return {
+            "patches": patches,
+            "k": self._k,
+            "calls": self._calls,
+            "scan_scores": [list(s) for s in self.scan_scores],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (the pixels move to the images' device on use)."""
+        patches = state["patches"]
+        self._patches = (
+            None if patches is None else [(int(d["row"]), int(d["col"]), d["pixels"].clone()) for d in patches]
+        )
+        self._k = int(state["k"])
+        self._calls = int(state["calls"])
+        self.scan_scores = [(float(a), int(b), int(c), float(d)) for a, b, c, d in state["scan_scores"]]
+
     def _patch_attack(self, inp: AttackInputs, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         from cbd_fast.attack import attack_mode
         from cbd_fast.ops import nt_xent
@@ -336,6 +419,7 @@ class PGDAndPatch(Adversary):
         assert self._patches is not None
         i = self._calls % len(self._patches)
         r, q, p = self._patches[i]
+        p = p.to(x.device)
         cfg = self.config
         with attack_mode(inp.encoder), torch.enable_grad():
             for _ in range(cfg.steps if x.shape[0] >= 2 else 0):
@@ -357,13 +441,9 @@ class PGDAndPatch(Adversary):
         n_pgd = b - n_patch
         parts = []
         if n_pgd > 0:
-            sub = AttackInputs(
-                encoder=inp.encoder, x=inp.x[:n_pgd], clean_features=inp.clean_features[:n_pgd],
-                indices=inp.indices[:n_pgd], epoch=inp.epoch, gather=None, config=inp.config,
-            )
-            parts.append(self._pgd(sub))
+            parts.append(self._pgd(inp.part(0, n_pgd, global_negatives=True)))
         if n_patch > 0:
-            parts.append(self._patch_attack(inp, inp.x[n_pgd:], inp.clean_features[n_pgd:b]))
+            parts.append(self._patch_attack(inp, inp.x[n_pgd:], inp.local_clean_features[n_pgd:b]))
         self._calls += 1
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
@@ -377,12 +457,25 @@ class PGDPatchWarp(PGDAndPatch):
     displacements (in pixels, each within ``+-warp_pixels``, default 2) upsampled bicubically to the
     image, sampled bilinearly; per batch ``steps`` signed-gradient steps of ``warp_pixels / 4`` on
     NT-Xent(f(x'), clean anchors) update the shared field, which persists across batches (seeded
-    start from ``config.seed``). Thirds: PGD, patch, warp.
+    start from ``config.seed``) and is part of the :meth:`state_dict` (checkpointed). Thirds: PGD,
+    patch, warp. Distributed: as ``pgd_patch`` (PGD third global, patch and warp thirds rank-local).
     """
 
     def __init__(self, config: PurifyConfig) -> None:
         super().__init__(config)
         self._flow: torch.Tensor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``pgd_patch``'s state plus ``flow`` (None before the first batch, else [1, 2, 4, 4] CPU)."""
+        state = super().state_dict()
+        state["flow"] = None if self._flow is None else self._flow.detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+        super().load_state_dict(state)
+        flow = state["flow"]
+        self._flow = None if flow is None else flow.clone()
 
     def _warp_apply(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -411,7 +504,7 @@ class PGDPatchWarp(PGDAndPatch):
         if self._flow is None:
             g = torch.Generator().manual_seed(int(cfg.seed) + 7919)
             self._flow = ((torch.rand(1, 2, 4, 4, generator=g) * 2 - 1) * smax).to(x.device)
-        flow = self._flow
+        flow = self._flow.to(x.device)
         with attack_mode(inp.encoder), torch.enable_grad():
             for _ in range(cfg.steps if x.shape[0] >= 2 else 0):
                 flow = flow.detach().requires_grad_(True)
@@ -428,17 +521,13 @@ class PGDPatchWarp(PGDAndPatch):
             self._scan(inp.encoder, inp.x)
         n_pgd = b - 2 * (b // 3)
         n_patch = b // 3
-        parts = []
-        sub = AttackInputs(
-            encoder=inp.encoder, x=inp.x[:n_pgd], clean_features=inp.clean_features[:n_pgd],
-            indices=inp.indices[:n_pgd], epoch=inp.epoch, gather=None, config=inp.config,
-        )
-        parts.append(self._pgd(sub))
+        parts = [self._pgd(inp.part(0, n_pgd, global_negatives=True))]
+        local = inp.local_clean_features
         if n_patch > 0:
             sl = slice(n_pgd, n_pgd + n_patch)
-            parts.append(self._patch_attack(inp, inp.x[sl], inp.clean_features[sl]))
+            parts.append(self._patch_attack(inp, inp.x[sl], local[sl]))
             sl = slice(n_pgd + n_patch, b)
-            parts.append(self._warp_attack(inp, inp.x[sl], inp.clean_features[sl]))
+            parts.append(self._warp_attack(inp, inp.x[sl], local[sl]))
         self._calls += 1
         return torch.cat(parts)
 

@@ -14,8 +14,9 @@ checks every batch (a host read is free there).
 
 Reproducibility: the data order is a pure function of (seed, epoch), the random starts of (seed,
 epoch, sample index), dropout uses torch's global RNG forked from ``seed`` (the caller's RNG state is
-restored afterwards) and saved in checkpoints, so a resumed run ends with exactly the weights of an
-uninterrupted one (CPU, same seed), and two runs with one seed give identical weights. Python's
+restored afterwards) and saved in checkpoints, as is the adversary's state across batches
+(``Adversary.state_dict``: the default adversary's scanned patches and warp field), so a resumed run
+ends with exactly the weights of an uninterrupted one (CPU, same seed), and two runs with one seed give identical weights. Python's
 ``random`` and NumPy are not used by the loop (their states are neither seeded nor saved). A
 DataLoader passed by the caller keeps its own order (seed it with its ``generator``, whose state the
 checkpoints keep); its images have no dataset indices, so their random starts are keyed by their
@@ -422,6 +423,7 @@ class Purifier:
                     epoch=epoch,
                     gather=self._dist.gather_local_grad if self._dist.enabled else None,
                     config=cfg,
+                    rank=self._dist.ctx.rank if self._dist.enabled else 0,
                 )
             )
         # 3. Fine-tune: one forward of [x_adv; x; extra clean views], pulling + clean term.
@@ -711,6 +713,7 @@ class Purifier:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
+            "adversary": self._adversary.state_dict(),
             "history": history,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
@@ -738,6 +741,15 @@ class Purifier:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "adversary" in state:
+            self._adversary.load_state_dict(state["adversary"])
+        elif self._adversary.state_dict():
+            warnings.warn(
+                f"{path} holds no state of the adversary {self.config.adversary!r} (written by an older "
+                "version): it starts afresh, so the run will not equal an uninterrupted one",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if self.device.type == "cuda" and "cuda" in rng:
