@@ -406,7 +406,9 @@ class PGDAndPatch(Adversary):
         """Restore :meth:`state_dict`'s output (the pixels move to the images' device on use)."""
         patches = state["patches"]
         self._patches = (
-            None if patches is None else [(int(d["row"]), int(d["col"]), d["pixels"].clone()) for d in patches]
+            None
+            if patches is None
+            else [(int(d["row"]), int(d["col"]), d["pixels"].clone()) for d in patches]
         )
         self._k = int(state["k"])
         self._calls = int(state["calls"])
@@ -530,4 +532,3 @@ class PGDPatchWarp(PGDAndPatch):
             parts.append(self._warp_attack(inp, inp.x[sl], local[sl]))
         self._calls += 1
         return torch.cat(parts)
-

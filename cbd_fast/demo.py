@@ -118,7 +118,7 @@ def run_demo(
             ``badencoder`` (self-supervised: evaluated with a linear probe)).
         seed: model seed (0 is shipped) and seed of the unlabeled draw and of purification.
         report_dir: where the report goes (None: no report).
-        quick: a tiny run for CI (600 unlabeled images, 1,000 test images, 1 epoch, no diagnostic sweep).
+        quick: a tiny run for CI (300 unlabeled images, 1,000 test images, 1 epoch, one diagnostic radius).
         baselines: also run the baselines.
         quiet: no progress bars and no table.
         unlabeled_fraction: share of the 60,000 training images given to the defense, unlabeled.
@@ -141,7 +141,7 @@ def run_demo(
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     if quick:
-        unlabeled_fraction = min(unlabeled_fraction, 0.01)
+        unlabeled_fraction = min(unlabeled_fraction, 0.005)
         n_test = n_test or 1000
         overrides = {"epochs": 1, **overrides}
     if n_test is not None:

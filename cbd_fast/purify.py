@@ -16,11 +16,11 @@ Reproducibility: the data order is a pure function of (seed, epoch), the random 
 epoch, sample index), dropout uses torch's global RNG forked from ``seed`` (the caller's RNG state is
 restored afterwards) and saved in checkpoints, as is the adversary's state across batches
 (``Adversary.state_dict``: the default adversary's scanned patches and warp field), so a resumed run
-ends with exactly the weights of an uninterrupted one (CPU, same seed), and two runs with one seed give identical weights. Python's
-``random`` and NumPy are not used by the loop (their states are neither seeded nor saved). A
-DataLoader passed by the caller keeps its own order (seed it with its ``generator``, whose state the
-checkpoints keep); its images have no dataset indices, so their random starts are keyed by their
-position in the epoch instead.
+ends with exactly the weights of an uninterrupted one (CPU, same seed), and two runs with one seed
+give identical weights. Python's ``random`` and NumPy are not used by the loop (their states are
+neither seeded nor saved). A DataLoader passed by the caller keeps its own order (seed it with its
+``generator``, whose state the checkpoints keep); its images have no dataset indices, so their random
+starts are keyed by their position in the epoch instead.
 
 Example:
     >>> import torch, cbd_fast

@@ -239,8 +239,11 @@ class OriginalAnchor(CleanTerm):
 
     def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
         assert inp.reference_features is not None
-        z0 = inp.reference_features(inp.x)
+        # Global batch (identity in one process): every rank holds the same loss, so DDP's averaged
+        # gradient equals the one-process gradient (a per-rank sum / per-rank norm would not).
+        z0 = inp.gather_no_grad(inp.reference_features(inp.x))
+        z, z_adv = inp.gather(inp.z_clean), inp.gather(inp.z_adv)
         ratio = float((getattr(inp.config, "extra", None) or {}).get("pull_ratio", self.pull_ratio))
         den = z0.pow(2).sum().clamp_min(1e-12)
         # 1. clean consistency, 2. adversarial pull to the original clean features.
-        return ((inp.z_clean - z0).pow(2).sum() + ratio * (inp.z_adv - z0).pow(2).sum()) / den
+        return ((z - z0).pow(2).sum() + ratio * (z_adv - z0).pow(2).sum()) / den

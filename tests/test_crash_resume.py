@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cbd_fast import PurifyConfig
 from cbd_fast import checkpoint as ckpt
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
@@ -35,6 +36,7 @@ WORKER = textwrap.dedent(
     )
     x = torch.rand(96, 1, 10, 10, generator=torch.Generator().manual_seed(1))
     print("ready", flush=True)
+    # The DEFAULT adversary (stateful: scanned patches, a persistent warp field, both checkpointed).
     model = cbd_fast.purify(
         enc, x, epochs=10, batch_size=16, steps=3, optimizer="sgd", bn_policy="train",
         augmentation="crop_flip", checkpoint_dir=ckpt_dir if ckpt_dir != "-" else None,
@@ -154,3 +156,5 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(
     _assert_same(out, reference, "killed during a checkpoint write")
     assert not list(d.glob(".purify-epoch*.tmp-*")), "stale temporary file not cleaned"
     assert [e for e, _ in ckpt.list_checkpoints(d)] == [9, 10]
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(d)[-1][1])
+    assert state["config"]["adversary"] == PurifyConfig().adversary and "adversary" in state

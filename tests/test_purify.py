@@ -314,7 +314,9 @@ def test_feature_fn_with_a_classifier() -> None:
 
 
 def test_history_and_result_fields() -> None:
-    r = Purifier(**{**FAST, "epochs": 2, "log_every": 1}).fit(_encoder(), _images(24))
+    r = Purifier(**{**FAST, "epochs": 2, "log_every": 1, "lr_schedule": "cosine"}).fit(
+        _encoder(), _images(24)
+    )
     assert isinstance(r, PurifyResult) and r.config.epochs == 2
     assert [h["epoch"] for h in r.history] == [1, 2]
     keys = {

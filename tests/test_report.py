@@ -103,7 +103,7 @@ def test_report_empty_history_and_dataclass_config(tmp_path):
 
     out = report.write_report(tmp_path / "r", config=PurifyConfig(), history=[])
     doc = json.loads(out.read_text())
-    assert doc["config"]["epsilon"] == pytest.approx(8 / 255) and doc["history"] == []
+    assert doc["config"]["epsilon"] == pytest.approx(PurifyConfig().epsilon) and doc["history"] == []
     assert any("empty history" in n for n in doc["notes"]) and doc["projection"] is None
 
 
