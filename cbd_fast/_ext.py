@@ -46,6 +46,8 @@ def has_cuda() -> bool:
     mod = load()
     if mod is None:
         return False
-    from cbd_fast.build_info import build_info
+    if "cuda" not in _state:  # the build record is read (and copied) once, not on every op call
+        from cbd_fast.build_info import build_info
 
-    return bool(build_info().get("cuda_compiled", False))
+        _state["cuda"] = bool(build_info().get("cuda_compiled", False))
+    return bool(_state["cuda"])

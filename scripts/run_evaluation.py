@@ -160,6 +160,15 @@ def render(data: dict) -> str:
             f"- {attack}: CBD ASR {asr:.1f}% (target <= 5), ACC drop {dacc:.1f} points (target <= 2), "
             f"DER {der:.3f} vs supervised fine-tuning {sup:.3f}: **{'met' if ok else 'NOT met'}**."
         )
+    n_seeds = {a: len([c for c in cells.values() if c["attack"] == a]) for a in ATTACKS}
+    if any(v < 3 for v in n_seeds.values()):
+        lines += [
+            "",
+            "**Incomplete:** the issue asks for the mean of 3 seeds; this run finished "
+            + ", ".join(f"{a}: {n}" for a, n in n_seeds.items())
+            + " seed(s) before its deadline (the 2 cores were shared with other jobs, load 8-15). "
+            "Rerun the command above to add the missing cells (finished ones are kept).",
+        ]
     cfg = next(iter(cells.values()))["config"] if cells else {}
     keys = (
         "adversary",

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Run cbd_fast.purify (the real loop) with overrides on a backdoored model; evaluate; log JSON.
 
-    python scripts/research/loop_run.py MODEL ATTACK TAG key=value ...   (values parsed as Python literals)
+python scripts/research/loop_run.py MODEL ATTACK TAG key=value ...   (values parsed as Python literals)
 """
+
 import ast
 import json
 import sys
@@ -36,7 +37,9 @@ ssl = attack == "badencoder"
 
 
 def ev(bb):
-    clf = linear_probe(bb, train.images[:10000], train.labels[:10000]) if ssl else nn.Sequential(bb, model.head)
+    clf = (
+        linear_probe(bb, train.images[:10000], train.labels[:10000]) if ssl else nn.Sequential(bb, model.head)
+    )
     return evaluate_backdoor(clf, tx, ty, trig)
 
 
@@ -52,8 +55,17 @@ t0 = time.perf_counter()
 res = Purifier(progress=False, **ov).fit(model.backbone, ux)
 secs = time.perf_counter() - t0
 after = ev(res.encoder)
-rec = {"tag": tag, "loop": True, "model": path, "attack": attack, "overrides": {**ov, "pull_ratio": globals().get("rec_ratio", 0.2)}, "before": before, "after": after,
-       "secs": round(secs, 1), "hist": [{k: round(v, 4) for k, v in h.items() if k.startswith("loss")} for h in res.history]}
+rec = {
+    "tag": tag,
+    "loop": True,
+    "model": path,
+    "attack": attack,
+    "overrides": {**ov, "pull_ratio": globals().get("rec_ratio", 0.2)},
+    "before": before,
+    "after": after,
+    "secs": round(secs, 1),
+    "hist": [{k: round(v, 4) for k, v in h.items() if k.startswith("loss")} for h in res.history],
+}
 print(json.dumps(rec))
 with open("scripts/research/runs.jsonl", "a") as fh:
     fh.write(json.dumps(rec) + "\n")

@@ -107,7 +107,7 @@ class Adv:
                 xs = []
                 for q in range(w - k + 1):
                     xp = x.clone()
-                    xp[..., r:r + k, q:q + k] = val
+                    xp[..., r : r + k, q : q + k] = val
                     xs.append(xp)
                 z = f(torch.cat(xs)).view(w - k + 1, n, -1)
                 s = (z - c).pow(2).sum(2).mean(1) / den
@@ -124,13 +124,13 @@ class Adv:
         for _ in range(steps):
             p.requires_grad_(True)
             xa = x.clone()
-            xa[..., r:r + k, q:q + k] = p.expand(len(x), -1, -1, -1)
+            xa[..., r : r + k, q : q + k] = p.expand(len(x), -1, -1, -1)
             loss = ntx(f(xa), anchor, self.a.tau)
             (g,) = torch.autograd.grad(loss, p)
             p = (p.detach() + alpha * g.sign()).clamp(0, 1)
         self.patches[it % len(self.patches)] = (r, q, p.detach())
         xa = x.clone()
-        xa[..., r:r + k, q:q + k] = p.expand(len(x), -1, -1, -1)
+        xa[..., r : r + k, q : q + k] = p.expand(len(x), -1, -1, -1)
         return xa
 
     def mask_adv(self, f, x, anchor, budget, steps, lr):
@@ -204,14 +204,17 @@ def main() -> None:
         return (u - v).pow(2).sum(1).mean() / scale
 
     params = [q for q in f.parameters() if q.requires_grad]
-    opt = (torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4) if a.opt == "sgd"
-           else torch.optim.Adam(params, lr=a.lr))
+    opt = (
+        torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)
+        if a.opt == "sgd"
+        else torch.optim.Adam(params, lr=a.lr)
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, a.epochs)
     advs = a.adv.split(",") if a.adv else []
     adv = Adv(a, ux.shape[1:])
     hist = []
     t0 = time.perf_counter()
-    for ep in range(a.epochs):
+    for _ep in range(a.epochs):
         perm = torch.randperm(len(ux))
         tot = {}
         for i in range(0, len(ux), a.bs):
@@ -221,10 +224,23 @@ def main() -> None:
                 anchor = f(x)
                 a0 = f0(x)
             views = []
-            parts_in = list(zip(x.chunk(len(advs)), anchor.chunk(len(advs)))) if a.split else [(x, anchor)] * len(advs)
+            parts_in = (
+                list(zip(x.chunk(len(advs)), anchor.chunk(len(advs))))
+                if a.split
+                else [(x, anchor)] * len(advs)
+            )
             for kind, (x, anchor) in zip(advs, parts_in):
                 if kind == "pgd":
-                    views.append(adv.pgd(f, x, anchor, a.eps / 255, a.steps, max(a.eps / 255 / 4, 0.5 / 255) if a.eps else 0))
+                    views.append(
+                        adv.pgd(
+                            f,
+                            x,
+                            anchor,
+                            a.eps / 255,
+                            a.steps,
+                            max(a.eps / 255 / 4, 0.5 / 255) if a.eps else 0,
+                        )
+                    )
                 elif kind == "upgd":
                     views.append(adv.upgd(f, x, anchor, a.ueps / 255, a.steps, a.ueps / 255 / 4))
                 elif kind == "mask":
@@ -233,7 +249,7 @@ def main() -> None:
                     views.append(x)
                 elif kind == "patch":
                     if not hasattr(adv, "patches"):
-                        adv.scan(f0, ux[:a.scan_n], a.patch_k, a.patch_top)
+                        adv.scan(f0, ux[: a.scan_n], a.patch_k, a.patch_top)
                         print("scan", adv.scores[:6], flush=True)
                     views.append(adv.patch(f, x, anchor, a.steps, 0.25, i // a.bs))
                 elif kind == "warp":
@@ -273,8 +289,15 @@ def main() -> None:
         hist.append({k: round(v / nb, 4) for k, v in tot.items()})
     secs = time.perf_counter() - t0
     after = evaluate(f)
-    rec = {"tag": a.tag, "args": vars(a), "before": before, "after": after, "secs": round(secs, 1),
-           "hist": hist, "mask_sum": float(adv.mask.sum())}
+    rec = {
+        "tag": a.tag,
+        "args": vars(a),
+        "before": before,
+        "after": after,
+        "secs": round(secs, 1),
+        "hist": hist,
+        "mask_sum": float(adv.mask.sum()),
+    }
     print(json.dumps(rec))
     with open("scripts/research/runs.jsonl", "a") as fh:
         fh.write(json.dumps(rec) + "\n")
