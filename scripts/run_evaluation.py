@@ -116,7 +116,8 @@ def render(data: dict) -> str:
         "feature-space backdoor planted into a clean encoder, no head) with a linear probe trained on 10,000 "
         "clean labeled images over the frozen backbone. ACC/ASR in % on the test set "
         f"({data.get('n_test') or 10000} images; ASR over non-target images), DER in [0, 1], seconds of "
-        "defense wall time on one thread of a shared 2-core machine. Mean ± std over the seeds listed.",
+        "defense wall time on one thread of a 2-core machine shared with other jobs (load 6-15, varying: "
+        "compare methods within a seed, not across seeds). Mean ± std over the seeds listed.",
         "",
         "| attack | method | labels | seeds | ACC % | ASR % | DER | seconds |",
         "|---|---|---|---|---|---|---|---|",
