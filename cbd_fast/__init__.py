@@ -33,11 +33,11 @@ _LAZY = {
 
 __all__ = ["__version__", "available_backends", "purify", "Purifier", "PurifyResult", *_LAZY]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from cbd_fast import attack, ops
-    from cbd_fast.build_info import build_info
-    from cbd_fast.config import PurifyConfig
-    from cbd_fast.losses import NTXentLoss
+if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily through __all__ / __getattr__)
+    from cbd_fast import attack, ops  # noqa: F401
+    from cbd_fast.build_info import build_info  # noqa: F401
+    from cbd_fast.config import PurifyConfig  # noqa: F401
+    from cbd_fast.losses import NTXentLoss  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
