@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from cbd_fast._registry import registrar
+
 if TYPE_CHECKING:  # pragma: no cover
     from cbd_fast.config import PurifyConfig
 
@@ -136,19 +138,10 @@ class Adversary:
 ADVERSARIES: dict[str, type[Adversary]] = {}
 
 
-def register_adversary(name: str) -> Callable[[type[Adversary]], type[Adversary]]:
-    """Class decorator adding an :class:`Adversary` subclass to :data:`ADVERSARIES` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-
-    def deco(cls: type[Adversary]) -> type[Adversary]:
-        if not (isinstance(cls, type) and issubclass(cls, Adversary)):
-            raise TypeError(f"an adversary must subclass Adversary; got {cls!r}")
-        cls.name = name
-        ADVERSARIES[name] = cls
-        return cls
-
-    return deco
+#: Class decorator: ``@register_adversary(name)`` adds an Adversary subclass to ADVERSARIES.
+register_adversary: Callable[[str], Callable[[type[Adversary]], type[Adversary]]] = registrar(
+    ADVERSARIES, Adversary, "an adversary"
+)
 
 
 def make_adversary(config: PurifyConfig) -> Adversary:

@@ -653,25 +653,10 @@ class Purifier:
                 batches += 1
                 bar.update(1)
                 if (b + 1) % cfg.log_every == 0:
-                    means = sync(b)
-                    rate = images / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix(
-                        loss=f"{means[0]:.4f}",
-                        pull=f"{means[1]:.4f}",
-                        clean=f"{means[2]:.4f}",
-                        attack=f"{means[3]:.4f}",
-                        img_s=f"{rate:.1f}",
-                    )
+                    _show_postfix(bar, sync(b), images / max(time.perf_counter() - t0, 1e-9))
             means = sync(batches)
             if batches:
-                rate = images / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(
-                    loss=f"{means[0]:.4f}",
-                    pull=f"{means[1]:.4f}",
-                    clean=f"{means[2]:.4f}",
-                    attack=f"{means[3]:.4f}",
-                    img_s=f"{rate:.1f}",
-                )
+                _show_postfix(bar, means, images / max(time.perf_counter() - t0, 1e-9))
         finally:
             bar.close()
         if batches == 0:
@@ -818,3 +803,14 @@ def purify(
         True
     """
     return Purifier(config, **overrides).fit(encoder, data, feature_fn=feature_fn, inplace=inplace).encoder
+
+
+def _show_postfix(bar: Any, means: Any, rate: float) -> None:
+    """Progress-bar postfix: running means of (loss, pull, clean, attack) and images/s."""
+    bar.set_postfix(
+        loss=f"{means[0]:.4f}",
+        pull=f"{means[1]:.4f}",
+        clean=f"{means[2]:.4f}",
+        attack=f"{means[3]:.4f}",
+        img_s=f"{rate:.1f}",
+    )

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from cbd_fast._registry import registrar
+
 if TYPE_CHECKING:  # pragma: no cover
     from cbd_fast.config import PurifyConfig
 
@@ -104,19 +106,10 @@ class CleanTerm:
 CLEAN_TERMS: dict[str, type[CleanTerm]] = {}
 
 
-def register_clean_term(name: str) -> Callable[[type[CleanTerm]], type[CleanTerm]]:
-    """Class decorator adding a :class:`CleanTerm` subclass to :data:`CLEAN_TERMS` under ``name``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name must be a non-empty string; got {name!r}")
-
-    def deco(cls: type[CleanTerm]) -> type[CleanTerm]:
-        if not (isinstance(cls, type) and issubclass(cls, CleanTerm)):
-            raise TypeError(f"a clean term must subclass CleanTerm; got {cls!r}")
-        cls.name = name
-        CLEAN_TERMS[name] = cls
-        return cls
-
-    return deco
+#: Class decorator: ``@register_clean_term(name)`` adds a CleanTerm subclass to CLEAN_TERMS.
+register_clean_term: Callable[[str], Callable[[type[CleanTerm]], type[CleanTerm]]] = registrar(
+    CLEAN_TERMS, CleanTerm, "a clean term"
+)
 
 
 def make_clean_term(config: PurifyConfig) -> CleanTerm:
