@@ -31,3 +31,12 @@ def registrar(registry: dict[str, T], base: type, what: str) -> Callable[[str], 
         return deco
 
     return register
+
+
+def instantiate(registry: dict[str, T], field: str, config: object) -> object:
+    """``registry[config.<field>](config)``; a name not registered -> ValueError listing the valid ones."""
+    name = getattr(config, field)
+    cls = registry.get(name)
+    if cls is None:
+        raise ValueError(f"{field} must be one of {sorted(registry)}; got {name!r}")
+    return cls(config)

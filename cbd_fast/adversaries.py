@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from cbd_fast._registry import registrar
+from cbd_fast._registry import instantiate, registrar
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbd_fast.config import PurifyConfig
@@ -146,10 +146,7 @@ register_adversary: Callable[[str], Callable[[type[Adversary]], type[Adversary]]
 
 def make_adversary(config: PurifyConfig) -> Adversary:
     """Instantiate the adversary ``config.adversary`` names (ValueError listing registered names)."""
-    cls = ADVERSARIES.get(config.adversary)
-    if cls is None:
-        raise ValueError(f"adversary must be one of {sorted(ADVERSARIES)}; got {config.adversary!r}")
-    return cls(config)
+    return instantiate(ADVERSARIES, "adversary", config)  # type: ignore[return-value]
 
 
 @register_adversary("pgd")

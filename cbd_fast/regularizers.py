@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from cbd_fast._registry import registrar
+from cbd_fast._registry import instantiate, registrar
 
 if TYPE_CHECKING:  # pragma: no cover
     from cbd_fast.config import PurifyConfig
@@ -114,10 +114,7 @@ register_clean_term: Callable[[str], Callable[[type[CleanTerm]], type[CleanTerm]
 
 def make_clean_term(config: PurifyConfig) -> CleanTerm:
     """Instantiate the term ``config.clean_term`` names (ValueError listing the registered names)."""
-    cls = CLEAN_TERMS.get(config.clean_term)
-    if cls is None:
-        raise ValueError(f"clean_term must be one of {sorted(CLEAN_TERMS)}; got {config.clean_term!r}")
-    return cls(config)
+    return instantiate(CLEAN_TERMS, "clean_term", config)  # type: ignore[return-value]
 
 
 @register_clean_term("none")
