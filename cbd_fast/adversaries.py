@@ -11,6 +11,10 @@ detached adversarial batch. Adding a candidate is one class:
     ...         u = per_sample_uniform(inp.indices, inp.x.shape[1:], seed=inp.config.seed, epoch=inp.epoch)
     ...         return random_start(inp.x, u, inp.config.epsilon)
 
+An adversary's own settings are declared in its ``OPTIONS`` (name -> :class:`Option`: default, type,
+range) and set with ``PurifyConfig(adversary_options={...})``; unknown keys and bad values are rejected
+when the config is validated.
+
 Randomness is drawn per sample from (seed, epoch, sample index) by :func:`per_sample_uniform`, a
 counter-based hash evaluated on the images' device: the same sample gets the same random start
 whatever the batch composition, the number of ranks or the device, so distributed runs and resumed
@@ -19,6 +23,7 @@ runs reproduce single-process ones.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -34,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "AttackInputs",
     "Adversary",
+    "Option",
     "ADVERSARIES",
     "register_adversary",
     "make_adversary",
@@ -106,13 +112,82 @@ class AttackInputs:
         )
 
 
+@dataclass(frozen=True)
+class Option:
+    """One setting of an adversary (a key of ``PurifyConfig.adversary_options``).
+
+    Attributes:
+        default: the value when the user gives none (None: derived at run time, see ``doc``).
+        kind: ``int`` or ``float`` (ints are accepted for floats).
+        minimum: inclusive lower bound.
+        maximum: inclusive upper bound (None: unbounded).
+        doc: one line for the docs and the error messages.
+    """
+
+    default: Any
+    kind: type
+    minimum: float
+    maximum: float | None = None
+    doc: str = ""
+
+    def check(self, adversary: str, key: str, value: Any) -> Any:
+        """``value`` as ``kind``; TypeError/ValueError naming the adversary, the key and the value."""
+        where = f"adversary_options[{key!r}] of adversary {adversary!r}"
+        if value is None and self.default is None:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if self.kind is int and isinstance(value, float):
+            ok = ok and value.is_integer()
+        if not ok:
+            raise TypeError(
+                f"{where} must be {'an integer' if self.kind is int else 'a real number'}; got {value!r}"
+            )
+        value = self.kind(value)
+        if value != value or value < self.minimum or (self.maximum is not None and value > self.maximum):
+            hi = "" if self.maximum is None else f" and <= {self.maximum:g}"
+            raise ValueError(f"{where} must be >= {self.minimum:g}{hi} ({self.doc}); got {value}")
+        return value
+
+
 class Adversary:
-    """Base class: ``__call__(inputs) -> x_adv`` (detached, same shape/dtype/device as ``inputs.x``)."""
+    """Base class: ``__call__(inputs) -> x_adv`` (detached, same shape/dtype/device as ``inputs.x``).
+
+    Settings: a subclass declares its settings in ``OPTIONS`` (name -> :class:`Option`); the user sets
+    them with ``PurifyConfig(adversary_options={...})`` and the instance reads them, defaults filled
+    in, from ``self.options``.
+    """
 
     name: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, Option]] = {}
 
     def __init__(self, config: PurifyConfig) -> None:
         self.config = config
+        self.options = self.check_options(getattr(config, "adversary_options", None))
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any] | None) -> dict[str, Any]:
+        """``OPTIONS``' defaults updated with ``options`` (a new dict; ``options`` is not modified).
+
+        Raises:
+            TypeError: ``options`` is not a dict or None, or a value has the wrong type.
+            ValueError: a key the adversary does not have (the valid ones are listed) or a value out of
+                range.
+        """
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise TypeError(f"adversary_options must be a dict or None; got {type(options).__name__}")
+        unknown = sorted(str(k) for k in options if k not in cls.OPTIONS)
+        if unknown:
+            valid = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise ValueError(
+                f"adversary_options {', '.join(map(repr, unknown))} not settings of adversary {cls.name!r}; "
+                f"its settings: {valid}"
+            )
+        out = {k: opt.default for k, opt in cls.OPTIONS.items()}
+        for k, v in options.items():
+            out[k] = cls.OPTIONS[k].check(cls.name, k, v)
+        return out
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -299,7 +374,16 @@ def _hashed_uniform(key: torch.Tensor, m: int, chunk_elements: int = 1 << 24) ->
     return out
 
 
-# --- added by the evaluation owner (issue 6; measurements in docs/results.md) ---
+# --- label-free searches for sample-agnostic triggers (issue 6; measurements in docs/results.md) ---
+
+_PATCH_OPTIONS: dict[str, Option] = {
+    "patch_size": Option(
+        None, int, 1, doc="side k of the scanned square patches; None: max(3, min(H, W) / 10)"
+    ),
+    "patch_stride": Option(None, int, 1, doc="scan stride; None: at most 32 positions per axis"),
+    "patch_candidates": Option(4, int, 1, doc="best-scoring patches kept, used round robin"),
+    "patch_scan_images": Option(16, int, 1, doc="images of the first batch scored by the scan"),
+}
 
 
 @register_adversary("pgd_patch")
@@ -316,12 +400,11 @@ class PGDAndPatch(Adversary):
     pastes one of those patches (round robin) on its images and refines the patch's pixels, shared by
     the images, with ``steps`` signed-gradient steps of size 0.25 on NT-Xent(f(x'), clean anchors).
 
-    Settings (``config.extra`` keys when the config has that dict, else these defaults): ``patch_size``
-    (``max(3, round(min(H, W) / 10))``), ``patch_stride`` (at most 32 positions per axis),
-    ``patch_candidates`` (4), ``patch_scan_images`` (16), ``patch_fraction`` (share of the batch
-    given to the patch half, 0.5). The scan runs once, on the first batch; the found patches, their
-    refined pixels and the round-robin counter are the adversary's :meth:`state_dict`, saved in
-    checkpoints, so a resumed run continues exactly (no rescan).
+    Settings (``PurifyConfig.adversary_options``): ``patch_size``, ``patch_stride``,
+    ``patch_candidates``, ``patch_scan_images`` and ``patch_fraction`` (share of the batch given to the
+    patch half, default 0.5); see ``OPTIONS``. The scan runs once, on the first batch; the found
+    patches, their refined pixels and the round-robin counter are the adversary's
+    :meth:`state_dict`, saved in checkpoints, so a resumed run continues exactly (no rescan).
 
     Distributed: the PGD half uses global negatives (every rank's PGD half, via ``inputs.gather``),
     as the plain ``"pgd"`` adversary does. The patch half is rank-local: each rank scans its own
@@ -331,9 +414,15 @@ class PGDAndPatch(Adversary):
     continues every rank from rank 0's patches.
     """
 
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        **_PATCH_OPTIONS,
+        "patch_fraction": Option(0.5, float, 0.0, 1.0, doc="share of each batch given to the patch half"),
+    }
+
     def __init__(self, config: PurifyConfig) -> None:
         super().__init__(config)
-        self._pgd = ContrastivePGD(config)
+        # the PGD half is the plain "pgd" adversary (the options here are not its settings)
+        self._pgd = ContrastivePGD(dataclasses.replace(config, adversary="pgd", adversary_options=None))
         self._patches: list[tuple[int, int, torch.Tensor]] | None = None
         self._k = 0
         self._calls = 0
@@ -343,12 +432,12 @@ class PGDAndPatch(Adversary):
     def _scan(self, encoder: nn.Module, x: torch.Tensor) -> None:
         from cbd_fast.attack import attack_mode
 
-        ex = getattr(self.config, "extra", None) or {}
+        opt = self.options
         _, c, h, w = x.shape
-        k = int(ex.get("patch_size", max(3, round(min(h, w) / 10))))
+        k = opt["patch_size"] if opt["patch_size"] is not None else max(3, round(min(h, w) / 10))
         k = max(1, min(k, h, w))
-        stride = int(ex.get("patch_stride", max(1, (max(h, w) - k + 1) // 32)))
-        x = x[: int(ex.get("patch_scan_images", 16))].float()
+        stride = opt["patch_stride"] or max(1, (max(h, w) - k + 1) // 32)
+        x = x[: opt["patch_scan_images"]].float()
         rows, cols = list(range(0, h - k + 1, stride)), list(range(0, w - k + 1, stride))
         with attack_mode(encoder):
             # 1. reference features of the clean images and their mean squared norm.
@@ -367,7 +456,7 @@ class PGDAndPatch(Adversary):
                     scores += [(float(s[j]), r, q, val) for j, q in enumerate(cols)]
         scores.sort(reverse=True)
         self.scan_scores = scores[:16]
-        top = int(ex.get("patch_candidates", 4))
+        top = opt["patch_candidates"]
         self._patches = [
             (r, q, torch.full((1, c, k, k), val, device=x.device)) for _, r, q, val in scores[:top]
         ]
@@ -428,8 +517,7 @@ class PGDAndPatch(Adversary):
         b = inp.x.shape[0]
         if self._patches is None:
             self._scan(inp.encoder, inp.x)
-        ex = getattr(self.config, "extra", None) or {}
-        n_patch = int(round(b * float(ex.get("patch_fraction", 0.5))))
+        n_patch = int(round(b * self.options["patch_fraction"]))
         n_pgd = b - n_patch
         parts = []
         if n_pgd > 0:
@@ -445,20 +533,34 @@ class PGDPatchWarp(PGDAndPatch):
     """``pgd_patch`` plus a universal smooth-warp adversary on a third of the batch.
 
     Warping triggers (WaNet) move pixels instead of adding to them, which an L-inf ball reaches only
-    partly. The warp third applies one flow field shared by the images: a ``4 x 4`` grid of 2-D
-    displacements (in pixels, each within ``+-warp_pixels``, default 2) upsampled bicubically to the
-    image, sampled bilinearly; per batch ``steps`` signed-gradient steps of ``warp_pixels / 4`` on
-    NT-Xent(f(x'), clean anchors) update the shared field, which persists across batches (seeded
-    start from ``config.seed``) and is part of the :meth:`state_dict` (checkpointed). Thirds: PGD,
-    patch, warp. Distributed: as ``pgd_patch`` (PGD third global, patch and warp thirds rank-local).
+    partly. The warp third applies a flow field shared by its images: a ``4 x 4`` grid of 2-D
+    displacements (pixels, each within ``+-warp_pixels``) upsampled bicubically to the image, sampled
+    bilinearly. ``warp_restarts`` such fields persist across batches (seeded random starts from
+    ``config.seed``) and take turns, one per batch; the batch's field takes ``warp_steps`` (None:
+    ``config.steps``) signed-gradient steps of ``warp_pixels / 4`` on NT-Xent(f(x'), clean anchors).
+    Several fields keep the fine-tuning from becoming invariant to one warp only. The fields are part
+    of the :meth:`state_dict` (checkpointed). Thirds: PGD, patch, warp. Distributed: as ``pgd_patch``
+    (PGD third global, patch and warp thirds rank-local).
+
+    Measured defaults (``scripts/research/log.md``, 3 seeds of the WaNet model): ``warp_pixels`` 1.5
+    and 4 restarts, ASR 8.6% vs 13.1% with one field of 2 px; 3 px fields 20.9%; fresh per-batch or
+    per-image starts 21%; 10 steps instead of 5 no better (8.5%).
     """
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        **_PATCH_OPTIONS,
+        "warp_pixels": Option(1.5, float, 0.0, doc="bound of each flow control displacement, in pixels"),
+        "warp_restarts": Option(4, int, 1, doc="persistent flow fields, used in turn"),
+        "warp_steps": Option(None, int, 0, doc="signed-gradient steps per batch; None: config.steps"),
+    }
 
     def __init__(self, config: PurifyConfig) -> None:
         super().__init__(config)
         self._flow: torch.Tensor | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """``pgd_patch``'s state plus ``flow`` (None before the first batch, else [1, 2, 4, 4] CPU)."""
+        """``pgd_patch``'s state plus ``flow`` (None before the first batch, else
+        [warp_restarts, 2, 4, 4] float32 CPU)."""
         state = super().state_dict()
         state["flow"] = None if self._flow is None else self._flow.detach().cpu().clone()
         return state
@@ -470,6 +572,7 @@ class PGDPatchWarp(PGDAndPatch):
         self._flow = None if flow is None else flow.clone()
 
     def _warp_apply(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Warp ``x`` [n, C, H, W] with ``flow`` [1, 2, g, g] (displacements in pixels, x then y)."""
         n, _, h, w = x.shape
         ys, xs = torch.meshgrid(
             torch.linspace(-1, 1, h, device=x.device),
@@ -490,22 +593,24 @@ class PGDPatchWarp(PGDAndPatch):
         from cbd_fast.attack import attack_mode
         from cbd_fast.ops import nt_xent
 
-        ex = getattr(self.config, "extra", None) or {}
-        smax = float(ex.get("warp_pixels", 2.0))
-        cfg = self.config
+        cfg, opt = self.config, self.options
+        smax, m = opt["warp_pixels"], opt["warp_restarts"]
+        steps = cfg.steps if opt["warp_steps"] is None else opt["warp_steps"]
         if self._flow is None:
             g = torch.Generator().manual_seed(int(cfg.seed) + 7919)
-            self._flow = ((torch.rand(1, 2, 4, 4, generator=g) * 2 - 1) * smax).to(x.device)
-        flow = self._flow.to(x.device)
+            self._flow = ((torch.rand(m, 2, 4, 4, generator=g) * 2 - 1) * smax).to(x.device)
+        i = self._calls % self._flow.shape[0]  # this batch's field
+        flow = self._flow[i : i + 1].to(x.device)
         with attack_mode(inp.encoder), torch.enable_grad():
-            for _ in range(cfg.steps if x.shape[0] >= 2 else 0):
+            for _ in range(steps if x.shape[0] >= 2 else 0):
                 flow = flow.detach().requires_grad_(True)
                 z = inp.encoder(self._warp_apply(x, flow)).flatten(1).float()
                 loss = nt_xent(z, anchors, cfg.temperature, backend=cfg.backend)
                 (g,) = torch.autograd.grad(loss, flow)
                 flow = (flow.detach() + smax / 4 * g.sign()).clamp(-smax, smax)
-        self._flow = flow.detach()
-        return self._warp_apply(x, self._flow).detach()
+        self._flow = self._flow.clone()
+        self._flow[i : i + 1] = flow.detach().to(self._flow.device)
+        return self._warp_apply(x, flow.detach()).detach()
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:
         b = inp.x.shape[0]

@@ -293,6 +293,7 @@ class Purifier:
         self._inplace = inplace
         self._clean_term = make_clean_term(cfg)
         self._adversary = make_adversary(cfg)
+        self._grad_ema: torch.Tensor | None = None  # running mean of gradient norms (spike guard)
         # The frozen original (before any change) for terms that compare against it.
         self._reference: nn.Module | None = None
         if self._clean_term.needs_reference:
@@ -376,8 +377,8 @@ class Purifier:
 
         Returns:
             on-device 0-dim tensors (no host sync, except with ``nonfinite="skip"``): ``loss``,
-            ``loss_pull``, ``loss_clean``, ``attack_loss`` (float32), ``finite`` (bool) and
-            ``skipped`` (float32 0/1).
+            ``loss_pull``, ``loss_clean``, ``attack_loss`` (float32), ``finite`` (bool),
+            ``skipped`` and ``clipped`` (float32 0/1: the spike guard scaled this step's gradient).
         """
         if not self._prepared:
             raise RuntimeError("call Purifier.prepare(encoder) before step(x)")
@@ -462,6 +463,7 @@ class Purifier:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         finite = torch.isfinite(loss)
+        clipped = self._clip_gradient_spike()
         skipped = torch.zeros((), device=z.device)
         if cfg.nonfinite == "skip":
             if bool(finite):  # one host sync per batch: the price of skipping
@@ -480,7 +482,37 @@ class Purifier:
             "attack_loss": attack_loss.detach(),
             "finite": finite,
             "skipped": skipped,
+            "clipped": clipped,
         }
+
+    def _clip_gradient_spike(self) -> torch.Tensor:
+        """Scale the gradients down to ``grad_spike_factor`` x the running mean of earlier norms.
+
+        ``n = ||g||_2`` over every parameter; ``c = min(1, factor * ema / n)``; ``g <- c g``;
+        ``ema <- 0.9 ema + 0.1 c n`` (the first batch only sets ``ema``). On the device, no host
+        sync; a multiplication by exactly 1 leaves the gradients bit-identical, so a run whose norms
+        never spike is the unclipped run. Non-finite norms are left to the ``nonfinite`` policy.
+        Returns 1.0 when this batch was clipped, else 0.0 (a 0-d float32 tensor on the device).
+        """
+        factor = self.config.grad_spike_factor
+        dev = self.device
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if factor is None or not grads:
+            return torch.zeros((), device=dev)
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+        )
+        ok = torch.isfinite(norm)
+        if self._grad_ema is None:
+            self._grad_ema = torch.where(ok, norm, torch.zeros_like(norm))
+            return torch.zeros((), device=dev)
+        ema = self._grad_ema
+        limit = torch.where(ema > 0, factor * ema, torch.full_like(ema, float("inf")))
+        c = torch.where(ok & (norm > limit), limit / norm.clamp_min(1e-30), torch.ones_like(norm))
+        for g in grads:  # c is exactly 1 unless clipped: the gradients stay bit-identical
+            g.mul_(c.to(g.dtype))
+        self._grad_ema = torch.where(ok, 0.9 * ema + 0.1 * c * norm, ema)
+        return (c < 1).float()
 
     def _nt_xent(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         from cbd_fast.ops import nt_xent
@@ -598,6 +630,7 @@ class Purifier:
         acc = torch.zeros(len(_HISTORY_TERMS), device=dev, dtype=torch.float64)
         weight = torch.zeros((), device=dev, dtype=torch.float64)
         skipped = torch.zeros((), device=dev)
+        clipped = torch.zeros((), device=dev)
         first_bad = torch.full((), -1, device=dev, dtype=torch.int64)
         bad_data = torch.full((), -1, device=dev, dtype=torch.int64)
         images = dropped = batches = 0
@@ -645,6 +678,7 @@ class Purifier:
                 acc += vals * keep
                 weight += keep
                 skipped += out["skipped"]
+                clipped += out["clipped"]
                 if cfg.nonfinite == "stop":
                     first_bad = torch.where(
                         ~out["finite"] & (first_bad < 0), torch.full_like(first_bad, b), first_bad
@@ -669,6 +703,7 @@ class Purifier:
             images=images,
             batches=batches,
             skipped_batches=int(skipped),
+            clipped_batches=int(clipped),
             dropped_batches=dropped,
             seconds=seconds,
             images_per_s=images / max(seconds, 1e-9),
@@ -699,6 +734,7 @@ class Purifier:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
             "adversary": self._adversary.state_dict(),
+            "grad_ema": None if self._grad_ema is None else self._grad_ema.detach().cpu(),
             "history": history,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
@@ -726,6 +762,8 @@ class Purifier:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        ema = state.get("grad_ema")
+        self._grad_ema = None if ema is None else ema.to(self.device)
         if "adversary" in state:
             self._adversary.load_state_dict(state["adversary"])
         elif self._adversary.state_dict():

@@ -209,7 +209,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# --- added by the evaluation owner (issue 6; measurements in docs/results.md) ---
+# --- the measured default clean term (issue 6; docs/results.md) ---
 
 
 @register_clean_term("anchor")
@@ -220,8 +220,7 @@ class OriginalAnchor(CleanTerm):
     ``z0 = f_0(x)``: clean features stay where the original head reads them (norms included: the
     head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins for triggered
     ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
-    ``pull_ratio`` (class attribute, 0.3; ``config.extra["pull_ratio"]`` when the config has that
-    dict) weighs the adversarial half against the clean half.
+    ``pull_ratio`` (class attribute, 0.3) weighs the adversarial half against the clean half.
     """
 
     needs_reference = True
@@ -233,7 +232,7 @@ class OriginalAnchor(CleanTerm):
         # gradient equals the one-process gradient (a per-rank sum / per-rank norm would not).
         z0 = inp.gather_no_grad(inp.reference_features(inp.x))
         z, z_adv = inp.gather(inp.z_clean), inp.gather(inp.z_adv)
-        ratio = float((getattr(inp.config, "extra", None) or {}).get("pull_ratio", self.pull_ratio))
+        ratio = float(self.pull_ratio)
         den = z0.pow(2).sum().clamp_min(1e-12)
         # 1. clean consistency, 2. adversarial pull to the original clean features.
         return ((z - z0).pow(2).sum() + ratio * (z_adv - z0).pow(2).sum()) / den

@@ -10,7 +10,9 @@ model (cbd_fast/assets or runs/models, trained by scripts/train_backdoor.py when
 the training images as the defender's unlabeled set, and runs: no defense, CBD (``cbd_fast.purify``
 with its DEFAULTS), plain fine-tuning (same loss, epsilon 0), supervised fine-tuning (labels),
 adversarial unlearning (labels). ACC and ASR on the 10,000 test images. One thread per job.
-Finished cells are kept in the JSON and skipped on a rerun (``--fresh`` recomputes everything).
+Finished cells are kept in the JSON and skipped on a rerun unless they were run with other CBD defaults
+(``--fresh`` recomputes everything). Each trigger's floor (its ASR on the other attacks' models) is
+reported next to the targets.
 """
 
 from __future__ import annotations
@@ -73,6 +75,45 @@ def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
     }
 
 
+def trigger_floor(attack: str, seed: int, n_test: int | None) -> dict[str, float]:
+    """ASR of ``attack``'s trigger on each OTHER supervised attack's backdoored model (same seed).
+
+    Those models have no backdoor for this trigger, so the lowest value is the share of triggered
+    non-target test images a model sends to the target class anyway (class confusions): a floor no
+    defense goes below. A high value means another backdoor answers this trigger too (the SIG model
+    answers the blend). Uses only cached models (runs/models); ``{}`` when none is there.
+    """
+    import torch
+
+    from cbd_fast.attacks import SUPERVISED_ATTACKS, trigger_for
+    from cbd_fast.data import load_fashion_mnist
+    from cbd_fast.metrics import attack_success_rate
+    from cbd_fast.models import load_model
+
+    test = load_fashion_mnist("test")
+    if n_test is not None:
+        ti = torch.randperm(len(test), generator=torch.Generator().manual_seed(123))[:n_test]
+        test = test.subset(ti)
+    vals = {}
+    for other in SUPERVISED_ATTACKS:
+        path = ROOT / "runs" / "models" / f"{other}_seed{seed}.pt"
+        if other != attack and path.is_file():
+            model = load_model(str(path))
+            vals[other] = attack_success_rate(model, test.images, test.labels, trigger_for(attack), 0)
+    return vals
+
+
+def _current_config(seed: int) -> dict:
+    from cbd_fast import PurifyConfig
+
+    return PurifyConfig(seed=seed, progress=False).validate().to_dict()
+
+
+def _stale(cell: dict) -> bool:
+    """A cached cell run with other CBD defaults than the current ones (it must be recomputed)."""
+    return cell.get("config") != _current_config(int(cell["seed"]))
+
+
 def _load() -> dict:
     if OUT_JSON.is_file():
         return json.loads(OUT_JSON.read_text())
@@ -116,8 +157,8 @@ def render(data: dict) -> str:
         "feature-space backdoor planted into a clean encoder, no head) with a linear probe trained on 10,000 "
         "clean labeled images over the frozen backbone. ACC/ASR in % on the test set "
         f"({data.get('n_test') or 10000} images; ASR over non-target images), DER in [0, 1], seconds of "
-        "defense wall time on one thread of a 2-core machine shared with other jobs (load 6-15, varying: "
-        "compare methods within a seed, not across seeds). Mean ± std over the seeds listed.",
+        "defense wall time, one thread per job, ``--jobs`` jobs on the machine above (other load adds "
+        "noise: compare methods within a seed). Mean ± std over the seeds listed.",
         "",
         "| attack | method | labels | seeds | ACC % | ASR % | DER | seconds |",
         "|---|---|---|---|---|---|---|---|",
@@ -157,8 +198,16 @@ def render(data: dict) -> str:
         )
         der = statistics.mean(c["results"]["cbd"]["der"] for c in runs)
         ok = asr <= 5 and dacc <= 2
+        per_seed = data.get("floors", {}).get(attack, {}).values()
+        fl = [min(d.values()) for d in per_seed if isinstance(d, dict) and d]
+        floor = (
+            f" (floor {100 * statistics.mean(fl):.1f}%: the trigger's ASR on the least affected model "
+            "without its backdoor)"
+            if fl
+            else ""
+        )
         lines.append(
-            f"- {attack}: CBD ASR {asr:.1f}% (target <= 5), ACC drop {dacc:.1f} points (target <= 2), "
+            f"- {attack}: CBD ASR {asr:.1f}%{floor} (target <= 5), ACC drop {dacc:.1f} points (target <= 2), "
             f"DER {der:.3f} vs supervised fine-tuning {sup:.3f}: **{'met' if ok else 'NOT met'}**."
         )
     n_seeds = {a: len([c for c in cells.values() if c["attack"] == a]) for a in ATTACKS}
@@ -184,7 +233,8 @@ def render(data: dict) -> str:
         "clean_weight",
         "bn_policy",
         "batch_size",
-        "extra",
+        "adversary_options",
+        "grad_spike_factor",
     )
     lines += ["", "## The CBD defaults used", "", "```"]
     lines += [f"{k} = {cfg.get(k)!r}" for k in keys if k in cfg]
@@ -206,18 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     data = {"cells": {}} if args.fresh else _load()
     if not args.render_only:
-        data.update(
-            command="python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *(argv or sys.argv[1:])]),
-            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
-            n_test=args.n_test,
-        )
         todo = [
             (a, int(s))
             for s in args.seeds.split(",")
             for a in args.attacks.split(",")
-            if f"{a}/{s}" not in data["cells"]
+            if f"{a}/{s}" not in data["cells"] or _stale(data["cells"][f"{a}/{s}"])
         ]
+        if todo:  # the header describes the run that computed cells
+            data.update(
+                command="python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *(argv or sys.argv[1:])]),
+                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}",
+                n_test=args.n_test,
+            )
         if args.jobs > 1:
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -234,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                 data["cells"][f"{a}/{s}"] = cell
                 _save(data)
                 print(json.dumps({"attack": a, "seed": s}), flush=True)
+        floors = data.setdefault("floors", {})
+        for a in args.attacks.split(","):
+            if a != "badencoder":
+                floors[a] = {s: trigger_floor(a, int(s), args.n_test) for s in args.seeds.split(",")}
+        _save(data)
     OUT_MD.parent.mkdir(parents=True, exist_ok=True)
     OUT_MD.write_text(render(data))
     print(f"wrote {OUT_MD} and {OUT_JSON}")

@@ -15,7 +15,7 @@ from cbd_fast.regularizers import CLEAN_TERMS
 def test_defaults_are_the_papers_starting_points() -> None:
     # epsilon/step_size/lr/adversary/clean term: measured defaults (issue 6, docs/results.md).
     cfg = PurifyConfig().validate()
-    assert cfg.epsilon == pytest.approx(32 / 255)
+    assert cfg.epsilon == pytest.approx(40 / 255)
     assert cfg.step_size == pytest.approx(8 / 255)
     assert cfg.steps == 5
     assert cfg.temperature == 0.5

@@ -125,9 +125,9 @@ def backdoor() -> Backdoor:
 def test_purify_removes_a_backdoor_and_keeps_clean_behaviour(backdoor: Backdoor) -> None:
     before = backdoor.measure(backdoor.model.backbone)
     assert before["acc"] > 0.95 and before["asr"] > 0.9, before  # the backdoor is real
-    # The package DEFAULTS (measured on Fashion-MNIST: eps 32/255 covers the 0.1 trigger, adversary
+    # The package DEFAULTS (measured on Fashion-MNIST: eps 40/255 covers the 0.1 trigger, adversary
     # pgd_patch_warp, clean term anchor x 50, lr 1e-3), only the batch and epochs sized for 192 images
-    # (36 steps). Seeds 0/1 measured: ASR 0.048/0.011, shift 0.43/0.41, drift 0.14/0.15, ACC 1.0.
+    # (36 steps). Seeds 0/1 measured: ASR 0.005/0.013, shift 0.38/0.40, drift 0.16/0.15, ACC 1.0.
     cfg = PurifyConfig(batch_size=32, epochs=6, progress=False)
     unlabeled = backdoor.x[:192]  # no labels are passed
     purified = purify(backdoor.model.backbone, unlabeled, cfg)
@@ -280,7 +280,7 @@ def test_stateful_adversary_state_is_checkpointed(tmp_path) -> None:
     (path,) = [p for _, p in ckpt.list_checkpoints(tmp_path)]
     state = ckpt.load_checkpoint(path)["adversary"]
     assert state["calls"] == 2 and state["k"] == 3 and len(state["patches"]) == 4
-    assert state["flow"].shape == (1, 2, 4, 4) and state["scan_scores"]
+    assert state["flow"].shape == (4, 2, 4, 4) and state["scan_scores"]  # warp_restarts fields
     adv = make_adversary(cfg)
     adv.load_state_dict(state)
     again = adv.state_dict()
