@@ -187,7 +187,12 @@ class Adversary:
         out = {k: opt.default for k, opt in cls.OPTIONS.items()}
         for k, v in options.items():
             out[k] = cls.OPTIONS[k].check(cls.name, k, v)
+        cls.check_combination(out)
         return out
+
+    @classmethod
+    def check_combination(cls, options: dict[str, Any]) -> None:
+        """Constraints between settings (ValueError naming them); none by default."""
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -530,21 +535,27 @@ class PGDAndPatch(Adversary):
 
 @register_adversary("pgd_patch_warp")
 class PGDPatchWarp(PGDAndPatch):
-    """``pgd_patch`` plus a universal smooth-warp adversary on a third of the batch.
+    """``pgd_patch`` plus a universal smooth-warp adversary; each batch is split PGD / patch / warp.
 
     Warping triggers (WaNet) move pixels instead of adding to them, which an L-inf ball reaches only
-    partly. The warp third applies a flow field shared by its images: a ``4 x 4`` grid of 2-D
+    partly. The warp part applies a flow field shared by its images: a ``4 x 4`` grid of 2-D
     displacements (pixels, each within ``+-warp_pixels``) upsampled bicubically to the image, sampled
     bilinearly. ``warp_restarts`` such fields persist across batches (seeded random starts from
     ``config.seed``) and take turns, one per batch; the batch's field takes ``warp_steps`` (None:
     ``config.steps``) signed-gradient steps of ``warp_pixels / 4`` on NT-Xent(f(x'), clean anchors).
     Several fields keep the fine-tuning from becoming invariant to one warp only. The fields are part
-    of the :meth:`state_dict` (checkpointed). Thirds: PGD, patch, warp. Distributed: as ``pgd_patch``
-    (PGD third global, patch and warp thirds rank-local).
+    of the :meth:`state_dict` (checkpointed).
 
-    Measured defaults (``scripts/research/log.md``, 3 seeds of the WaNet model): ``warp_pixels`` 1.5
-    and 4 restarts, ASR 8.6% vs 13.1% with one field of 2 px; 3 px fields 20.9%; fresh per-batch or
-    per-image starts 21%; 10 steps instead of 5 no better (8.5%).
+    Split: ``patch_fraction`` (default 1/6) and ``warp_fraction`` (1/2) of each batch, rounded down,
+    go to the patch and warp parts, the rest (1/3) to per-sample PGD; a lone PGD image (NT-Xent needs
+    a negative) joins the warp part. Distributed: as ``pgd_patch`` (PGD part global, patch and warp
+    parts rank-local).
+
+    Measured defaults (``scripts/research/log.md``, 3 seeds per attack): ``warp_pixels`` 1.5 and 4
+    fields, WaNet ASR 8.6% vs 13.1% with one field of 2 px (3 px fields: 20.9%; fresh per-batch or
+    per-image starts: 21%; 10 steps: 8.5%; fresh fields every epoch: 14.6%); shares 1/3-1/6-1/2 instead
+    of thirds: WaNet 6.9% vs 8.8%, Blended 4.5% vs 4.8%, BadNets 2.9% vs 2.4%; shares 0.3-0.1-0.6 cost
+    BadNets (4.9%) for no WaNet gain (7.3%).
     """
 
     OPTIONS: ClassVar[dict[str, Option]] = {
@@ -552,7 +563,19 @@ class PGDPatchWarp(PGDAndPatch):
         "warp_pixels": Option(1.5, float, 0.0, doc="bound of each flow control displacement, in pixels"),
         "warp_restarts": Option(4, int, 1, doc="persistent flow fields, used in turn"),
         "warp_steps": Option(None, int, 0, doc="signed-gradient steps per batch; None: config.steps"),
+        "patch_fraction": Option(1 / 6, float, 0.0, 1.0, doc="share of each batch given to the patch part"),
+        "warp_fraction": Option(1 / 2, float, 0.0, 1.0, doc="share of each batch given to the warp part"),
     }
+
+    @classmethod
+    def check_combination(cls, options: dict[str, Any]) -> None:
+        """The patch and warp shares leave the rest of the batch to PGD: their sum must be <= 1."""
+        total = options["patch_fraction"] + options["warp_fraction"]
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"adversary_options patch_fraction + warp_fraction of adversary {cls.name!r} must be <= 1; "
+                f"got {options['patch_fraction']} + {options['warp_fraction']} = {total}"
+            )
 
     def __init__(self, config: PurifyConfig) -> None:
         super().__init__(config)
@@ -614,15 +637,23 @@ class PGDPatchWarp(PGDAndPatch):
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:
         b = inp.x.shape[0]
-        if self._patches is None:
+        n_patch = int(b * self.options["patch_fraction"] + 1e-9)
+        n_warp = int(b * self.options["warp_fraction"] + 1e-9)
+        if self._patches is None and n_patch > 0:
             self._scan(inp.encoder, inp.x)
-        n_pgd = b - 2 * (b // 3)
-        n_patch = b // 3
-        parts = [self._pgd(inp.part(0, n_pgd, global_negatives=True))]
+        n_pgd = b - n_patch - n_warp
+        if n_pgd == 1:  # NT-Xent needs a negative: a lone PGD image joins the warp (else patch) part
+            n_pgd = 0
+            if n_warp > 0 or n_patch == 0:
+                n_warp += 1
+            else:
+                n_patch += 1
+        parts = [self._pgd(inp.part(0, n_pgd, global_negatives=True))] if n_pgd > 0 else []
         local = inp.local_clean_features
         if n_patch > 0:
             sl = slice(n_pgd, n_pgd + n_patch)
             parts.append(self._patch_attack(inp, inp.x[sl], local[sl]))
+        if n_warp > 0:
             sl = slice(n_pgd + n_patch, b)
             parts.append(self._warp_attack(inp, inp.x[sl], local[sl]))
         self._calls += 1

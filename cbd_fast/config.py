@@ -45,9 +45,9 @@ class PurifyConfig:
         temperature: NT-Xent temperature tau, used by the attack and the pulling loss. Default 0.5
             (SimCLR / paper).
         adversary: name in ``cbd_fast.adversaries.ADVERSARIES``. Default ``"pgd_patch_warp"``
-            (measured): a third of each batch per-sample contrastive PGD, a third a universal patch
-            found by a label-free scan, a third universal smooth warps (4 persistent fields in
-            turn). ``"pgd"`` is the paper's.
+            (measured): a third of each batch per-sample contrastive PGD, a sixth a universal patch
+            found by a label-free scan, half universal smooth warps (4 persistent fields in turn).
+            ``"pgd"`` is the paper's.
         adversary_options: settings of that adversary (a dict; None or missing keys: its defaults),
             e.g. ``{"warp_pixels": 1.5, "patch_candidates": 4}``; the keys an adversary has are its
             ``OPTIONS`` (``cbd_fast.adversaries``), anything else -> ValueError listing them.

@@ -71,6 +71,7 @@ def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
         "seed": seed,
         "results": out["results"],
         "config": out["config"],
+        "adversary_settings": _adversary_settings(out["config"]),
         "wall_seconds": time.perf_counter() - t0,
     }
 
@@ -109,9 +110,17 @@ def _current_config(seed: int) -> dict:
     return PurifyConfig(seed=seed, progress=False).validate().to_dict()
 
 
+def _adversary_settings(config: dict) -> dict:
+    """The adversary's effective settings (its OPTIONS defaults updated with ``adversary_options``)."""
+    from cbd_fast.adversaries import ADVERSARIES
+
+    return ADVERSARIES[config["adversary"]].check_options(config.get("adversary_options"))
+
+
 def _stale(cell: dict) -> bool:
-    """A cached cell run with other CBD defaults than the current ones (it must be recomputed)."""
-    return cell.get("config") != _current_config(int(cell["seed"]))
+    """A cached cell run with other CBD defaults (config or adversary settings): it is recomputed."""
+    now = _current_config(int(cell["seed"]))
+    return cell.get("config") != now or cell.get("adversary_settings") != _adversary_settings(now)
 
 
 def _load() -> dict:
@@ -238,6 +247,9 @@ def render(data: dict) -> str:
     )
     lines += ["", "## The CBD defaults used", "", "```"]
     lines += [f"{k} = {cfg.get(k)!r}" for k in keys if k in cfg]
+    settings = next(iter(cells.values())).get("adversary_settings") if cells else None
+    if settings:
+        lines += [f"# the adversary's settings: {settings!r}"]
     lines += ["```", ""]
     abl = ROOT / "docs" / "ablation.md"
     if abl.is_file():

@@ -88,3 +88,46 @@ def test_cli_set_parses_a_dict() -> None:
     out = parse_set_options(['adversary_options={"warp_pixels": 2.5}'])
     assert out == {"adversary_options": {"warp_pixels": 2.5}}
     PurifyConfig(**out).validate()
+
+
+def test_patch_and_warp_shares_must_leave_room() -> None:
+    with pytest.raises(ValueError, match=r"patch_fraction \+ warp_fraction.*0.6 \+ 0.5"):
+        PurifyConfig(adversary_options={"patch_fraction": 0.6, "warp_fraction": 0.5}).validate()
+    PurifyConfig(adversary_options={"patch_fraction": 0.5, "warp_fraction": 0.5}).validate()  # no PGD: fine
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "options"),
+    [
+        (2, 2, None),  # PGD would get 1 image: it joins the warp part
+        (5, 2, None),
+        (3, 3, None),
+        (7, 4, None),
+        (4, 4, {"warp_fraction": 0.0, "patch_fraction": 0.5}),
+        (4, 4, {"warp_fraction": 0.5, "patch_fraction": 0.5}),
+        (3, 3, {"warp_fraction": 0.0, "patch_fraction": 0.0}),
+    ],
+)
+def test_small_batches_and_extreme_shares_run(n, batch, options) -> None:
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    x = torch.rand(n, 1, 12, 12)
+    res = Purifier(batch_size=batch, epochs=1, progress=False, adversary_options=options).fit(enc, x)
+    assert res.history[0]["batches"] >= 1
+
+
+def test_default_split_of_a_batch() -> None:
+    # 128 images: 43 PGD, 21 patch, 64 warp; the adversary returns them in that order, PGD ones within
+    # epsilon of the clean images.
+    from cbd_fast.adversaries import AttackInputs
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    cfg = PurifyConfig(steps=1).validate()
+    x = torch.rand(128, 1, 12, 12)
+    with torch.no_grad():
+        anchors = enc(x)
+    adv = make_adversary(cfg)
+    out = adv(AttackInputs(enc, x, anchors, torch.arange(128), 0, None, cfg))
+    diff = (out - x).abs().flatten(1).amax(1)
+    assert (diff[:43] <= cfg.epsilon + 1e-6).all()
+    assert (diff[43:64] > cfg.epsilon).any()  # pasted patches: unbounded amplitude
