@@ -101,6 +101,7 @@ def default_loops(device: torch.device) -> list[str]:
         "floor+cl",
         "strong+cl",
         "cbd_fast+cl",
+        "cbd_fast+guard",
         "cbd_fast@default",
     ]
 
@@ -160,13 +161,14 @@ _ITIMES: dict[str, dict[str, float]] = {}  # interleaved medians, preferred by t
 def bench_config(**overrides: Any) -> Any:
     """The ``PurifyConfig`` every loop follows: the defaults, except ``adversary="pgd"`` (the paper's
     per-sample contrastive PGD: the plain-PyTorch loops implement CBD, not the patch-scan / warp
-    adversaries of the default ``"pgd_patch_warp"``) and, should the default clean term be one the
+    adversaries of the default ``"pgd_patch_warp"``), ``grad_spike_factor=None`` (the reference loops
+    have no spike guard; ``cbd_fast+guard`` times it) and, should the default clean term be one the
     reference loops lack, ``"anchor"``. The config used is recorded in the summary.
     """
     from cbd_fast import PurifyConfig
 
     base = PurifyConfig()
-    kw: dict[str, Any] = {"adversary": "pgd", "progress": False}
+    kw: dict[str, Any] = {"adversary": "pgd", "progress": False, "grad_spike_factor": None}
     if base.clean_term not in CLEAN_TERMS_SUPPORTED:
         kw["clean_term"] = "anchor"
     kw.update(overrides)

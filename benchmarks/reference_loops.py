@@ -705,11 +705,12 @@ LOOP_NAMES = {
     "cbd_fast+cl": "cbd_fast with channels_last=True (on the CPU too)",
     "cbd_fast+compile": "cbd_fast with compile=True",
     "cbd_fast@default": "cbd_fast with the default adversary (timed only: no reference loop to agree with)",
+    "cbd_fast+guard": "cbd_fast with the default gradient spike guard (timed only: the references have none)",
 }
 
 #: loops timed without an agreement check (no plain-PyTorch loop computes the same thing); the
 #: summary gives their time and floor multiple, never a speedup.
-NO_REFERENCE = ("cbd_fast@default",)
+NO_REFERENCE = ("cbd_fast@default", "cbd_fast+guard")
 
 
 def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
@@ -725,10 +726,13 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
     device = torch.device(device)
     if name.startswith("cbd_fast"):
         over: dict[str, Any] = {"device": str(device), "progress": False}
-        if name == "cbd_fast@default":  # the shipped default adversary (no plain-PyTorch twin)
+        if name in NO_REFERENCE:  # shipped defaults that have no plain-PyTorch twin
             from cbd_fast import PurifyConfig
 
-            over["adversary"] = PurifyConfig().adversary
+            default = PurifyConfig()
+            over["grad_spike_factor"] = default.grad_spike_factor
+            if name == "cbd_fast@default":
+                over["adversary"] = default.adversary
         if name == "cbd_fast-cl":
             over["channels_last"] = False
         elif name == "cbd_fast+cl":

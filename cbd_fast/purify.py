@@ -499,9 +499,13 @@ class Purifier:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if factor is None or not grads:
             return torch.zeros((), device=dev)
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        )
+        # one fused pass per dtype group where torch has it (as clip_grad_norm_ does), else a loop
+        foreach = hasattr(torch, "_foreach_norm") and len({(g.device, g.dtype) for g in grads}) == 1
+        if foreach:
+            norms = [n.float() for n in torch._foreach_norm(grads)]
+        else:
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         ok = torch.isfinite(norm)
         if self._grad_ema is None:
             self._grad_ema = torch.where(ok, norm, torch.zeros_like(norm))
@@ -509,8 +513,12 @@ class Purifier:
         ema = self._grad_ema
         limit = torch.where(ema > 0, factor * ema, torch.full_like(ema, float("inf")))
         c = torch.where(ok & (norm > limit), limit / norm.clamp_min(1e-30), torch.ones_like(norm))
-        for g in grads:  # c is exactly 1 unless clipped: the gradients stay bit-identical
-            g.mul_(c.to(g.dtype))
+        # c is exactly 1 unless clipped: the gradients stay bit-identical
+        if foreach:
+            torch._foreach_mul_(grads, c.to(grads[0].dtype))
+        else:
+            for g in grads:
+                g.mul_(c.to(g.dtype))
         self._grad_ema = torch.where(ok, 0.9 * ema + 0.1 * c * norm, ema)
         return (c < 1).float()
 
