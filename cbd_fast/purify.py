@@ -81,6 +81,10 @@ class PurifyResult:
     config: PurifyConfig
 
 
+#: steps of the gradient spike guard that only measure the norm (see Purifier._clip_gradient_spike)
+_SPIKE_WARMUP = 3
+
+
 class _NonFinite(RuntimeError):
     pass
 
@@ -294,6 +298,7 @@ class Purifier:
         self._clean_term = make_clean_term(cfg)
         self._adversary = make_adversary(cfg)
         self._grad_ema: torch.Tensor | None = None  # running mean of gradient norms (spike guard)
+        self._grad_steps = 0
         # The frozen original (before any change) for terms that compare against it.
         self._reference: nn.Module | None = None
         if self._clean_term.needs_reference:
@@ -489,7 +494,9 @@ class Purifier:
         """Scale the gradients down to ``grad_spike_factor`` x the running mean of earlier norms.
 
         ``n = ||g||_2`` over every parameter; ``c = min(1, factor * ema / n)``; ``g <- c g``;
-        ``ema <- 0.9 ema + 0.1 c n`` (the first batch only sets ``ema``). On the device, no host
+        ``ema <- 0.9 ema + 0.1 c n``. The first ``_SPIKE_WARMUP`` (3) steps only set ``ema`` (their
+        mean): the first step's gradient is small by construction, a limit from it alone clipped
+        ordinary steps. On the device, no host
         sync; a multiplication by exactly 1 leaves the gradients bit-identical, so a run whose norms
         never spike is the unclipped run. Non-finite norms are left to the ``nonfinite`` policy.
         Returns 1.0 when this batch was clipped, else 0.0 (a 0-d float32 tensor on the device).
@@ -507,8 +514,13 @@ class Purifier:
             norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
         norm = torch.linalg.vector_norm(torch.stack(norms))
         ok = torch.isfinite(norm)
-        if self._grad_ema is None:
-            self._grad_ema = torch.where(ok, norm, torch.zeros_like(norm))
+        self._grad_steps += 1
+        if self._grad_ema is None or self._grad_steps <= _SPIKE_WARMUP:
+            # warm-up: a plain mean of the first norms, no clipping (the first step's gradient is
+            # small by construction: the encoder still equals the frozen original)
+            prev = torch.zeros_like(norm) if self._grad_ema is None else self._grad_ema
+            k = min(self._grad_steps, _SPIKE_WARMUP)
+            self._grad_ema = torch.where(ok, prev + (norm - prev) / k, prev)
             return torch.zeros((), device=dev)
         ema = self._grad_ema
         limit = torch.where(ema > 0, factor * ema, torch.full_like(ema, float("inf")))
@@ -743,6 +755,7 @@ class Purifier:
             "rng": rng,
             "adversary": self._adversary.state_dict(),
             "grad_ema": None if self._grad_ema is None else self._grad_ema.detach().cpu(),
+            "grad_steps": self._grad_steps,
             "history": history,
             "config": self.config.to_dict(),
             "fingerprint": self.fingerprint,
@@ -772,6 +785,7 @@ class Purifier:
         self.scheduler.load_state_dict(state["scheduler"])
         ema = state.get("grad_ema")
         self._grad_ema = None if ema is None else ema.to(self.device)
+        self._grad_steps = int(state.get("grad_steps", 0 if ema is None else _SPIKE_WARMUP))
         if "adversary" in state:
             self._adversary.load_state_dict(state["adversary"])
         elif self._adversary.state_dict():

@@ -38,12 +38,17 @@ def test_a_spike_is_scaled_to_factor_times_the_running_mean_and_normal_steps_are
     model = pur.prepare(Toy())
     _set_grads(model, 1.0)
     base = _norm(model)
-    assert float(pur._clip_gradient_spike()) == 0.0  # the first step only sets the running mean
-    same = _set_grads(model, 2.0)  # 2x: under the limit -> bit-identical
+    assert float(pur._clip_gradient_spike()) == 0.0  # the warm-up steps only measure
+    _set_grads(model, 100.0)
+    assert float(pur._clip_gradient_spike()) == 0.0  # even a jump is not clipped in the warm-up
+    _set_grads(model, 2.0)
+    assert float(pur._clip_gradient_spike()) == 0.0
+    ema = (1.0 + 100.0 + 2.0) / 3 * base  # the warm-up mean
+    same = _set_grads(model, 2.0)  # under 5x the mean -> bit-identical
     assert float(pur._clip_gradient_spike()) == 0.0
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), same))
-    ema = 0.9 * base + 0.1 * 2 * base
-    _set_grads(model, 1000.0)  # a spike
+    ema = 0.9 * ema + 0.1 * 2 * base
+    _set_grads(model, 10000.0)  # a spike
     assert float(pur._clip_gradient_spike()) == 1.0
     assert _norm(model) == pytest.approx(5.0 * ema, rel=1e-5)
 
@@ -57,8 +62,9 @@ def test_off_and_nonfinite_leave_gradients_alone() -> None:
         assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), want))
     pur = Purifier(progress=False)
     model = pur.prepare(Toy())
-    _set_grads(model, 1.0)
-    pur._clip_gradient_spike()
+    for _ in range(3):  # past the warm-up
+        _set_grads(model, 1.0)
+        pur._clip_gradient_spike()
     ema = pur._grad_ema.clone()
     next(model.parameters()).grad[0] = float("nan")  # left to the nonfinite policy, mean unchanged
     assert float(pur._clip_gradient_spike()) == 0.0
