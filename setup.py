@@ -92,7 +92,7 @@ def _pure_python_setup(reason: str) -> None:
 def _setup(**kwargs) -> None:
     setup(
         packages=find_packages(include=["cbd_fast", "cbd_fast.*"]),
-        package_data={"cbd_fast": ["_build_info.json", "assets/*"]},
+        package_data={"cbd_fast": ["_build_info.json", "evaluation/assets/*"]},
         include_package_data=True,
         **kwargs,
     )

@@ -10,7 +10,7 @@ Two kinds of test, each writing pytest-benchmark JSON (``--benchmark-json``):
   (alternating rounds, medians); ``extra_info`` holds every median and the ratio eager / provider.
   This is the number to quote (performance claims are ratios measured side by side).
 
-Providers: ``eager`` (``cbd_fast.reference.nt_xent_reference``, the 2N x 2N matrix),
+Providers: ``eager`` (``cbd_fast.ops.reference.nt_xent_reference``, the 2N x 2N matrix),
 ``compiled`` (the same under ``torch.compile``), ``cpp``, ``triton``, ``cuda`` (those available).
 Modes: ``fwd`` (no autograd) and ``fwdbwd`` (both views require grad, ``backward()``).
 
@@ -40,9 +40,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from cbd_fast.backends import backend_status
+from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops import nt_xent
-from cbd_fast.reference import nt_xent_reference
+from cbd_fast.ops.reference import nt_xent_reference
 
 QUICK = os.environ.get("CBD_BENCH_QUICK", "") not in ("", "0")
 FULL = os.environ.get("CBD_BENCH_FULL", "") not in ("", "0")

@@ -35,10 +35,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbd_fast import _ext
-from cbd_fast.attack import contrastive_pgd
+from cbd_fast.ops import _ext
+from cbd_fast.core.attack import contrastive_pgd
 from cbd_fast.ops import nt_xent, pgd_step
-from cbd_fast.reference import pgd_step_reference
+from cbd_fast.ops.reference import pgd_step_reference
 
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:

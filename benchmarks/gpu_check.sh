@@ -114,7 +114,7 @@ if ((DRY == 0)) || [[ "${CBD_CHECK_BUILD:-0}" == "1" ]]; then
     fi
 fi
 
-stage info 30 "$PY" -c "import cbd_fast, cbd_fast._ext as e; print('extension', e.load() is not None, 'cuda', e.has_cuda(), e.load_error()); import cbd_fast.info as i; i.main() if hasattr(i, 'main') else None"
+stage info 30 "$PY" -c "import cbd_fast, cbd_fast.ops._ext as e; print('extension', e.load() is not None, 'cuda', e.has_cuda(), e.load_error()); import cbd_fast.app.info as i; i.main() if hasattr(i, 'main') else None"
 
 stage gputests 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs tests/
 

@@ -5,7 +5,7 @@ Each encoder maps images in [0, 1] to unnormalised feature vectors (no classific
 ==============  ===============  =========  ======================================================
 name            input            features   definition
 ==============  ===============  =========  ======================================================
-``fmnist_cnn``  [N, 1, 28, 28]   128        ``cbd_fast.models.make_backbone`` (the demo's backbone)
+``fmnist_cnn``  [N, 1, 28, 28]   128        ``cbd_fast.evaluation.models.make_backbone`` (the demo's backbone)
 ``resnet18``    [N, 3, 32, 32]   512        CIFAR-style ResNet-18 (3x3 stem, no max-pool)
 ``resnet50``    [N, 3, 224, 224] 2048       ImageNet ResNet-50 (torchvision's when importable)
 ``vit_b16``     [N, 3, 224, 224] 768        ViT-B/16, class token (timm's / torchvision's when
@@ -227,7 +227,7 @@ class EncoderSpec:
 
 def _fmnist_cnn(prefer_library: bool) -> nn.Module:
     try:
-        from cbd_fast.models import make_backbone
+        from cbd_fast.evaluation.models import make_backbone
     except ImportError:  # the evaluation owner's module is missing: an architecture-compatible copy
         return _fmnist_cnn_fallback()
     return make_backbone()

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 
-#: clean terms of ``cbd_fast.regularizers`` the reference loops implement.
+#: clean terms of ``cbd_fast.core.clean_terms`` the reference loops implement.
 CLEAN_TERMS_SUPPORTED = ("none", "feature_consistency", "anchor")
 
 
@@ -74,7 +74,7 @@ def _pull_ratio(config: Any) -> float:
     if "pull_ratio" in extra:
         return float(extra["pull_ratio"])
     try:
-        from cbd_fast.regularizers import CLEAN_TERMS
+        from cbd_fast.core.clean_terms import CLEAN_TERMS
 
         return float(getattr(CLEAN_TERMS.get("anchor"), "pull_ratio", 0.3))
     except ImportError:
@@ -303,7 +303,7 @@ class _Loop:
     def _clean_term(
         self, z_clean: torch.Tensor, z_adv: torch.Tensor, x: torch.Tensor, autocast: Callable[[], Any]
     ) -> torch.Tensor:
-        """The clean-behaviour terms of ``cbd_fast.regularizers`` against the frozen original f0:
+        """The clean-behaviour terms of ``cbd_fast.core.clean_terms`` against the frozen original f0:
         "feature_consistency": sum ||f(x) - f0(x)||^2 / sum ||f0(x)||^2;
         "anchor": (sum ||f(x) - f0(x)||^2 + pull_ratio * sum ||f(x_adv) - f0(x)||^2) / sum ||f0(x)||^2."""
         assert self.original is not None
@@ -589,13 +589,13 @@ class CbdFastLoop:
 
 
 class _forced_random_start:
-    """Make ``cbd_fast.attack.contrastive_pgd`` start from a given ``x_init`` (agreement checks)."""
+    """Make ``cbd_fast.core.attack.contrastive_pgd`` start from a given ``x_init`` (agreement checks)."""
 
     def __init__(self, x_init: torch.Tensor) -> None:
         self.x_init = x_init
 
     def __enter__(self) -> None:
-        import cbd_fast.attack as attack
+        import cbd_fast.core.attack as attack
 
         self.attack = attack
         self.original = attack.contrastive_pgd
@@ -843,7 +843,7 @@ def check_agreement(
     device = torch.device(device)
     if "naive" not in names:
         names = ["naive", *names]
-    from cbd_fast.reference import pgd_init_reference
+    from cbd_fast.ops.reference import pgd_init_reference
 
     starts = [
         pgd_init_reference(

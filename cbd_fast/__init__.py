@@ -13,31 +13,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from cbd_fast.backends import available_backends
+from cbd_fast.ops.backends import available_backends
 
 __version__ = "0.1.0"
 
 # Eager (torch-only, no Triton/extension/CUDA): the submodule cbd_fast.purify shares its name with the
 # function; importing it here first binds the name to the function for good (a lazy import would let
 # Python's import system rebind cbd_fast.purify to the submodule).
-from cbd_fast.purify import Purifier, PurifyResult, purify  # noqa: E402
+from cbd_fast.core.purify import Purifier, PurifyResult, purify  # noqa: E402
 
 # public name -> module that defines it (imported lazily on first access)
 _LAZY = {
-    "PurifyConfig": "cbd_fast.config",
-    "NTXentLoss": "cbd_fast.losses",
+    "PurifyConfig": "cbd_fast.core.config",
+    "NTXentLoss": "cbd_fast.ops.losses",
     "ops": "cbd_fast.ops",
-    "attack": "cbd_fast.attack",
-    "build_info": "cbd_fast.build_info",
+    "attack": "cbd_fast.core.attack",
+    "build_info": "cbd_fast.ops.build_info",
 }
 
 __all__ = ["__version__", "available_backends", "purify", "Purifier", "PurifyResult", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily through __all__ / __getattr__)
-    from cbd_fast import attack, ops  # noqa: F401
-    from cbd_fast.build_info import build_info  # noqa: F401
-    from cbd_fast.config import PurifyConfig  # noqa: F401
-    from cbd_fast.losses import NTXentLoss  # noqa: F401
+    from cbd_fast import ops  # noqa: F401
+    from cbd_fast.core import attack  # noqa: F401
+    from cbd_fast.core.config import PurifyConfig  # noqa: F401
+    from cbd_fast.ops.build_info import build_info  # noqa: F401
+    from cbd_fast.ops.losses import NTXentLoss  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

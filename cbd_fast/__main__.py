@@ -2,7 +2,7 @@
 
 import sys
 
-from cbd_fast.cli import main
+from cbd_fast.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

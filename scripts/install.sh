@@ -110,4 +110,4 @@ if ! build_log=$("${build[@]}" 2>&1); then
   echo "[install] building cbd_fast failed (see above); CBD_FAST_SKIP_EXT=1 installs without the extension" >&2
   exit 1
 fi
-(cd / && "$PY" -c 'import cbd_fast.build_info as b; r = b.build_info(); print("[install] built:", ", ".join(r["backends_compiled"]) or "no extension", "| torch", r.get("torch_version"))')
+(cd / && "$PY" -c 'import cbd_fast.ops.build_info as b; r = b.build_info(); print("[install] built:", ", ".join(r["backends_compiled"]) or "no extension", "| torch", r.get("torch_version"))')

@@ -6,7 +6,7 @@
 
 For every attack (badnets, blended, sig, wanet on a supervised backbone with its original head;
 badencoder: a self-supervised encoder evaluated with a linear probe) and seed, it loads the backdoored
-model (cbd_fast/assets or runs/models, trained by scripts/train_backdoor.py when missing), draws 5% of
+model (cbd_fast/evaluation/assets or runs/models, trained by scripts/train_backdoor.py when missing), draws 5% of
 the training images as the defender's unlabeled set, and runs: no defense, CBD (``cbd_fast.purify``
 with its DEFAULTS), plain fine-tuning (same loss, epsilon 0), supervised fine-tuning (labels),
 adversarial unlearning (labels). ACC and ASR on the 10,000 test images. One thread per job.
@@ -45,7 +45,7 @@ def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from cbd_fast.demo import run_demo
+    from cbd_fast.evaluation.demo import run_demo
 
     # A model another process is training right now (scripts/train_backdoor.py with a .lock next to
     # the target file) is waited for instead of being trained twice.
@@ -86,10 +86,10 @@ def trigger_floor(attack: str, seed: int, n_test: int | None) -> dict[str, float
     """
     import torch
 
-    from cbd_fast.attacks import SUPERVISED_ATTACKS, trigger_for
-    from cbd_fast.data import load_fashion_mnist
-    from cbd_fast.metrics import attack_success_rate
-    from cbd_fast.models import load_model
+    from cbd_fast.evaluation.backdoors import SUPERVISED_ATTACKS, trigger_for
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.evaluation.metrics import attack_success_rate
+    from cbd_fast.evaluation.models import load_model
 
     test = load_fashion_mnist("test")
     if n_test is not None:
@@ -112,7 +112,7 @@ def _current_config(seed: int) -> dict:
 
 def _adversary_settings(config: dict) -> dict:
     """The adversary's effective settings (its OPTIONS defaults updated with ``adversary_options``)."""
-    from cbd_fast.adversaries import ADVERSARIES
+    from cbd_fast.core.adversaries import ADVERSARIES
 
     return ADVERSARIES[config["adversary"]].check_options(config.get("adversary_options"))
 
@@ -158,7 +158,7 @@ def render(data: dict) -> str:
         + data.get("machine", "?")
         + ").",
         "",
-        "Setting: `cbd_fast.models.FMNISTNet` (0.1M parameters, 3 epochs of training), 10% poison, "
+        "Setting: `cbd_fast.evaluation.models.FMNISTNet` (0.1M parameters, 3 epochs of training), 10% poison, "
         "all-to-one, "
         "target class 0. The defender gets 5% of the training images (3,000) without labels; CBD is "
         "`cbd_fast.purify` with its DEFAULTS (one config for all attacks). Supervised attacks are evaluated "

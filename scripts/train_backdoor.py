@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train the backdoored Fashion-MNIST models the demo ships and the evaluation uses.
 
-    python scripts/train_backdoor.py --attack badnets --seed 0 --out cbd_fast/assets/badnets_seed0.pt
+    python scripts/train_backdoor.py --attack badnets --seed 0 --out cbd_fast/evaluation/assets/badnets_seed0.pt
 
-Saves a float16 state_dict (~200 KB) of ``cbd_fast.models.FMNISTNet`` and prints ACC/ASR (for
+Saves a float16 state_dict (~200 KB) of ``cbd_fast.evaluation.models.FMNISTNet`` and prints ACC/ASR (for
 ``badencoder``: of a linear probe on 10,000 clean training images).
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from cbd_fast.attacks import build_backdoored_model, trigger_for
-from cbd_fast.data import load_fashion_mnist
-from cbd_fast.metrics import evaluate_backdoor, linear_probe
-from cbd_fast.models import save_model
+from cbd_fast.evaluation.backdoors import build_backdoored_model, trigger_for
+from cbd_fast.evaluation.fmnist import load_fashion_mnist
+from cbd_fast.evaluation.metrics import evaluate_backdoor, linear_probe
+from cbd_fast.evaluation.models import save_model
 
 
 def main(argv: list[str] | None = None) -> int:

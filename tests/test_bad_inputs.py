@@ -8,7 +8,7 @@ Tables (one row per case; read them as documentation, the README's Troubleshooti
                     on every backend available on the CPU here (cpp, torch, and triton under
                     ``TRITON_INTERPRET=1``; validation runs before any kernel, so triton rows are cheap).
 - ``API_CASES``     ``purify`` / ``Purifier`` / ``PurifyConfig`` / checkpoints.
-- ``CLI_CASES``     ``cbd_fast.cli.main``: exit status 1 (error) or 2 (usage), one stderr line with the
+- ``CLI_CASES``     ``cbd_fast.app.cli.main``: exit status 1 (error) or 2 (usage), one stderr line with the
                     fragments, and no output file written.
 
 The "meta" device stands in for a second device when there is no GPU.
@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 import cbd_fast
-from cbd_fast import checkpoint as ckpt
-from cbd_fast import cli, diagnostics
-from cbd_fast.attack import contrastive_pgd
-from cbd_fast.backends import backend_status
-from cbd_fast.config import PurifyConfig
-from cbd_fast.losses import NTXentLoss
+from cbd_fast.core import checkpoint as ckpt
+from cbd_fast.app import cli
+from cbd_fast.evaluation import diagnostics
+from cbd_fast.core.attack import contrastive_pgd
+from cbd_fast.ops.backends import backend_status
+from cbd_fast.core.config import PurifyConfig
+from cbd_fast.ops.losses import NTXentLoss
 from cbd_fast.ops import nt_xent, pgd_init, pgd_step
 
 BACKENDS = [name for name in ("cpp", "torch", "triton") if backend_status("cpu")[name] is None]

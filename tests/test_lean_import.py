@@ -48,7 +48,7 @@ def test_public_names_resolve_lazily() -> None:
         """
         import sys
         import cbd_fast
-        lazy = [m for m in ("cbd_fast.kernels.triton", "cbd_fast.cli", "cbd_fast.demo") if m in sys.modules]
+        lazy = [m for m in ("cbd_fast.kernels.triton", "cbd_fast.app.cli", "cbd_fast.evaluation.demo") if m in sys.modules]
         assert not lazy, f"import cbd_fast imported {lazy}"
         assert callable(cbd_fast.build_info)
         assert isinstance(cbd_fast.build_info(), dict)
@@ -69,14 +69,14 @@ def test_works_with_extension_disabled() -> None:
         import sys
         import torch
         import cbd_fast
-        from cbd_fast import _ext
+        from cbd_fast.ops import _ext
         assert cbd_fast.available_backends("cpu") == ["torch"], cbd_fast.available_backends("cpu")
         assert "cbd_fast._C" not in sys.modules
         assert "CBD_FAST_DISABLE_EXT" in _ext.load_error()
         a, b = torch.randn(4, 8), torch.randn(4, 8)
         loss = cbd_fast.ops.nt_xent(a, b, 0.5)
 
-        from cbd_fast.reference import nt_xent_reference
+        from cbd_fast.ops.reference import nt_xent_reference
         torch.testing.assert_close(loss, nt_xent_reference(a, b, 0.5))
         print("ok")
         """,
@@ -92,7 +92,7 @@ def test_works_without_triton() -> None:
         sys.modules["triton"] = None  # makes `import triton` fail as if it were not installed
         import torch
         import cbd_fast
-        from cbd_fast.backends import backend_status
+        from cbd_fast.ops.backends import backend_status
         assert "not installed" in backend_status("cpu")["triton"], backend_status("cpu")
         assert "triton" not in cbd_fast.available_backends("cpu")
         a, b = torch.randn(4, 8), torch.randn(4, 8)
@@ -104,7 +104,7 @@ def test_works_without_triton() -> None:
     assert out.strip() == "ok"
 
 
-@pytest.mark.parametrize("module", ["cbd_fast.info", "cbd_fast.backends", "cbd_fast.build_info"])
+@pytest.mark.parametrize("module", ["cbd_fast.info", "cbd_fast.app.info", "cbd_fast.ops.backends", "cbd_fast.ops.build_info"])
 def test_support_modules_do_not_import_triton(module: str) -> None:
     _run(
         f"""

@@ -16,10 +16,10 @@ Pipeline of ``nt_xent(a, b, temperature)``:
    gradient is needed, and the backward computes only the rows of the side(s) that need one (the
    PGD phase, where the clean anchors ``b`` are constants, costs half a backward).
 
-Backends (``cbd_fast.backends``): ``cuda`` and ``cpp`` are ``torch.ops.cbd_fast.nt_xent_fwd/bwd``
+Backends (``cbd_fast.ops.backends``): ``cuda`` and ``cpp`` are ``torch.ops.cbd_fast.nt_xent_fwd/bwd``
 from the compiled extension (csrc/kernels/nt_xent.cu, csrc/kernels/nt_xent_cpu.h); ``triton`` is
 ``torch.ops.cbd_fast.nt_xent_fwd_triton/bwd_triton`` (cbd_fast/kernels/triton/nt_xent.py, also on
-CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` is ``cbd_fast.reference.nt_xent_reference``.
+CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` is ``cbd_fast.ops.reference.nt_xent_reference``.
 Automatic choice: CUDA tensors try triton, cuda, torch; CPU tensors cpp, torch. float64 runs on
 cpp or torch only. All four ops have fake (meta) implementations registered here, so
 ``torch.compile(fullgraph=True)`` traces ``nt_xent`` and ``torch.library.opcheck`` passes.
@@ -35,15 +35,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cbd_fast import _ext
-from cbd_fast.ops._common import (
+from cbd_fast.ops import _ext
+from cbd_fast.ops.dispatch import (
     check_backend_dtype,
     check_float_tensor,
     check_real,
     register_fake_once,
     select_op_backend,
 )
-from cbd_fast.reference import NORM_EPS, nt_xent_reference, opmath_dtype
+from cbd_fast.ops.reference import NORM_EPS, nt_xent_reference, opmath_dtype
 
 __all__ = ["nt_xent", "nt_xent_value_and_grad", "check_nt_xent_args"]
 
@@ -202,7 +202,7 @@ def nt_xent(
 
     ``(1/2N) * sum_i [ logsumexp_{j != i} s_ij - s_{i,p(i)} ]`` with ``s_ij = <u_i, u_j> / tau``,
     ``u = [normalize(a); normalize(b)]`` (2N rows) and ``p(i)`` the partner of row ``i`` in the
-    other view; equal to ``cbd_fast.reference.nt_xent_reference`` up to rounding.
+    other view; equal to ``cbd_fast.ops.reference.nt_xent_reference`` up to rounding.
 
     Differentiable with respect to ``a`` and ``b``; when only one of them requires grad (CBD's PGD
     phase: the clean anchors are constants) the backward spends no work on the other.
@@ -227,7 +227,7 @@ def nt_xent(
     Example:
         >>> a, b = torch.randn(8, 16), torch.randn(8, 16)
         >>> loss = nt_xent(a, b, temperature=0.5)
-        >>> bool(torch.isclose(loss, cbd_fast.reference.nt_xent_reference(a, b, 0.5)))  # doctest: +SKIP
+        >>> bool(torch.isclose(loss, cbd_fast.ops.reference.nt_xent_reference(a, b, 0.5)))  # doctest: +SKIP
         True
     """
     tau = check_nt_xent_args(a, b, temperature)

@@ -1,7 +1,7 @@
 """The fused PGD step and the PGD random start (CBD step 2's inner update).
 
 ``pgd_step`` replaces half a dozen elementwise kernels (sign, scale, add, two clamps against the
-ball, two against the box) with one pass over memory. Backends (``cbd_fast.backends``):
+ball, two against the box) with one pass over memory. Backends (``cbd_fast.ops.backends``):
 
 - ``cuda``:   ``torch.ops.cbd_fast.pgd_step_`` from the compiled extension (csrc/kernels/pgd.cu):
               16-byte vector loads, grid-stride; float32/bfloat16/float16.
@@ -9,7 +9,7 @@ ball, two against the box) with one pass over memory. Backends (``cbd_fast.backe
               ``torch.library.custom_op``; float32/bfloat16/float16.
 - ``cpp``:    ``torch.ops.cbd_fast.pgd_step_`` on CPU (csrc/kernels/pgd_cpu.h): one vectorised pass,
               parallel over chunks; also float64.
-- ``torch``:  ``cbd_fast.reference.pgd_step_reference``, the executable specification.
+- ``torch``:  ``cbd_fast.ops.reference.pgd_step_reference``, the executable specification.
 
 Automatic choice: CUDA tensors try cuda, triton, torch; CPU tensors cpp, torch. float64 tensors go
 to cpp (CPU) or torch (CUDA). Every backend is bit-for-bit equal to the reference (values; the sign
@@ -26,15 +26,15 @@ import math
 
 import torch
 
-from cbd_fast import _ext
-from cbd_fast.ops._common import (
+from cbd_fast.ops import _ext
+from cbd_fast.ops.dispatch import (
     check_backend_dtype,
     check_float_tensor,
     check_real,
     register_fake_once,
     select_op_backend,
 )
-from cbd_fast.reference import pgd_init_reference, pgd_step_reference
+from cbd_fast.ops.reference import pgd_init_reference, pgd_step_reference
 
 __all__ = ["pgd_step", "pgd_init", "check_pgd_step_args"]
 
@@ -207,7 +207,7 @@ def pgd_step(
 
     ``x_adv <- clamp(clamp(x_adv + step_size * sign(grad), x_clean - epsilon, x_clean + epsilon),
     lower, upper)``, evaluated in float32 (float64 for float64 tensors) and rounded once to the
-    tensor dtype (round to nearest even): bit-for-bit ``cbd_fast.reference.pgd_step_reference``.
+    tensor dtype (round to nearest even): bit-for-bit ``cbd_fast.ops.reference.pgd_step_reference``.
     sign(0) = 0, so a zero gradient leaves the element where it is (then projected). A NaN in
     ``grad``, ``x_adv`` or ``x_clean`` gives NaN at that element, for the caller's non-finite guard
     to report. The bounds hold as evaluated in the compute dtype; after rounding to bfloat16/float16

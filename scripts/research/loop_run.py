@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from cbd_fast import Purifier
-from cbd_fast.attacks import trigger_for
-from cbd_fast.data import load_fashion_mnist, split_unlabeled
-from cbd_fast.metrics import evaluate_backdoor, linear_probe
-from cbd_fast.models import load_model
+from cbd_fast.evaluation.backdoors import trigger_for
+from cbd_fast.evaluation.fmnist import load_fashion_mnist, split_unlabeled
+from cbd_fast.evaluation.metrics import evaluate_backdoor, linear_probe
+from cbd_fast.evaluation.models import load_model
 
 torch.set_num_threads(1)
 path, attack, tag = sys.argv[1:4]
@@ -46,7 +46,7 @@ def ev(bb):
 before = ev(model.backbone)
 seed = int(ov.pop("data_seed", 0))
 if "pull_ratio" in ov:
-    from cbd_fast.regularizers import OriginalAnchor
+    from cbd_fast.core.clean_terms import OriginalAnchor
 
     OriginalAnchor.pull_ratio = float(ov["pull_ratio"])
     rec_ratio = ov.pop("pull_ratio")

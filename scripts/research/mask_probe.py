@@ -7,9 +7,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cbd_fast.data import load_fashion_mnist
-from cbd_fast.models import load_model
-from cbd_fast.reference import nt_xent_reference as ntx
+from cbd_fast.evaluation.fmnist import load_fashion_mnist
+from cbd_fast.evaluation.models import load_model
+from cbd_fast.ops.reference import nt_xent_reference as ntx
 
 torch.set_num_threads(1)
 path, obj, budget, steps = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from cbd_fast.data import load_fashion_mnist
-from cbd_fast.models import load_model
+from cbd_fast.evaluation.fmnist import load_fashion_mnist
+from cbd_fast.evaluation.models import load_model
 
 torch.set_num_threads(1)
 path, k = sys.argv[1], int(sys.argv[2])

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbd_fast.attacks import trigger_for
-from cbd_fast.data import load_fashion_mnist, split_unlabeled
-from cbd_fast.metrics import evaluate_backdoor, linear_probe
-from cbd_fast.models import load_model
-from cbd_fast.reference import nt_xent_reference as ntx
+from cbd_fast.evaluation.backdoors import trigger_for
+from cbd_fast.evaluation.fmnist import load_fashion_mnist, split_unlabeled
+from cbd_fast.evaluation.metrics import evaluate_backdoor, linear_probe
+from cbd_fast.evaluation.models import load_model
+from cbd_fast.ops.reference import nt_xent_reference as ntx
 
 
 def bn_eval(m: nn.Module) -> None:

@@ -43,10 +43,10 @@ def one(job: tuple) -> dict:
 
     torch.set_num_threads(1)
     from cbd_fast import Purifier, PurifyConfig
-    from cbd_fast.attacks import trigger_for
-    from cbd_fast.data import load_fashion_mnist, split_unlabeled
-    from cbd_fast.metrics import evaluate_backdoor, linear_probe
-    from cbd_fast.models import load_model
+    from cbd_fast.evaluation.backdoors import trigger_for
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist, split_unlabeled
+    from cbd_fast.evaluation.metrics import evaluate_backdoor, linear_probe
+    from cbd_fast.evaluation.models import load_model
 
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     model = load_model(ROOT / "runs" / "models" / f"{attack}_seed{seed}.pt")

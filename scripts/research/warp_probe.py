@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from cbd_fast.data import load_fashion_mnist, split_unlabeled  # noqa: E402
-from cbd_fast.models import load_model  # noqa: E402
+from cbd_fast.evaluation.fmnist import load_fashion_mnist, split_unlabeled  # noqa: E402
+from cbd_fast.evaluation.models import load_model  # noqa: E402
 from cbd_fast.ops import nt_xent  # noqa: E402
 
 torch.set_num_threads(1)
@@ -50,7 +50,7 @@ def main() -> None:
     with torch.no_grad():
         z_ref = enc(ux[:64])
         den = z_ref.pow(2).sum(1).mean()
-    from cbd_fast.attacks import WaNet
+    from cbd_fast.evaluation.backdoors import WaNet
 
     wn = WaNet()
     gt = torch.Generator().manual_seed(wn.seed)

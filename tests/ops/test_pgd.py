@@ -1,4 +1,4 @@
-"""cbd_fast.ops.pgd_step / pgd_init: every backend against cbd_fast.reference, bit for bit.
+"""cbd_fast.ops.pgd_step / pgd_init: every backend against cbd_fast.ops.reference, bit for bit.
 
 "Bit for bit" here: equal values where the reference is a number (so +0 and -0 compare equal: the
 reference's own vectorised and scalar clamp paths disagree on the sign of a zero) and NaN exactly
@@ -18,9 +18,9 @@ import textwrap
 import pytest
 import torch
 
-from cbd_fast import _ext
+from cbd_fast.ops import _ext
 from cbd_fast.ops import pgd_init, pgd_step
-from cbd_fast.reference import pgd_step_reference
+from cbd_fast.ops.reference import pgd_step_reference
 
 EPS, STEP = 8 / 255, 2 / 255
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -327,7 +327,7 @@ _TRITON_SCRIPT = textwrap.dedent(
     """
     import json, torch
     from cbd_fast.ops.pgd import pgd_step, _pgd_step_triton_op
-    from cbd_fast.reference import pgd_step_reference
+    from cbd_fast.ops.reference import pgd_step_reference
     res = {}
     g = torch.Generator().manual_seed(0)
     for dt in (torch.float32, torch.bfloat16, torch.float16):

@@ -1,0 +1,1 @@
+"""The application layer: the ``cbd-fast`` command line, model and image IO, reports, info."""

@@ -1,0 +1,852 @@
+"""The ``cbd-fast`` command line (also ``python -m cbd_fast``).
+
+Subcommands::
+
+    cbd-fast demo [demo options]            the Fashion-MNIST demo (cbd_fast.evaluation.demo)
+    cbd-fast purify --model M --data D --out OUT [--config cfg.yaml] [--set key=value ...]
+                    [--report DIR] [--limit N | --fraction F] [--feature-layer NAME | --forward-features]
+    cbd-fast evaluate --model M (--data D --labels L | --dataset fashion-mnist) [--trigger T] [--target 0]
+    cbd-fast info [--json]                  how cbd_fast was built, which backends run here
+
+Models (``--model``): a TorchScript archive, a pickled module (a warning: unpickling runs code), or
+an architecture ``package.module:factory`` / ``timm:NAME`` with ``--weights state_dict.(pt|safetensors)``
+and ``--factory-kwargs '{"num_classes": 10}'``. Data (``--data``): a folder of images (recursive) or a
+``.npy``/``.npz``/``.pt`` tensor file; ``--dataset fashion-mnist`` for the Debian package's files.
+
+Configuration precedence: ``PurifyConfig`` defaults < ``--config`` file (YAML, JSON or TOML; a flat
+mapping or one under ``purify:``) < ``--set key=value`` (values parsed as YAML/JSON scalars;
+``8/255`` is accepted for numbers). Unknown keys are an error listing the valid ones.
+
+Exit status: 0 on success, 1 on an error (one line on stderr; ``--verbose`` adds the traceback),
+2 on a usage error, 130 when interrupted. Progress bars go to stderr (``--quiet`` hides them),
+results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_parser", "load_config_file", "parse_set_options", "merge_config", "CLIError"]
+
+PROG = "cbd-fast"
+logger = logging.getLogger("cbd_fast.app.cli")
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed as one line, exit status 1."""
+
+
+class UsageError(CLIError):
+    """A command-line usage error; exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage and exiting (one clear line, testable)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _coerce(value: Any) -> Any:
+    """Strings that spell numbers become numbers: ``"1e-3"`` (YAML 1.1 keeps it a string), ``"8/255"``."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if _NUMBER.match(text):
+        number = float(text)
+        return int(number) if re.match(r"^[+-]?\d+$", text) else number
+    m = _FRACTION.match(text)
+    if m:
+        den = float(m.group(2))
+        if den == 0:
+            raise ValueError(f"division by zero in {value!r}")
+        return float(m.group(1)) / den
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    """A ``--set`` value: YAML (or JSON without PyYAML) scalar, else the raw string."""
+    try:
+        import yaml
+
+        value = yaml.safe_load(text) if text.strip() else ""
+    except ImportError:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+    except Exception:
+        value = text
+    return _coerce(value)
+
+
+def parse_set_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["epochs=3", "epsilon=8/255"]`` -> ``{"epochs": 3, "epsilon": 0.0313...}`` (later wins).
+
+    Args:
+        items: ``key=value`` strings from ``--set``.
+
+    Returns:
+        the parsed mapping.
+
+    Raises:
+        UsageError: an item without ``=`` or with an empty key.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value; got {item!r}")
+        try:
+            out[key] = _parse_scalar(raw)
+        except ValueError as exc:
+            raise UsageError(f"--set {item!r}: {exc}") from None
+    return out
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), JSON (.json) or TOML (.toml) config: a flat mapping of PurifyConfig
+    fields, or such a mapping under a top-level ``purify`` key.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``{field: value}`` (string numbers like ``"8/255"`` converted).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CLIError: an unknown suffix, a parse error, or a top level that is not a mapping.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {str(p)!r}")
+    suffix = p.suffix.lower()
+    text = p.read_text()
+    try:
+        if suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise CLIError(f"reading {str(p)!r} needs PyYAML (pip install pyyaml)") from None
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text) if text.strip() else None
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # pragma: no cover - python < 3.11
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        else:
+            raise CLIError(f"config file must end in .yaml, .yml, .json or .toml; got {str(p)!r}")
+    except CLIError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"cannot parse config file {str(p)!r}: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {str(p)!r} must hold a mapping of settings; got a {type(data).__name__}")
+    if set(data) == {"purify"} and isinstance(data["purify"], dict):
+        data = data["purify"]
+    return {str(k).replace("-", "_"): _coerce(v) for k, v in data.items()}
+
+
+def merge_config(file_values: dict[str, Any], set_values: dict[str, Any], *, quiet: bool = False) -> Any:
+    """Defaults < file < --set, checked against ``PurifyConfig``; returns a validated PurifyConfig.
+
+    Raises:
+        CLIError: unknown keys (one line listing the valid ones) or invalid values (the config's own
+            message naming the field and value).
+    """
+    from cbd_fast.core.config import PurifyConfig
+
+    valid = PurifyConfig.field_names()
+    for origin, values in (("config file", file_values), ("--set", set_values)):
+        unknown = sorted(k for k in values if k not in valid)
+        if unknown:
+            raise CLIError(
+                f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                f"(from {origin}); valid keys: {', '.join(valid)}"
+            )
+    merged = {**file_values, **set_values}
+    if quiet:
+        merged["progress"] = False
+    try:
+        return PurifyConfig.from_dict(merged)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"invalid config: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output control")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    g.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log more (twice: debug; adds tracebacks)",
+    )
+
+
+def _add_model(p: argparse.ArgumentParser, *, features: bool) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="TorchScript archive, pickled module (trusted files only), package.module:factory, timm:NAME",
+    )
+    g.add_argument("--weights", metavar="FILE", help="state_dict for the model (.pt/.pth/.bin/.safetensors)")
+    g.add_argument(
+        "--factory-kwargs",
+        metavar="JSON",
+        default=None,
+        help="keyword arguments for the factory, e.g. '{\"num_classes\": 10}'",
+    )
+    if features:
+        m = g.add_mutually_exclusive_group()
+        m.add_argument(
+            "--feature-layer", metavar="NAME", help="purify the output of this submodule (e.g. layer4)"
+        )
+        m.add_argument(
+            "--forward-features",
+            action="store_true",
+            help="features from model.forward_features (timm classifiers)",
+        )
+
+
+def _add_data(p: argparse.ArgumentParser, *, default_split: str) -> None:
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--data", metavar="PATH", help="folder of images (recursive) or a .npy/.npz/.pt tensor file"
+    )
+    src.add_argument("--dataset", choices=["fashion-mnist"], help="a known dataset instead of --data")
+    g.add_argument(
+        "--dataset-root", metavar="DIR", help="folder of the dataset's files (default: the system's)"
+    )
+    g.add_argument(
+        "--split", choices=["train", "test"], default=default_split, help=f"dataset split ({default_split})"
+    )
+    g.add_argument("--image-size", metavar="N|HxW", help="resize/centre-crop images to this size")
+    sub = g.add_mutually_exclusive_group()
+    sub.add_argument("--limit", type=int, metavar="N", help="use a seeded random subset of N images")
+    sub.add_argument("--fraction", type=float, metavar="F", help="use a seeded random fraction F in (0, 1]")
+    g.add_argument("--subset-seed", type=int, default=0, metavar="S", help="seed of --limit/--fraction (0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cbd-fast`` argument parser (subcommands demo, purify, evaluate, info)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Label-free backdoor purification of vision backbones (Contrastive Backdoor Defense).",
+        epilog="Run 'cbd-fast SUBCOMMAND --help' for a subcommand's options.",
+    )
+    parser.set_defaults(quiet=False, verbose=0, command=None)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    _add_common(parser)
+    subs = parser.add_subparsers(dest="command", metavar="{demo,purify,evaluate,info}", parser_class=_Parser)
+
+    p = subs.add_parser(
+        "demo", help="the Fashion-MNIST demo (purify a shipped backdoored model)", add_help=False
+    )
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options passed to the demo (see 'cbd-fast demo --help')"
+    )
+
+    p = subs.add_parser("purify", help="purify a backbone with unlabeled images", description=_PURIFY_DOC)
+    _add_common(p)
+    _add_model(p, features=True)
+    _add_data(p, default_split="train")
+    g = p.add_argument_group("configuration and output")
+    g.add_argument("--config", metavar="FILE", help="PurifyConfig settings (.yaml/.yml/.json/.toml)")
+    g.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
+    )
+    g.add_argument(
+        "--out", required=True, metavar="PATH", help="the purified model file (same form as loaded)"
+    )
+    g.add_argument("--no-safetensors", action="store_true", help="do not also write OUT.safetensors")
+    g.add_argument("--report", metavar="DIR", help="write report.json and PNG figures into DIR")
+    r = p.add_argument_group("report extras (optional; labels only evaluate, never purify)")
+    r.add_argument("--trigger", choices=_TRIGGERS, help="a known trigger: triggered features in the picture")
+    r.add_argument("--target", type=int, default=0, help="the trigger's target class for ASR (0)")
+    r.add_argument("--eval-data", metavar="PATH", help="labelled images for ACC/ASR before and after")
+    r.add_argument("--eval-labels", metavar="FILE", help="labels of --eval-data (if it carries none)")
+    r.add_argument("--eval-dataset", choices=["fashion-mnist"], help="evaluate on this dataset's test split")
+    r.add_argument("--eval-limit", type=int, metavar="N", help="evaluate on a seeded subset of N images")
+    r.add_argument(
+        "--report-samples", type=int, default=512, metavar="N", help="images in the 2-D picture (512)"
+    )
+    r.add_argument(
+        "--diagnostic",
+        action="store_true",
+        help="add the evocation diagnostic of the original model (slow: 3 radii x 10 PGD steps)",
+    )
+
+    p = subs.add_parser("evaluate", help="clean accuracy (ACC) and attack success rate (ASR) of a classifier")
+    _add_common(p)
+    _add_model(p, features=False)
+    _add_data(p, default_split="test")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--labels", metavar="FILE", help="labels (.npy/.pt/.txt) when the data carries none")
+    g.add_argument("--trigger", choices=_TRIGGERS, help="measure the ASR of this trigger")
+    g.add_argument("--target", type=int, default=0, help="the trigger's target class (0)")
+    g.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-' for stdout)")
+    g.add_argument(
+        "--device", default="auto", help="where the model runs: auto (CUDA if visible), cpu, cuda:N"
+    )
+
+    p = subs.add_parser("info", help="build record and backend availability", add_help=False)
+    p.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options for 'python -m cbd_fast.info' (e.g. --json)"
+    )
+    return parser
+
+
+_TRIGGERS = ["badnets", "blended", "sig", "wanet"]
+_PURIFY_DOC = (
+    "Purify a (possibly backdoored) backbone without labels: contrastive PGD evokes the backdoor, "
+    "fine-tuning pulls adversarial features back to clean ones. Settings: PurifyConfig defaults < "
+    "--config < --set."
+)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _factory_kwargs(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--factory-kwargs must be a JSON object; got {text!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--factory-kwargs must be a JSON object; got {text!r}")
+    return value
+
+
+def _load_model(args: argparse.Namespace) -> Any:
+    from cbd_fast.app import model_io as modelio
+
+    t0 = time.perf_counter()
+    loaded = modelio.load_model(
+        args.model, weights=args.weights, factory_kwargs=_factory_kwargs(args.factory_kwargs)
+    )
+    logger.info(
+        "loaded %s model %s (%s, %d parameters) in %.1f s",
+        loaded.form,
+        args.model,
+        loaded.describe()["class"],
+        loaded.describe()["parameters"],
+        time.perf_counter() - t0,
+    )
+    for note in loaded.notes:
+        logger.info("model: %s", note)
+    return loaded
+
+
+def _load_data(args: argparse.Namespace, module: Any, *, split: str, labels: str | None = None) -> Any:
+    """The images of --data/--dataset (with --labels matched to the whole source, then subset)."""
+    from cbd_fast.app import images as imagedata
+    from cbd_fast.app import model_io as modelio
+
+    channels, h, w = modelio.expected_input_shape(module)
+    expected = (h, w) if h and w else None
+    if args.dataset:
+        for flag, value in (("--image-size", args.image_size), ("--labels", labels)):
+            if value:
+                logger.warning("%s is ignored with --dataset", flag)
+        data = imagedata.load_dataset(
+            args.dataset,
+            split=split,
+            root=args.dataset_root,
+            limit=args.limit,
+            fraction=args.fraction,
+            seed=args.subset_seed,
+        )
+        if channels is not None and channels != data.images.shape[1]:
+            if data.images.shape[1] == 1 and channels == 3:
+                data.images = data.images.expand(-1, 3, -1, -1).contiguous()
+                data.notes.append("grayscale images repeated to 3 channels for the model")
+            else:
+                raise CLIError(
+                    f"{args.dataset} images have {data.images.shape[1]} channel(s); model expects {channels}"
+                )
+    else:
+        data = imagedata.load_images(
+            args.data,
+            image_size=args.image_size,
+            expected_size=expected,
+            channels=channels,
+            limit=args.limit,
+            fraction=args.fraction,
+            seed=args.subset_seed,
+            labels=labels,
+        )
+    logger.info("data: %d images of shape %s from %s", len(data), list(data.images.shape[1:]), data.source)
+    for note in data.notes:
+        logger.info("data: %s", note)
+    return data
+
+
+def _check_out_path(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.exists() and p.is_dir():
+        raise CLIError(f"{what} {path!r} is a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{what} folder does not exist: {str(parent)!r}")
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{what} folder is not writable: {str(parent)!r}")
+    return p
+
+
+class _Counting(nn.Module):
+    """Runs a classifier on ``device`` and advances a progress bar by each batch's size; returns
+    CPU logits (the labels stay on the CPU)."""
+
+    def __init__(self, model: nn.Module, bar: Any, device: torch.device) -> None:
+        super().__init__()
+        self.inner = model
+        self.bar = bar
+        self.device = device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x.to(self.device))
+        self.bar.update(int(x.shape[0]))
+        return out.float().cpu()
+
+
+def _resolve_device(spec: str | None) -> torch.device:
+    if spec in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {spec!r}: no CUDA device is visible")
+    return device
+
+
+def _evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    trigger_name: str | None,
+    target: int,
+    desc: str,
+    device: torch.device | None = None,
+) -> dict:
+    """ACC (and ASR when a trigger is known) with cbd_fast.evaluation.metrics, behind one progress bar."""
+    from cbd_fast.evaluation import metrics
+    from cbd_fast.core.progress import progress
+
+    x = images.float().div(255.0) if not images.dtype.is_floating_point else images.float()
+    result: dict[str, Any] = {"n": int(x.shape[0])}
+    trigger = None
+    total = x.shape[0]
+    if trigger_name:
+        from cbd_fast.evaluation import backdoors as attacks
+
+        trigger = attacks.make_trigger(trigger_name)
+        result.update(trigger=trigger_name, target=int(target))
+        total += int((labels != target).sum())
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    flags = [(m, m.training) for m in model.modules()]
+    original_device = next((p.device for p in model.parameters()), device)
+    model.to(device)
+    with progress(total=total, desc=desc, unit="img") as bar:
+        counted = _Counting(model, bar, device)
+        try:
+            result["acc"] = float(metrics.accuracy(counted, x, labels))
+            if trigger is not None:
+                result["asr"] = float(metrics.attack_success_rate(counted, x, labels, trigger, target))
+        finally:
+            for m, flag in flags:
+                m.training = flag
+            model.to(original_device)
+    return result
+
+
+def _labelled(data: Any, what: str) -> Any:
+    if data.labels is None:
+        raise CLIError(
+            f"{what} carries no labels; give them with {'--labels' if what == 'data' else '--eval-labels'}"
+        )
+    return data.labels
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import importlib
+
+    try:
+        demo = importlib.import_module("cbd_fast.evaluation.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("cbd_fast.evaluation.demo",):
+            raise CLIError("the demo is not available in this install (cbd_fast.evaluation.demo is missing)") from None
+        raise
+    rest = list(args.rest)
+    if args.quiet and "--quiet" not in rest:
+        rest.append("--quiet")
+    code = demo.main(rest)
+    return int(code or 0)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from cbd_fast.app import info
+
+    return int(info.main(list(args.rest)) or 0)
+
+
+def _cmd_purify(args: argparse.Namespace) -> int:
+    from cbd_fast.app import model_io as modelio
+
+    # 1. everything that can be checked without work, first
+    file_values = load_config_file(args.config) if args.config else {}
+    config = merge_config(file_values, parse_set_options(args.set), quiet=args.quiet)
+    out = _check_out_path(args.out, "output")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise CLIError(f"report folder {args.report!r} is a file")
+    if args.report_samples < 2:
+        raise UsageError(f"--report-samples must be >= 2; got {args.report_samples}")
+    if (args.eval_data or args.eval_labels) and args.eval_dataset:
+        raise UsageError("give either --eval-data/--eval-labels or --eval-dataset, not both")
+    if args.eval_labels and not args.eval_data:
+        raise UsageError("--eval-labels needs --eval-data")
+    extras = [f for f in ("trigger", "eval_data", "eval_dataset", "diagnostic") if getattr(args, f)]
+    if extras and not args.report:
+        logger.warning("--%s only shape the report: ignored without --report", extras[0].replace("_", "-"))
+
+    # 2. model and data
+    loaded = _load_model(args)
+    feature_fn = modelio.make_feature_fn(
+        loaded.module, feature_layer=args.feature_layer, forward_features=args.forward_features
+    )
+    data = _load_data(args, loaded.module, split=args.split)
+    evaluation_set = None
+    if args.report and (args.eval_data or args.eval_dataset):
+        evaluation_set = _evaluation_set(args, loaded.module)
+
+    # 3. purify (the "before" copy is kept only when a report needs it)
+    before = modelio.clone_module(loaded.module) if args.report else None
+    from cbd_fast import Purifier
+
+    t0 = time.perf_counter()
+    result = Purifier(config).fit(loaded.module, data.images, feature_fn=feature_fn, inplace=True)
+    seconds = time.perf_counter() - t0
+    purified = result.encoder
+    from cbd_fast.core.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: rank 0 alone writes the model and the report
+        return 0
+
+    # 4. the model, atomically, in the form it came in
+    example = data.float_images()[:2] if loaded.form == "torchscript" else None
+    saved = modelio.save_model(
+        purified, out, loaded=loaded, example_input=example, safetensors=not args.no_safetensors
+    )
+    for note in saved["notes"]:
+        logger.warning("save: %s", note)
+
+    # 5. the report
+    report_path = None
+    if args.report:
+        report_path = _write_purify_report(
+            args, config, result, before, purified, feature_fn, data, loaded, saved, seconds, evaluation_set
+        )
+    print(f"purified model written to {', '.join(saved['files'])} ({saved['form']}; {seconds:.1f} s)")
+    if report_path is not None:
+        print(f"report written to {report_path}")
+    return 0
+
+
+def _evaluation_set(args: argparse.Namespace, module: Any) -> tuple[Any, Any]:
+    from cbd_fast.app import images as imagedata
+    from cbd_fast.app import model_io as modelio
+
+    if args.eval_dataset:
+        data = imagedata.load_dataset(
+            args.eval_dataset,
+            split="test",
+            root=args.dataset_root,
+            limit=args.eval_limit,
+            seed=args.subset_seed,
+        )
+        channels = modelio.expected_input_shape(module)[0]
+        if channels == 3 and data.images.shape[1] == 1:
+            data.images = data.images.expand(-1, 3, -1, -1)
+        return data.images, data.labels
+    channels, h, w = modelio.expected_input_shape(module)
+    data = imagedata.load_images(
+        args.eval_data,
+        image_size=args.image_size,
+        expected_size=(h, w) if h and w else None,
+        channels=channels,
+        limit=args.eval_limit,
+        seed=args.subset_seed,
+        labels=args.eval_labels,
+    )
+    return data.images, _labelled(data, "--eval-data")
+
+
+def _write_purify_report(
+    args: argparse.Namespace,
+    config: Any,
+    result: Any,
+    before: Any,
+    purified: Any,
+    feature_fn: Any,
+    data: Any,
+    loaded: Any,
+    saved: dict,
+    seconds: float,
+    evaluation_set: tuple[Any, Any] | None,
+) -> Path:
+    from cbd_fast.app import report
+
+    x = data.float_images()
+    x_trig = None
+    if args.trigger:
+        from cbd_fast.evaluation import backdoors as attacks
+
+        x_trig = attacks.make_trigger(args.trigger)(x[: args.report_samples].clone())
+    device = _module_device(purified)
+    before = before.to(device)
+    t0 = time.perf_counter()
+    projections = report.collect_projections(
+        before, purified, x, feature_fn=feature_fn, x_triggered=x_trig, config=config, n=args.report_samples
+    )
+    evaluation = None
+    if evaluation_set is not None:
+        ex, ey = evaluation_set
+        evaluation = {
+            "before": _evaluate(before, ex, ey, args.trigger, args.target, "evaluating (before)"),
+            "after": _evaluate(purified, ex, ey, args.trigger, args.target, "evaluating (after)"),
+        }
+    diagnostic = None
+    if args.diagnostic:
+        diagnostic = _diagnostic(args, before, feature_fn, x[: args.report_samples])
+    extra = {
+        "model": loaded.describe(),
+        "feature_fn": repr(feature_fn),
+        "data": data.describe(),
+        "outputs": saved,
+        "purify_seconds": seconds,
+        "report_seconds": time.perf_counter() - t0,
+    }
+    return report.write_report(
+        args.report,
+        config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        history=list(result.history),
+        evaluation=evaluation,
+        diagnostic=diagnostic,
+        projections=projections,
+        extra=extra,
+    )
+
+
+def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: Any) -> dict:
+    """The evocation diagnostic of the original model (cbd_fast.evaluation.diagnostics, the evaluation owner's)."""
+    from cbd_fast.evaluation import diagnostics
+
+    class Features(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x) if feature_fn is None else feature_fn(self.model, x)
+
+    kwargs: dict[str, Any] = {}
+    if feature_fn is not None:  # the loaded model is a classifier: class shares are measurable
+        kwargs["classifier"] = model
+    if args.trigger:
+        from cbd_fast.evaluation import backdoors as attacks
+
+        kwargs.update(trigger=attacks.make_trigger(args.trigger), target=args.target)
+    return diagnostics.evocation_diagnostic(Features().eval(), images.to(_module_device(model)), **kwargs)
+
+
+def _module_device(module: Any) -> Any:
+    for t in module.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.json and args.json != "-":
+        json_out = _check_out_path(args.json, "--json output")
+    device = _resolve_device(args.device)
+    loaded = _load_model(args)
+    data = _load_data(args, loaded.module, split=args.split, labels=args.labels)
+    labels = _labelled(data, "data")
+    result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating", device)
+    result.update(model=args.model, data=data.source)
+    line = f"ACC {100 * result['acc']:.2f}%"
+    if "asr" in result:
+        line += f"  ASR {100 * result['asr']:.2f}% (trigger {args.trigger}, target {args.target})"
+    line += f"  on {result['n']} images"
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        print(line)
+        if args.json:
+            from cbd_fast.app.model_io import atomic_output
+
+            with atomic_output(json_out) as tmp:
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+_COMMANDS = {"demo": _cmd_demo, "purify": _cmd_purify, "evaluate": _cmd_evaluate, "info": _cmd_info}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+class _Formatter(logging.Formatter):
+    """``cbd-fast: warning: message`` (lower-case level, like the error line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int) -> Iterator[None]:
+    pkg = logging.getLogger("cbd_fast")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    old_level, old_propagate = pkg.level, pkg.propagate
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
+    pkg.propagate = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+
+            def show(message: Any, category: Any, *_a: Any, **_k: Any) -> None:
+                print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+            warnings.showwarning = show
+            yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        pkg.propagate = old_propagate
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename!r}"
+    if isinstance(exc, (KeyError,)) or (not isinstance(exc, (CLIError, ValueError, TypeError, OSError))):
+        text = f"{type(exc).__name__}: {text}"
+    return text
+
+
+_GLOBAL_FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose", "-vv": "verbose"}
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; ``demo``/``info`` hand everything after their name to their own parser
+    (argparse's REMAINDER would swallow neither a leading ``--help`` nor other options reliably)."""
+    for i, token in enumerate(argv):
+        if token in ("demo", "info"):
+            head = argv[:i]
+            if all(t in _GLOBAL_FLAGS for t in head):
+                verbose = sum(2 if t == "-vv" else 1 for t in head if _GLOBAL_FLAGS[t] == "verbose")
+                quiet = any(_GLOBAL_FLAGS[t] == "quiet" for t in head)
+                return argparse.Namespace(command=token, rest=argv[i + 1 :], quiet=quiet, verbose=verbose)
+            break
+        if not token.startswith("-"):
+            break
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cbd-fast`` command line.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        the exit status: 0 success, 1 error (one line on stderr), 2 usage error, 130 interrupted.
+    """
+    from cbd_fast.core import progress
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = sum(a in ("-v", "--verbose") for a in argv) + 2 * sum(a == "-vv" for a in argv)
+    previous_quiet = progress._QUIET
+    try:
+        parser = build_parser()
+        try:
+            args = _parse(parser, argv)
+        except SystemExit as exc:  # --help
+            return int(exc.code or 0)
+        if getattr(args, "version", False):
+            import cbd_fast
+
+            print(f"cbd_fast {cbd_fast.__version__}")
+            return 0
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        verbose = args.verbose
+        if args.quiet:
+            progress.set_quiet(True)
+        with _logging_to_stderr(verbose):
+            return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        progress.set_quiet(previous_quiet)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

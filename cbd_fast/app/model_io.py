@@ -1,0 +1,744 @@
+"""Loading and saving the models users bring: TorchScript, pickled modules, factory + weights.
+
+Forms (``LoadedModel.form``):
+
+- ``"torchscript"``: a ``torch.jit.save`` archive (``--model model.pt``); saved back with
+  ``torch.jit.save``.
+- ``"pickle"``: a whole module pickled with ``torch.save(module)``. Unpickling runs arbitrary code,
+  so it is only done after a warning, and only when the file is not a plain state_dict (tried first
+  with ``weights_only=True``). Saved back with ``torch.save(module)``.
+- ``"factory"``: an architecture given as ``package.module:callable`` (``torchvision.models:resnet18``,
+  ``my_pkg.nets:build``) or ``timm:NAME`` (needs timm), built with ``factory_kwargs`` and optionally
+  filled from a state_dict file (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``, or
+  ``.safetensors``). Saved back as a state_dict (``.safetensors`` when the output name says so).
+
+Every save also writes ``<out>.safetensors`` next to the main file when safetensors is installed
+(unless the main file already is one), and every file is written atomically: to a temporary name in
+the same folder, flushed, fsynced, then renamed, so a crash never leaves a partial file under the
+final name.
+
+Features: CBD purifies a backbone's *features*. :func:`make_feature_fn` picks them from a classifier:
+the output of a named submodule (``--feature-layer layer4``, captured by a forward hook that stops the
+forward there) or timm's ``forward_features`` (+ ``forward_head(pre_logits=True)`` when present).
+
+Example:
+    >>> loaded = load_model("my_pkg.nets:build", weights="backdoored.safetensors")  # doctest: +SKIP
+    >>> fn = make_feature_fn(loaded.module, feature_layer="backbone")               # doctest: +SKIP
+    >>> save_model(loaded.module, "purified.pt", loaded=loaded)                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FORMS",
+    "LoadedModel",
+    "ModelLoadError",
+    "PickleTrustWarning",
+    "atomic_output",
+    "clone_module",
+    "expected_input_shape",
+    "load_model",
+    "load_state_dict_file",
+    "make_feature_fn",
+    "save_model",
+    "SubmoduleFeatures",
+    "ForwardFeatures",
+]
+
+logger = logging.getLogger("cbd_fast.app.model_io")
+
+FORMS = ("torchscript", "pickle", "factory")
+
+TRUST_WARNING = (
+    "{path} is a pickled module: unpickling runs arbitrary code from the file. Load only files "
+    "you trust (a state_dict with --model package.module:factory --weights FILE is safe)"
+)
+
+
+class PickleTrustWarning(UserWarning):
+    """Emitted before unpickling a whole module: doing so runs code from the file."""
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message names the file or factory and says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A model as loaded, with what is needed to save it back in the same form.
+
+    Attributes:
+        module: the ``nn.Module`` (a ``torch.jit.ScriptModule`` for TorchScript), on the CPU.
+        form: one of :data:`FORMS`.
+        source: the file path or the factory spec the user gave.
+        weights: the state_dict file the factory model was filled from (None otherwise).
+        factory_kwargs: keyword arguments the factory was called with.
+        notes: human-readable remarks made while loading (e.g. a stripped ``module.`` prefix).
+    """
+
+    module: nn.Module
+    form: str
+    source: str
+    weights: str | None = None
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary (form, source, weights, kwargs, class name, parameter count)."""
+        return {
+            "form": self.form,
+            "source": self.source,
+            "weights": self.weights,
+            "factory_kwargs": self.factory_kwargs,
+            "class": _class_name(self.module),
+            "parameters": int(sum(p.numel() for p in self.module.parameters())),
+            "notes": list(self.notes),
+        }
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was (absent, or the
+    previous complete version), so no partial output ever carries the final name.
+
+    Args:
+        path: the final file name. Its folder must exist.
+
+    Yields:
+        the temporary ``Path`` to write to (same folder, hidden name ending in ``.tmp``).
+    """
+    final = Path(path)
+    folder = final.parent if str(final.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {str(folder)!r} (for {str(final)!r})")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:  # make the bytes durable before the rename publishes them
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        with contextlib.suppress(OSError):  # the rename itself: fsync the folder (POSIX only)
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _class_name(module: nn.Module) -> str:
+    if isinstance(module, torch.jit.ScriptModule):
+        return f"ScriptModule({getattr(module, 'original_name', type(module).__name__)})"
+    return type(module).__name__
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _resolve_factory(spec: str) -> Callable[..., Any]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelLoadError(f"model factory must look like 'package.module:callable'; got {spec!r}")
+    if module_name == "timm":
+        try:
+            timm = importlib.import_module("timm")
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"model {spec!r} needs timm, which is not installed (pip install timm)"
+            ) from exc
+        return lambda **kw: timm.create_model(attr, pretrained=False, **kw)
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import {module_name!r} for model factory {spec!r}: {exc}") from exc
+    target: Any = mod
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelLoadError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelLoadError(f"model factory {spec!r} is not callable; got a {type(target).__name__}")
+    return target
+
+
+def _unwrap_state_dict(obj: Any, path: str, notes: list[str]) -> dict[str, torch.Tensor]:
+    """Find the tensor mapping in a loaded checkpoint (plain, or under a conventional key)."""
+    if isinstance(obj, nn.Module):
+        raise ModelLoadError(
+            f"weights file {path!r} holds a whole module, not a state_dict; pass it as --model"
+        )
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            sd = dict(obj)
+        else:
+            for key in ("state_dict", "model_state_dict", "model", "encoder", "backbone", "net"):
+                inner = obj.get(key)
+                if (
+                    isinstance(inner, Mapping)
+                    and inner
+                    and all(isinstance(v, torch.Tensor) for v in inner.values())
+                ):
+                    notes.append(f"weights taken from the {key!r} entry of {path}")
+                    sd = dict(inner)
+                    break
+            else:
+                raise ModelLoadError(
+                    f"weights file {path!r} is not a state_dict: no tensor mapping at the top level or under "
+                    f"'state_dict'/'model'; top-level keys: {sorted(map(str, obj))[:8]}"
+                )
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+            if sd and all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
+                notes.append(f"stripped the {prefix!r} prefix from the weights' keys")
+        return sd
+    raise ModelLoadError(f"weights file {path!r} is not a state_dict; got a {type(obj).__name__}")
+
+
+def load_state_dict_file(
+    path: str | os.PathLike[str], notes: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a state_dict from ``.safetensors`` or a ``torch.save`` file (never unpickling code).
+
+    Args:
+        path: the file.
+        notes: a list that receives remarks (keys taken from a nested entry, stripped prefixes).
+
+    Returns:
+        ``{name: tensor}`` on the CPU.
+    """
+    path = Path(path)
+    notes = [] if notes is None else notes
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ModelLoadError(
+                f"reading {str(path)!r} needs safetensors (pip install safetensors)"
+            ) from exc
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read safetensors file {str(path)!r}: {_first_line(exc)}") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot read weights file {str(path)!r} as a state_dict (torch.load weights_only=True): "
+            f"{_first_line(exc)}"
+        ) from exc
+    return _unwrap_state_dict(obj, str(path), notes)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    strict: bool = True,
+) -> LoadedModel:
+    """Load a model from a TorchScript archive, a pickled module, or a factory (+ a state_dict).
+
+    Args:
+        spec: a file path (TorchScript archive or pickled module), or ``package.module:callable`` /
+            ``timm:NAME`` (an architecture; an existing file of that name wins over a factory).
+        weights: a state_dict file (``.pt``/``.pth``/``.bin``/``.safetensors``) to fill the factory
+            model with; with a file ``spec`` it overrides the loaded module's weights.
+        factory_kwargs: keyword arguments for the factory (e.g. ``{"num_classes": 10}``).
+        strict: require the weights' keys to match the model's exactly.
+
+    Returns:
+        a :class:`LoadedModel` on the CPU, in ``eval()`` mode.
+
+    Raises:
+        FileNotFoundError: ``spec`` or ``weights`` is a path that does not exist.
+        ModelLoadError (a ValueError): the file is not a model, the factory cannot be resolved or
+            built, or the weights do not fit the architecture; the message says which and why.
+    """
+    spec_str = os.fspath(spec)
+    kwargs = dict(factory_kwargs or {})
+    notes: list[str] = []
+    path = Path(spec_str)
+    if path.exists():
+        if path.is_dir():
+            raise ModelLoadError(
+                f"model must be a file or 'package.module:factory'; got the folder {spec_str!r}"
+            )
+        if kwargs:
+            raise ModelLoadError(f"factory kwargs only apply to a factory model; {spec_str!r} is a file")
+        module, form = _load_file(path, notes)
+    elif ":" in spec_str and not spec_str.endswith((".pt", ".pth", ".ts", ".bin", ".safetensors")):
+        factory = _resolve_factory(spec_str)
+        try:
+            module = factory(**kwargs)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model factory {spec_str!r}({_kw(kwargs)}) failed: {_first_line(exc)}"
+            ) from exc
+        if not isinstance(module, nn.Module):
+            raise ModelLoadError(
+                f"model factory {spec_str!r} must return an nn.Module; got a {type(module).__name__}"
+            )
+        form = "factory"
+    else:
+        raise FileNotFoundError(f"model file not found: {spec_str!r}")
+    if weights is not None:
+        sd = load_state_dict_file(weights, notes)
+        _load_weights(module, sd, str(weights), strict)
+    elif form == "factory":
+        notes.append("no --weights given: the factory's own initialisation is used")
+    module = module.cpu().eval()
+    return LoadedModel(
+        module=module,
+        form=form,
+        source=spec_str,
+        weights=None if weights is None else os.fspath(weights),
+        factory_kwargs=kwargs,
+        notes=notes,
+    )
+
+
+def _kw(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _load_file(path: Path, notes: list[str]) -> tuple[nn.Module, str]:
+    if path.suffix == ".safetensors":
+        raise ModelLoadError(
+            f"{str(path)!r} holds only weights; give the architecture: --model package.module:factory "
+            f"--weights {path}"
+        )
+    if _is_torchscript_archive(path):
+        try:
+            with _quiet_jit():
+                return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load TorchScript archive {str(path)!r}: {_first_line(exc)}"
+            ) from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_exc:
+        if not zipfile.is_zipfile(path) and not _looks_like_legacy_pickle(path):
+            raise ModelLoadError(
+                f"cannot load model {str(path)!r}: not a TorchScript archive nor a torch.save file"
+            ) from safe_exc
+        warnings.warn(TRUST_WARNING.format(path=path), PickleTrustWarning, stacklevel=3)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot unpickle model {str(path)!r}: {_first_line(exc)}") from exc
+    if isinstance(obj, nn.Module):
+        return obj, "pickle"
+    if isinstance(obj, Mapping):
+        raise ModelLoadError(
+            f"{str(path)!r} is a state_dict, not a model; give the architecture: "
+            f"--model package.module:factory --weights {path}"
+        )
+    raise ModelLoadError(f"{str(path)!r} does not hold a model; got a {type(obj).__name__}")
+
+
+def _looks_like_legacy_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80  # pickle protocol opcode
+
+
+def _load_weights(module: nn.Module, sd: dict[str, torch.Tensor], path: str, strict: bool) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(own[k].shape) != tuple(sd[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelLoadError(
+            f"weights {path!r} do not fit the model: {len(wrong)} shape mismatch(es), e.g. {k!r} is "
+            f"{tuple(sd[k].shape)} in the file but {tuple(own[k].shape)} in the model"
+        )
+    if strict and (missing or unexpected):
+        raise ModelLoadError(
+            f"weights {path!r} do not fit the model: {len(missing)} missing key(s) {missing[:3]}, "
+            f"{len(unexpected)} unexpected key(s) {unexpected[:3]}"
+        )
+    with torch.no_grad():
+        module.load_state_dict(sd, strict=strict)
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass at the feature layer."""
+
+
+def _walk(root: nn.Module, name: str) -> nn.Module | None:
+    target: object = root
+    for part in name.split("."):
+        children = dict(target.named_children()) if isinstance(target, nn.Module) else {}
+        if part not in children:
+            return None
+        target = children[part]
+    return target if isinstance(target, nn.Module) else None
+
+
+def _get_submodule(module: nn.Module, name: str) -> nn.Module | None:
+    for root in (module, getattr(module, "module", None), getattr(module, "_orig_mod", None)):
+        if isinstance(root, nn.Module):
+            found = _walk(root, name)
+            if found is not None:
+                return found
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """torch >= 2.10 deprecates TorchScript; loading/saving the user's archives still works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def _flatten_features(out: Any) -> torch.Tensor:
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the feature layer must output a Tensor; got a {type(out).__name__}")
+    return out.flatten(1) if out.dim() > 2 else out
+
+
+class SubmoduleFeatures:
+    """``feature_fn(module, x)``: the output of submodule ``name``, flattened to [B, D].
+
+    A forward hook captures the submodule's output and raises to stop the forward there, so the
+    layers after it (the head) are never computed. Works on deep copies and on DDP/compile wrappers
+    (the name is looked up on the module it is called with).
+
+    Args:
+        name: a name from ``module.named_modules()``, e.g. ``"backbone"`` or ``"layer4"``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        sub = _get_submodule(module, self.name)
+        if sub is None:
+            raise ValueError(f"feature layer {self.name!r} not found in {_class_name(module)}")
+        captured: list[Any] = []
+
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            captured.append(out)
+            raise _StopForward
+
+        handle = sub.register_forward_hook(hook)
+        try:
+            module(x)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"feature layer {self.name!r} was not called by {_class_name(module)}.forward")
+        return _flatten_features(captured[0])
+
+    def __repr__(self) -> str:
+        return f"SubmoduleFeatures({self.name!r})"
+
+
+class ForwardFeatures:
+    """``feature_fn(module, x)``: timm-style ``forward_features`` (then ``forward_head(pre_logits=True)``
+    when the model has it), flattened to [B, D]."""
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        root = module
+        if not hasattr(root, "forward_features"):
+            root = getattr(module, "module", getattr(module, "_orig_mod", module))
+        feats = root.forward_features(x)
+        if hasattr(root, "forward_head"):
+            feats = root.forward_head(feats, pre_logits=True)
+        return _flatten_features(feats)
+
+    def __repr__(self) -> str:
+        return "ForwardFeatures()"
+
+
+def _module_names(module: nn.Module, limit: int = 12) -> str:
+    names = [n for n, _ in module.named_children()]
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return shown or "(none)"
+
+
+def make_feature_fn(
+    module: nn.Module, *, feature_layer: str | None = None, forward_features: bool = False
+) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+    """The ``feature_fn`` for ``cbd_fast.purify`` that reads a classifier's features.
+
+    Args:
+        module: the loaded model (used to check the request now, before any work).
+        feature_layer: a submodule name (``module.named_modules()``); its output, flattened to
+            [B, D], is the feature. Mutually exclusive with ``forward_features``.
+        forward_features: use ``module.forward_features`` (timm classifiers).
+
+    Returns:
+        a picklable callable ``(module, x[B,C,H,W]) -> features[B,D]``, or None (the module's own
+        output is the feature: a headless backbone).
+
+    Raises:
+        ValueError: both options, an unknown layer (the message lists the top-level children), or a
+            model without ``forward_features``.
+    """
+    if feature_layer and forward_features:
+        raise ValueError("give either feature_layer or forward_features, not both")
+    if feature_layer:
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ValueError(
+                f"feature layer {feature_layer!r}: TorchScript models take no forward hooks; save the "
+                "backbone "
+                "alone as TorchScript (its output is the feature) or load the model from its architecture"
+            )
+        if _get_submodule(module, feature_layer) is None:
+            raise ValueError(
+                f"feature layer {feature_layer!r} not found in {_class_name(module)}; "
+                f"its top-level modules are: {_module_names(module)}"
+            )
+        return SubmoduleFeatures(feature_layer)
+    if forward_features:
+        if not hasattr(module, "forward_features"):
+            raise ValueError(
+                f"forward_features requested but {_class_name(module)} has no forward_features method; "
+                "use a feature layer name instead"
+            )
+        return ForwardFeatures()
+    return None
+
+
+def expected_input_shape(module: nn.Module) -> tuple[int | None, int | None, int | None]:
+    """What the model says about its input: ``(channels, height, width)``, None where unknown.
+
+    Channels come from the first 4-D weight (a conv's ``in_channels``); the size from timm's
+    ``pretrained_cfg``/``default_cfg["input_size"]`` or an ``input_size``/``image_size``/``img_size``
+    attribute (on the model or its ``patch_embed``).
+
+    Args:
+        module: the model.
+
+    Returns:
+        ``(C, H, W)`` with None for what cannot be known.
+    """
+    channels = None
+    for p in module.parameters():
+        if p.dim() == 4:
+            channels = int(p.shape[1])
+            break
+    height = width = None
+    for cfg_name in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(module, cfg_name, None)
+        if isinstance(cfg, Mapping) and isinstance(cfg.get("input_size"), (tuple, list)):
+            size = cfg["input_size"]
+            if len(size) == 3:
+                channels = channels or int(size[0])
+                height, width = int(size[1]), int(size[2])
+                return channels, height, width
+    for owner in (module, getattr(module, "patch_embed", None)):
+        for attr in ("input_size", "image_size", "img_size"):
+            value = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(value, int) and value > 0:
+                return channels, value, value
+            if (
+                isinstance(value, (tuple, list))
+                and len(value) in (2, 3)
+                and all(isinstance(v, int) for v in value)
+            ):
+                return channels, int(value[-2]), int(value[-1])
+    return channels, height, width
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def clone_module(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters are leaves with the original's ``requires_grad`` flags.
+
+    ``copy.deepcopy`` of a ``torch.jit.ScriptModule`` under grad mode returns parameters that are
+    *non-leaf clones* (``CloneBackward``) of the original's, so they cannot be trained and would
+    leak gradients into the original; copying under ``no_grad`` and restoring the flags fixes that.
+
+    Args:
+        module: any module, TorchScript included.
+
+    Returns:
+        an independent copy (same class, same training flag).
+    """
+    with torch.no_grad():
+        new = copy.deepcopy(module)
+    for p_new, p_old in zip(new.parameters(), module.parameters()):
+        if p_new.requires_grad != p_old.requires_grad:
+            p_new.requires_grad_(p_old.requires_grad)
+    return new
+
+
+def _save_safetensors(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:  # tied/shared storage: safetensors refuses it; store a copy
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t.contiguous()
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "cbd_fast"})
+
+
+def _safetensors_available() -> bool:
+    return importlib.util.find_spec("safetensors") is not None
+
+
+def save_model(
+    module: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    loaded: LoadedModel | None = None,
+    form: str | None = None,
+    example_input: torch.Tensor | None = None,
+    safetensors: bool = True,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save ``module`` atomically in the form it was loaded in, plus a ``.safetensors`` copy.
+
+    Args:
+        module: the (purified) model; moved to the CPU for saving (the caller's module is not moved).
+        path: the main output file. A ``.safetensors`` name saves only a safetensors state_dict.
+        loaded: the :class:`LoadedModel` it came from (gives the form).
+        form: override the form: ``"torchscript"``, ``"pickle"`` or ``"factory"``/``"state_dict"``.
+            Default: ``loaded.form``, else ``"state_dict"``.
+        example_input: [B, C, H, W] inputs to trace with when a TorchScript save needs re-scripting and
+            ``torch.jit.script`` fails.
+        safetensors: also write ``<path minus suffix>.safetensors`` when safetensors is installed.
+        metadata: a JSON-able dict written to ``<path>.json`` beside the model (atomic), e.g. how to
+            load it back; None writes nothing.
+
+    Returns:
+        ``{"files": [paths written], "form": form used, "notes": [remarks, e.g. a fallback]}``.
+    """
+    out = Path(path)
+    chosen = form or (loaded.form if loaded is not None else "state_dict")
+    if chosen == "factory":
+        chosen = "state_dict"
+    if chosen not in ("torchscript", "pickle", "state_dict"):
+        raise ValueError(f"form must be 'torchscript', 'pickle' or 'state_dict'; got {chosen!r}")
+    if out.exists() and out.is_dir():
+        raise ValueError(f"output path is a folder: {str(out)!r}; give a file name")
+    notes: list[str] = []
+    files: list[str] = []
+    cpu = (
+        module
+        if all(t.device.type == "cpu" for t in module.state_dict().values())
+        else clone_module(module).cpu()
+    )
+    if out.suffix == ".safetensors":
+        if not _safetensors_available():
+            raise ValueError(f"output {str(out)!r} needs safetensors, which is not installed")
+        _save_safetensors(cpu, out)
+        return {"files": [str(out)], "form": "safetensors", "notes": notes}
+
+    if chosen == "torchscript":
+        scripted = cpu if isinstance(cpu, torch.jit.ScriptModule) else None
+        if scripted is None:
+            try:
+                with _quiet_jit():
+                    scripted = torch.jit.script(cpu)
+            except Exception as exc:
+                if example_input is not None:
+                    try:
+                        with torch.no_grad(), _quiet_jit():
+                            scripted = torch.jit.trace(clone_module(cpu).eval(), example_input.cpu())
+                        notes.append(f"torch.jit.script failed ({_first_line(exc)}); saved a traced module")
+                    except Exception as exc2:
+                        notes.append(f"could not script ({_first_line(exc)}) nor trace ({_first_line(exc2)})")
+                else:
+                    notes.append(
+                        f"could not script the module ({_first_line(exc)}) and no example input to trace"
+                    )
+        if scripted is not None:
+            with atomic_output(out) as tmp, _quiet_jit():
+                torch.jit.save(scripted, str(tmp))
+        else:
+            chosen = "state_dict"
+            notes.append("saved a state_dict instead of TorchScript")
+    if chosen == "pickle":
+        with atomic_output(out) as tmp:
+            torch.save(cpu, tmp)
+    elif chosen == "state_dict":
+        with atomic_output(out) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in cpu.state_dict().items()}, tmp)
+    files.append(str(out))
+    if safetensors:
+        if _safetensors_available():
+            st = out.with_suffix(".safetensors")
+            _save_safetensors(cpu, st)
+            files.append(str(st))
+        else:
+            notes.append("safetensors is not installed: no .safetensors copy written")
+    if metadata is not None:
+        meta_path = out.with_name(out.name + ".json")
+        with atomic_output(meta_path) as tmp:
+            tmp.write_text(
+                json.dumps(dict(metadata, form=chosen, files=files, notes=notes), indent=2, default=str)
+            )
+        files.append(str(meta_path))
+    for note in notes:
+        logger.info("save_model: %s", note)
+    return {"files": files, "form": chosen, "notes": notes}

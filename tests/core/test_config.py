@@ -1,0 +1,109 @@
+"""PurifyConfig: defaults, validation messages (field + value), overrides, serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from cbd_fast import PurifyConfig
+from cbd_fast.core.adversaries import ADVERSARIES
+from cbd_fast.core.clean_terms import CLEAN_TERMS
+
+
+def test_defaults_are_the_papers_starting_points() -> None:
+    # epsilon/step_size/lr/adversary/clean term: measured defaults (issue 6, docs/results.md).
+    cfg = PurifyConfig().validate()
+    assert cfg.epsilon == pytest.approx(40 / 255)
+    assert cfg.step_size == pytest.approx(8 / 255)
+    assert cfg.steps == 5
+    assert cfg.temperature == 0.5
+    assert cfg.optimizer == "sgd" and cfg.lr == 0.001
+    assert cfg.nonfinite == "stop" and cfg.amp_dtype == "auto" and cfg.device == "auto"
+    assert cfg.clean_term in CLEAN_TERMS and cfg.adversary in ADVERSARIES
+
+
+def test_every_field_is_documented() -> None:
+    doc = PurifyConfig.__doc__ or ""
+    missing = [f.name for f in dataclasses.fields(PurifyConfig) if f"{f.name}:" not in doc]
+    assert not missing, f"fields without a docstring entry: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "exc"),
+    [
+        ("epsilon", -0.1, ValueError),
+        ("epsilon", float("nan"), ValueError),
+        ("epsilon", "8/255", TypeError),
+        ("step_size", -1.0, ValueError),
+        ("steps", -1, ValueError),
+        ("steps", 2.5, TypeError),
+        ("temperature", 0.0, ValueError),
+        ("temperature", -0.5, ValueError),
+        ("epochs", 0, ValueError),
+        ("lr", 0.0, ValueError),
+        ("lr", float("inf"), ValueError),
+        ("batch_size", 1, ValueError),
+        ("batch_size", True, TypeError),
+        ("optimizer", "rmsprop", ValueError),
+        ("momentum", 1.0, ValueError),
+        ("weight_decay", -1e-4, ValueError),
+        ("lr_schedule", "linear", ValueError),
+        ("clean_term", "l2sp", ValueError),
+        ("clean_weight", -1.0, ValueError),
+        ("bn_policy", "sync", ValueError),
+        ("augmentation", "rotate", ValueError),
+        ("crop_padding", -2, ValueError),
+        ("seed", -1, ValueError),
+        ("amp_dtype", "fp8", ValueError),
+        ("channels_last", "yes", ValueError),
+        ("compile", "no", TypeError),
+        ("backend", "opencl", ValueError),
+        ("checkpoint_dir", 3, TypeError),
+        ("keep_checkpoints", 0, ValueError),
+        ("log_every", 0, ValueError),
+        ("num_workers", -1, ValueError),
+        ("nonfinite", "ignore", ValueError),
+        ("distributed", "yes", ValueError),
+        ("adversary", "fgsm", ValueError),
+        ("progress", 1, TypeError),
+    ],
+)
+def test_bad_values_name_field_and_value(field: str, value: object, exc: type) -> None:
+    with pytest.raises(exc) as info:
+        PurifyConfig(**{field: value}).validate()
+    msg = str(info.value)
+    assert field in msg
+    assert str(value) in msg or repr(value) in msg
+
+
+def test_resume_needs_checkpoint_dir() -> None:
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        PurifyConfig(resume=True).validate()
+
+
+def test_unknown_field_lists_valid_ones() -> None:
+    with pytest.raises(TypeError) as info:
+        PurifyConfig().replace(epsilonn=0.1)
+    msg = str(info.value)
+    assert "'epsilonn'" in msg and "epsilon" in msg and "temperature" in msg
+    with pytest.raises(TypeError, match="bogus"):
+        PurifyConfig.from_dict({"bogus": 1})
+
+
+def test_replace_returns_validated_copy() -> None:
+    cfg = PurifyConfig()
+    new = cfg.replace(lr=0.5, steps=3.0)
+    assert new is not cfg and cfg.lr == 0.001
+    assert new.lr == 0.5 and new.steps == 3 and isinstance(new.steps, int)
+    with pytest.raises(ValueError, match="epochs"):
+        cfg.replace(epochs=0)
+
+
+def test_to_dict_round_trips_through_json(tmp_path) -> None:
+    cfg = PurifyConfig(checkpoint_dir=tmp_path, epochs=2)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["checkpoint_dir"] == str(tmp_path)
+    assert PurifyConfig.from_dict(d) == PurifyConfig(checkpoint_dir=str(tmp_path), epochs=2).validate()
+    assert set(d) == set(PurifyConfig.field_names())
