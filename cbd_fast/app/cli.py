@@ -728,7 +728,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(line)
         if args.json:
-            from cbd_fast.app.model_io import atomic_output
+            from cbd_fast.core.files import atomic_output
 
             with atomic_output(json_out) as tmp:
                 tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -46,6 +45,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from cbd_fast.core.files import atomic_output
 
 __all__ = [
     "FORMS",
@@ -112,47 +113,6 @@ class LoadedModel:
             "parameters": int(sum(p.numel() for p in self.module.parameters())),
             "notes": list(self.notes),
         }
-
-
-# ------------------------------------------------------------------------------------------ writing
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it to ``path``.
-
-    On an exception the temporary file is removed and ``path`` is left as it was (absent, or the
-    previous complete version), so no partial output ever carries the final name.
-
-    Args:
-        path: the final file name. Its folder must exist.
-
-    Yields:
-        the temporary ``Path`` to write to (same folder, hidden name ending in ``.tmp``).
-    """
-    final = Path(path)
-    folder = final.parent if str(final.parent) else Path(".")
-    if not folder.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {str(folder)!r} (for {str(final)!r})")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:  # make the bytes durable before the rename publishes them
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        with contextlib.suppress(OSError):  # the rename itself: fsync the folder (POSIX only)
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cbd_fast.app.model_io import atomic_output
+from cbd_fast.core.files import atomic_output
 from cbd_fast.core.progress import progress
 
 __all__ = ["write_report", "collect_projections", "project_2d", "jsonable", "versions", "REPORT_VERSION"]

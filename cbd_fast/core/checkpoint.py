@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbd_fast.core.files import atomic_output
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -83,19 +85,6 @@ def model_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     directory: str | os.PathLike[str], epoch: int, state: dict[str, Any], *, keep: int = 2
 ) -> Path:
@@ -119,33 +108,22 @@ def save_checkpoint(
     torch.save(state, buf)
     payload = buf.getvalue()
     final = checkpoint_path(d, epoch)
-    tmp = d / f".{final.name}.tmp-{os.getpid()}"
     pause = float(os.environ.get("CBD_FAST_TEST_CKPT_SLEEP", "0") or 0)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(MAGIC)
-            f.write(hashlib.sha256(payload).digest())
-            half = len(payload) // 2
-            f.write(payload[:half])
-            if pause > 0:  # test hook: a kill now leaves a half-written temporary file
-                f.flush()
-                time.sleep(pause)
-            f.write(payload[half:])
+    with atomic_output(final) as tmp, open(tmp, "wb") as f:
+        f.write(MAGIC)
+        f.write(hashlib.sha256(payload).digest())
+        half = len(payload) // 2
+        f.write(payload[:half])
+        if pause > 0:  # test hook: a kill now leaves a half-written temporary file
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(d)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+            time.sleep(pause)
+        f.write(payload[half:])
     for _, old in list_checkpoints(d)[:-keep]:
         with contextlib.suppress(OSError):
             old.unlink()
-    for stale in d.glob(".purify-epoch*.ckpt.tmp-*"):  # temp files of killed writers
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            with contextlib.suppress(OSError):
-                stale.unlink()
+    for stale in d.glob(".purify-epoch*.ckpt.*"):  # hidden temporary files of killed writers
+        with contextlib.suppress(OSError):
+            stale.unlink()
     return final
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from cbd_fast.core.files import atomic_output
 from cbd_fast.app import model_io as modelio
 from cbd_fast.evaluation.models import FMNISTNet
 
@@ -271,14 +272,14 @@ def test_save_safetensors_only_and_tied_weights(tmp_path):
 def test_atomic_output_leaves_nothing_on_error(tmp_path):
     target = tmp_path / "model.pt"
     target.write_text("previous complete version")
-    with pytest.raises(RuntimeError), modelio.atomic_output(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "previous complete version"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     with (
         pytest.raises(FileNotFoundError, match="output folder does not exist"),
-        modelio.atomic_output(tmp_path / "nope" / "m.pt"),
+        atomic_output(tmp_path / "nope" / "m.pt"),
     ):
         pass
 

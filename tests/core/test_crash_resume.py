@@ -143,18 +143,18 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_weights(
     d, out = tmp_path / "ck_write", tmp_path / "out_write.pt"
     proc = _start(d, out, CBD_FAST_TEST_CKPT_SLEEP="30")
     deadline = time.monotonic() + 120
-    while not list(d.glob(".purify-epoch*.tmp-*")):
+    while not list(d.glob(".purify-epoch*.ckpt.*")):
         assert proc.poll() is None, "worker exited before writing a checkpoint"
         assert time.monotonic() < deadline, "no checkpoint write started"
         time.sleep(0.02)
     time.sleep(0.2)
     _kill(proc)
-    (tmp,) = list(d.glob(".purify-epoch*.tmp-*"))
+    (tmp,) = list(d.glob(".purify-epoch*.ckpt.*"))
     assert tmp.stat().st_size > 0, "the kill should leave a half-written temporary file"
     assert ckpt.list_checkpoints(d) == [], "a half-written checkpoint must never appear under its final name"
     _run(str(d), out)
     _assert_same(out, reference, "killed during a checkpoint write")
-    assert not list(d.glob(".purify-epoch*.tmp-*")), "stale temporary file not cleaned"
+    assert not list(d.glob(".purify-epoch*.ckpt.*")), "stale temporary file not cleaned"
     assert [e for e, _ in ckpt.list_checkpoints(d)] == [9, 10]
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(d)[-1][1])
     assert state["config"]["adversary"] == PurifyConfig().adversary and "adversary" in state
