@@ -10,60 +10,19 @@ attack (``attack_mode``), and everything is restored afterwards, also when an ex
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from cbd_fast.core.features import FeatureFn, encoder_features
+from cbd_fast.core.modes import attack_mode
 from cbd_fast.ops.nt_xent import nt_xent
 from cbd_fast.ops.pgd import _is_dense, _same_layout, pgd_init, pgd_step
 
 __all__ = ["attack_mode", "contrastive_pgd"]
-
-FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-@contextlib.contextmanager
-def attack_mode(encoder: nn.Module) -> Iterator[nn.Module]:
-    """Put ``encoder`` in attack mode: eval mode everywhere and no parameter requiring grad.
-
-    Inside the block the whole module tree is in eval mode (BatchNorm uses its running statistics
-    and does not update them; dropout is off) and every parameter has ``requires_grad=False``, so
-    ``torch.autograd.grad(loss, x)`` computes the input gradient alone. On exit, normal or by an
-    exception, each submodule's ``training`` flag and each parameter's ``requires_grad`` are set
-    back exactly as they were. Nesting is fine.
-
-    Args:
-        encoder: the module to attack (not copied; its flags are changed temporarily).
-
-    Yields:
-        ``encoder`` itself.
-
-    Example:
-        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
-        >>> with attack_mode(net):
-        ...     assert not net.training and not net[0].weight.requires_grad
-        >>> net.training, net[0].weight.requires_grad
-        (True, True)
-    """
-    if not isinstance(encoder, nn.Module):
-        raise TypeError(f"encoder must be a torch.nn.Module; got {type(encoder).__name__}")
-    modes = [(m, m.training) for m in encoder.modules()]
-    flags = [(p, p.requires_grad) for p in encoder.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        encoder.eval()
-        yield encoder
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
-
 
 def _check_nonneg(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -72,20 +31,6 @@ def _check_nonneg(name: str, value: object) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be finite and >= 0; got {value}")
     return value
-
-
-def _features(encoder: nn.Module, x: torch.Tensor, feature_fn: FeatureFn | None) -> torch.Tensor:
-    out = feature_fn(encoder, x) if feature_fn is not None else encoder(x)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(
-            f"the encoder returned {type(out).__name__}, not a Tensor: pass feature_fn=(encoder, x) "
-            "-> [B, D] features"
-        )
-    if out.dim() < 1 or out.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"features must have the batch size {x.shape[0]} first; got shape {tuple(out.shape)}"
-        )
-    return out.reshape(out.shape[0], -1)
 
 
 def contrastive_pgd(
@@ -206,7 +151,7 @@ def contrastive_pgd(
     with attack_mode(encoder), torch.enable_grad():
         for _ in range(int(steps)):
             x_var = x_adv.detach().requires_grad_(True)
-            feats = _features(encoder, x_var, feature_fn)
+            feats = encoder_features(encoder, x_var, feature_fn)
             if gather is not None:
                 feats = gather(feats)
                 if feats.shape[0] != clean.shape[0]:
