@@ -22,14 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from cbd_fast.core.registry import instantiate, registrar
-
-if TYPE_CHECKING:  # pragma: no cover
-    from cbd_fast.core.config import PurifyConfig
+from cbd_fast.core.rng import per_sample_uniform
 
 __all__ = [
     "CleanTermInputs",
@@ -52,7 +50,7 @@ class CleanTermInputs:
         z_views: [V, D] float32 features of the images the term's :meth:`CleanTerm.views` returned,
             computed in the same forward (carries gradient); None when it returned None.
         indices: [B] int64 sample indices (keys for per-sample randomness, see
-            ``cbd_fast.core.adversaries.per_sample_uniform``).
+            ``cbd_fast.core.rng.per_sample_uniform``).
         epoch: 0-based epoch.
         features: images -> [B', D] float32 features of the model being fine-tuned, with gradient, in
             an extra forward (prefer :meth:`CleanTerm.views`: an extra forward does not work under DDP).
@@ -74,7 +72,7 @@ class CleanTermInputs:
     reference_features: Callable[[torch.Tensor], torch.Tensor] | None
     gather: Callable[[torch.Tensor], torch.Tensor]
     gather_no_grad: Callable[[torch.Tensor], torch.Tensor]
-    config: PurifyConfig
+    config: Any  # the run's PurifyConfig
 
 
 class CleanTerm:
@@ -89,7 +87,7 @@ class CleanTerm:
     name: ClassVar[str] = ""
     needs_reference: ClassVar[bool] = False
 
-    def __init__(self, config: PurifyConfig) -> None:
+    def __init__(self, config: Any) -> None:
         self.config = config
 
     def views(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
@@ -112,7 +110,7 @@ register_clean_term: Callable[[str], Callable[[type[CleanTerm]], type[CleanTerm]
 )
 
 
-def make_clean_term(config: PurifyConfig) -> CleanTerm:
+def make_clean_term(config: Any) -> CleanTerm:
     """Instantiate the term ``config.clean_term`` names (ValueError listing the registered names)."""
     return instantiate(CLEAN_TERMS, "clean_term", config)  # type: ignore[return-value]
 
@@ -148,8 +146,6 @@ class ContrastiveViews(CleanTerm):
     """SimCLR-style NT-Xent between two augmented clean views (random crop with padding + flip)."""
 
     def views(self, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        from cbd_fast.core.adversaries import per_sample_uniform
-
         cfg = self.config
         kind = cfg.augmentation if cfg.augmentation != "none" else "crop_flip"
         u1 = per_sample_uniform(indices, (3,), seed=cfg.seed, epoch=epoch, stream=2)
@@ -209,7 +205,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-# --- the measured default clean term (issue 6; docs/results.md) ---
+# --- the default clean term (why: docs/method.md) ---
 
 
 @register_clean_term("anchor")
@@ -224,7 +220,7 @@ class OriginalAnchor(CleanTerm):
     """
 
     needs_reference = True
-    pull_ratio: ClassVar[float] = 0.3  # measured: 0.3 vs 0.2/0.5 (scripts/research/log.md)
+    pull_ratio: ClassVar[float] = 0.3  # chosen over 0.2 and 0.5 (docs/method.md)
 
     def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
         assert inp.reference_features is not None

@@ -20,8 +20,8 @@ What "the same run on any number of ranks" means here, and how each piece keeps 
   PGD step all-gathers the adversarial features once (``gather_local_grad``) with the gradient path
   kept only through this rank's own slice and NO backward communication: the step only needs
   ``sign(dL/dx_adv)`` of this rank's own inputs, and every rank holds the full global loss.
-- Random starts come from ``per_sample_uniform`` (``cbd_fast.core.adversaries.per_sample_uniform``: a pure
-  function of seed, epoch and sample index), so a sample's start does not depend on which rank or
+- Random starts come from ``cbd_fast.core.rng.per_sample_uniform`` (a pure function of seed, epoch
+  and sample index), so a sample's start does not depend on which rank or
   batch it lands in.
 - Only ``ctx.is_main`` (rank 0) writes checkpoints, reports and progress bars.
 - ``run_guard`` turns an exception on one rank into a stop of every rank (the error is posted to
@@ -62,7 +62,6 @@ import datetime
 import hashlib
 import inspect
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -70,8 +69,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-from cbd_fast.core.adversaries import per_sample_uniform as _sample_uniform
 
 __all__ = [
     "DistContext",
@@ -91,9 +88,6 @@ __all__ = [
     "all_reduce_mean",
     "check_config",
     "run_guard",
-    "per_sample_uniform",
-    "per_sample_random_start",
-    "sample_generator_seed",
     "shutdown",
     "is_main_process",
     "TIMEOUT_ENV",
@@ -854,122 +848,3 @@ def run_guard(ctx: DistContext) -> Iterator[None]:
         logger.error("rank %d failed: %s: %s", ctx.rank, type(exc).__name__, exc)
         _abort_group()
         raise
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-sample randomness independent of sharding
-# ---------------------------------------------------------------------------------------------
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32_int(x: int) -> int:
-    """A 32-bit avalanche mixer (xorshift-multiply, constants of the 'lowbias32' family) on an int."""
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def _key(seed: int, epoch: int) -> int:
-    k = _mix32_int(seed ^ 0x9E3779B9)
-    k = _mix32_int(k ^ ((seed >> 32) & _M32))
-    k = _mix32_int(k ^ (epoch & _M32) ^ 0x85EBCA6B)
-    return _mix32_int(k ^ ((epoch >> 32) & _M32))
-
-
-def sample_generator_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed for sample ``index`` in ``epoch`` (e.g. for a per-sample ``torch.Generator``)."""
-    k = _key(int(seed), int(epoch))
-    hi = _mix32_int(k ^ (index & _M32))
-    hi = _mix32_int(hi ^ ((index >> 32) & _M32))
-    lo = _mix32_int(hi ^ 0x27D4EB2F)
-    return ((hi & 0x7FFFFFFF) << 32) | lo
-
-
-def per_sample_uniform(
-    shape_per_sample: Sequence[int],
-    indices: torch.Tensor,
-    seed: int,
-    epoch: int,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Uniform noise in [0, 1) drawn per sample from (seed, epoch, sample index, element index).
-
-    The values of ``cbd_fast.core.adversaries.per_sample_uniform`` (stream 0; the noise the purify loop
-    draws), so sample ``i``'s noise is the same whichever rank, batch or position it lands in: random
-    starts do not depend on sharding. Values are multiples of ``2**-bits`` with
-    ``bits = min(24, significand bits of dtype)`` (rounded down), hence exactly representable in
-    ``dtype`` and strictly below 1.
-
-    Args:
-        shape_per_sample: shape of one sample, e.g. (C, H, W).
-        indices: [B] integer tensor (any int dtype, any device): the samples' dataset indices, >= 0.
-        seed: base seed (Python int).
-        epoch: epoch number (Python int).
-        device: where to build the noise (default: ``indices.device``).
-        dtype: floating dtype of the result.
-
-    Returns:
-        [B, *shape_per_sample] tensor of ``dtype`` on ``device``.
-
-    Example:
-        >>> u = per_sample_uniform((1, 2, 2), torch.tensor([3, 7]), seed=0, epoch=1)
-        >>> u.shape, bool((u >= 0).all() and (u < 1).all())
-        (torch.Size([2, 1, 2, 2]), True)
-    """
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point:
-        raise TypeError(
-            f"indices must be a 1-D integer tensor; got {type(indices).__name__} "
-            f"{getattr(indices, 'dtype', '')} {tuple(getattr(indices, 'shape', ()))}"
-        )
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating dtype; got {dtype}")
-    if indices.numel() and int(indices.min()) < 0:
-        raise ValueError(f"indices must be >= 0; got min {int(indices.min())}")
-    device = indices.device if device is None else torch.device(device)
-    shape = tuple(int(s) for s in shape_per_sample)
-    u = _sample_uniform(indices.to(device), shape, seed=int(seed), epoch=int(epoch))
-    # float32 multiples of 2**-24; keep the top `nbits` bits so the values are exact in dtype, < 1
-    nbits = min(24, round(-math.log2(torch.finfo(dtype).eps)) + 1)
-    if nbits < 24:
-        u = torch.floor(u * float(1 << nbits)) * (1.0 / (1 << nbits))
-    return u.to(dtype)
-
-
-def per_sample_random_start(
-    x_clean: torch.Tensor,
-    indices: torch.Tensor,
-    epsilon: float,
-    seed: int,
-    epoch: int,
-    lower: float = 0.0,
-    upper: float = 1.0,
-) -> torch.Tensor:
-    """PGD random start ``clamp(x + (2u - 1) * eps, lower, upper)`` with ``u`` from ``per_sample_uniform``.
-
-    Args:
-        x_clean: [B, ...] clean images (float dtype).
-        indices: [B] dataset indices of the samples.
-        epsilon: L-inf radius (>= 0).
-        seed, epoch: as for ``per_sample_uniform``.
-        lower, upper: the image box.
-
-    Returns:
-        A new tensor like ``x_clean`` (computed in float32, rounded once), inside the eps-ball and box.
-    """
-    if not (epsilon >= 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a finite number >= 0; got {epsilon}")
-    if indices.shape[0] != x_clean.shape[0]:
-        raise ValueError(
-            f"indices must have one entry per sample; got {indices.shape[0]} "
-            f"for a batch of {x_clean.shape[0]}"
-        )
-    compute = torch.float64 if x_clean.dtype == torch.float64 else torch.float32
-    u = per_sample_uniform(tuple(x_clean.shape[1:]), indices, seed, epoch, x_clean.device, compute)
-    xc = x_clean.to(compute)
-    y = torch.clamp(xc + (2.0 * u - 1.0) * epsilon, min=xc - epsilon, max=xc + epsilon)
-    return torch.clamp(y, min=lower, max=upper).to(x_clean.dtype)

@@ -47,10 +47,11 @@ import torch
 from torch import nn
 
 from cbd_fast.core import checkpoint as ckpt
-from cbd_fast.core.adversaries import AttackInputs, make_adversary, per_sample_uniform
+from cbd_fast.core.adversaries import AttackInputs, make_adversary
+from cbd_fast.core.clean_terms import CleanTermInputs, augment, make_clean_term
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.inputs import EpochShuffleSampler, ImageStream
-from cbd_fast.core.clean_terms import CleanTermInputs, augment, make_clean_term
+from cbd_fast.core.rng import per_sample_uniform
 
 __all__ = ["purify", "Purifier", "PurifyResult", "FeatureFn"]
 

@@ -54,6 +54,7 @@ def cbd_step(model: nn.Module, ctx: cd.DistContext, x: torch.Tensor, idx: torch.
     3. fine-tune loss nt_xent(f(x_adv), f(x)) on global features (gather_with_grad), backward.
     Returns the loss, parameter gradients, x_adv and BN running statistics.
     """
+    from cbd_fast.core.rng import per_sample_uniform, random_start
     from cbd_fast.ops import nt_xent, pgd_step
 
     s = STEP
@@ -62,7 +63,8 @@ def cbd_step(model: nn.Module, ctx: cd.DistContext, x: torch.Tensor, idx: torch.
     with torch.no_grad():
         anchors = cd.gather_no_grad(inner(x), ctx)
     inner.eval()
-    x_adv = cd.per_sample_random_start(x, idx, s["epsilon"], s["seed"], s["epoch"])
+    u = per_sample_uniform(idx, x.shape[1:], seed=s["seed"], epoch=s["epoch"])
+    x_adv = random_start(x, u, s["epsilon"])
     attack_losses = []
     for _ in range(s["steps"]):
         x_adv.requires_grad_(True)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cbd_fast import Purifier, PurifyConfig
-from cbd_fast.core.adversaries import ADVERSARIES, Adversary, make_adversary
 from cbd_fast.app.cli import parse_set_options
+from cbd_fast.core.adversaries import ADVERSARIES, Adversary, make_adversary
 
 
 def test_defaults_fill_in_and_are_declared() -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from cbd_fast.core import distributed as cd
+from cbd_fast.core.rng import per_sample_uniform, random_start
 from tests.core import dist_workers as dw
 
 WORKERS = Path(__file__).with_name("dist_workers.py")
@@ -136,19 +137,18 @@ def test_sharded_batches_equal_single_process_batches(shuffle: bool) -> None:
 
 def test_per_sample_uniform_is_independent_of_batch_composition() -> None:
     shape = (3, 4, 5)
-    u = cd.per_sample_uniform(shape, torch.tensor([5, 9, 2**40 + 1]), seed=1, epoch=2)
-    v = cd.per_sample_uniform(shape, torch.tensor([9, 0, 2**40 + 1, 5]), seed=1, epoch=2)
+    idx = torch.tensor([5, 9, 2**40 + 1])
+    u = per_sample_uniform(idx, shape, seed=1, epoch=2)
+    v = per_sample_uniform(torch.tensor([9, 0, 2**40 + 1, 5]), shape, seed=1, epoch=2)
     assert u.shape == (3, *shape) and u.dtype == torch.float32
     assert torch.equal(u[0], v[3]) and torch.equal(u[1], v[0]) and torch.equal(u[2], v[2])
-    assert not torch.equal(u, cd.per_sample_uniform(shape, torch.tensor([5, 9, 2**40 + 1]), 1, 3))
-    assert not torch.equal(u, cd.per_sample_uniform(shape, torch.tensor([5, 9, 2**40 + 1]), 2, 2))
+    assert not torch.equal(u, per_sample_uniform(idx, shape, seed=1, epoch=3))
+    assert not torch.equal(u, per_sample_uniform(idx, shape, seed=2, epoch=2))
     assert not torch.equal(u[0], u[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_per_sample_uniform_range_and_moments(dtype: torch.dtype) -> None:
-    u = cd.per_sample_uniform((1000,), torch.arange(200), seed=0, epoch=0, dtype=dtype)
-    assert u.dtype == dtype
+def test_per_sample_uniform_range_and_moments() -> None:
+    u = per_sample_uniform(torch.arange(200), (1000,), seed=0, epoch=0)
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     f = u.double()
     assert abs(float(f.mean()) - 0.5) < 0.01
@@ -160,11 +160,9 @@ def test_per_sample_uniform_range_and_moments(dtype: torch.dtype) -> None:
 
 def test_per_sample_uniform_bad_input() -> None:
     with pytest.raises(TypeError, match="indices must be a 1-D integer tensor"):
-        cd.per_sample_uniform((2,), torch.tensor([0.5]), 0, 0)
+        per_sample_uniform(torch.tensor([0.5]), (2,), seed=0, epoch=0)
     with pytest.raises(ValueError, match=r"indices must be >= 0; got min -1"):
-        cd.per_sample_uniform((2,), torch.tensor([0, -1]), 0, 0)
-    with pytest.raises(TypeError, match="dtype must be a floating dtype"):
-        cd.per_sample_uniform((2,), torch.tensor([0]), 0, 0, dtype=torch.int32)
+        per_sample_uniform(torch.tensor([0, -1]), (2,), seed=0, epoch=0)
 
 
 def test_per_sample_random_start_bounds() -> None:
@@ -172,22 +170,16 @@ def test_per_sample_random_start_bounds() -> None:
     x[0] = 0.0
     x[1] = 1.0
     eps = 8 / 255
-    start = cd.per_sample_random_start(x, torch.arange(10, 16), eps, seed=0, epoch=0)
+    start = random_start(x, per_sample_uniform(torch.arange(10, 16), x.shape[1:], seed=0, epoch=0), eps)
     assert start.shape == x.shape and start.dtype == x.dtype
     assert float((start - x).abs().max()) <= eps + 1e-7
     assert float(start.min()) >= 0.0 and float(start.max()) <= 1.0
     assert float((start - x).abs().mean()) > eps / 4  # not degenerate
     with pytest.raises(ValueError, match="epsilon must be a finite number >= 0; got -0.1"):
-        cd.per_sample_random_start(x, torch.arange(6), -0.1, 0, 0)
-    with pytest.raises(ValueError, match="indices must have one entry per sample; got 5"):
-        cd.per_sample_random_start(x, torch.arange(5), eps, 0, 0)
+        random_start(x, torch.rand_like(x), -0.1)
+    with pytest.raises(ValueError, match="u must have x's shape"):
+        random_start(x, torch.rand(5, 1, 5, 5), eps)
 
-
-def test_sample_generator_seed() -> None:
-    seeds = {cd.sample_generator_seed(0, 0, i) for i in range(1000)}
-    assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
-    assert cd.sample_generator_seed(0, 0, 5) == cd.sample_generator_seed(0, 0, 5)
-    assert cd.sample_generator_seed(0, 1, 5) != cd.sample_generator_seed(0, 0, 5)
 
 
 def test_global_bn_convert_revert_roundtrip_and_single_rank_equivalence() -> None:

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from cbd_fast.core.adversaries import per_sample_uniform, random_start
-from cbd_fast.core.inputs import EpochShuffleSampler, ImageStream, check_images, extract_images
 from cbd_fast.core.clean_terms import augment
+from cbd_fast.core.inputs import EpochShuffleSampler, ImageStream, check_images, extract_images
+from cbd_fast.core.rng import per_sample_uniform, random_start
 
 CPU = torch.device("cpu")
 
@@ -159,7 +159,7 @@ def test_per_sample_uniform_ignores_batch_composition() -> None:
 
 
 def test_hashed_uniform_used_on_accelerators_is_uniform_and_chunk_independent() -> None:
-    from cbd_fast.core.adversaries import _hashed_uniform
+    from cbd_fast.core.rng import _hashed_uniform
 
     key = torch.tensor([1, 2, 3, 4_000_000_000], dtype=torch.int64)
     u = _hashed_uniform(key, 5000)

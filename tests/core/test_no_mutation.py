@@ -32,11 +32,10 @@ from torch import nn
 
 import cbd_fast
 from cbd_fast.app import cli
-from cbd_fast.evaluation import diagnostics
-from cbd_fast.evaluation import metrics
 from cbd_fast.core.attack import contrastive_pgd
-from cbd_fast.ops.losses import NTXentLoss
+from cbd_fast.evaluation import diagnostics, metrics
 from cbd_fast.ops import nt_xent, nt_xent_value_and_grad, pgd_init, pgd_step
+from cbd_fast.ops.losses import NTXentLoss
 
 
 def _settings(n: int) -> settings:
