@@ -17,13 +17,13 @@ from cbd_fast.ops.backends import available_backends
 
 __version__ = "0.1.0"
 
-# Eager (torch-only, no Triton/extension/CUDA): the submodule cbd_fast.purify shares its name with the
-# function; importing it here first binds the name to the function for good (a lazy import would let
-# Python's import system rebind cbd_fast.purify to the submodule).
-from cbd_fast.core.purify import Purifier, PurifyResult, purify  # noqa: E402
-
-# public name -> module that defines it (imported lazily on first access)
+# public name -> module that defines it (imported lazily on first access); the names in _MODULES
+# are the modules themselves
+_MODULES = frozenset({"ops", "attack"})
 _LAZY = {
+    "purify": "cbd_fast.core.purify",
+    "Purifier": "cbd_fast.core.purify",
+    "PurifyResult": "cbd_fast.core.purify",
     "PurifyConfig": "cbd_fast.core.config",
     "NTXentLoss": "cbd_fast.ops.losses",
     "ops": "cbd_fast.ops",
@@ -31,12 +31,13 @@ _LAZY = {
     "build_info": "cbd_fast.ops.build_info",
 }
 
-__all__ = ["__version__", "available_backends", "purify", "Purifier", "PurifyResult", *_LAZY]
+__all__ = ["__version__", "available_backends", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover  (names re-exported lazily through __all__ / __getattr__)
     from cbd_fast import ops  # noqa: F401
     from cbd_fast.core import attack  # noqa: F401
     from cbd_fast.core.config import PurifyConfig  # noqa: F401
+    from cbd_fast.core.purify import Purifier, PurifyResult, purify  # noqa: F401
     from cbd_fast.ops.build_info import build_info  # noqa: F401
     from cbd_fast.ops.losses import NTXentLoss  # noqa: F401
 
@@ -46,7 +47,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'cbd_fast' has no attribute {name!r}")
     mod = importlib.import_module(module)
-    value = mod if module.endswith("." + name) else getattr(mod, name)
+    value = mod if name in _MODULES else getattr(mod, name)
     globals()[name] = value
     return value
 

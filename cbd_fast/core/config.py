@@ -1,9 +1,8 @@
 """``PurifyConfig``: every knob of the CBD loop in one dataclass, each default documented.
 
-The attack and optimiser defaults are **the paper's starting points** (the CBD lineage: eps 8/255,
-alpha 2/255, K = 5, tau 0.5, SGD lr 0.01, BatchNorm in eval mode during the attack; see
-``shared/CBD.md``) until the Fashion-MNIST evaluation (``docs/results.md``) replaces them with
-measured values; a default that was changed by a measurement says so in a comment next to it.
+``docs/method.md`` gives every default with its unit, its meaning and the measurement behind it;
+the paper's own settings (eps 8/255, alpha 2/255, K = 5, tau 0.5, SGD lr 0.01) differ where a
+measurement said so.
 
 Example:
     >>> from cbd_fast import PurifyConfig
@@ -36,25 +35,24 @@ class PurifyConfig:
     """Hyper-parameters and run settings of :func:`cbd_fast.purify` / :class:`cbd_fast.Purifier`.
 
     Attack (step 2 of CBD, the contrastive PGD that evokes the backdoor):
-        epsilon: L-inf radius of the attack on images in [0, 1]. Default 40/255 (measured,
-            ``docs/results.md``; the paper's 8/255 does not evoke blended or patch triggers on
-            Fashion-MNIST; 32/255 left Blended at 5.2% ASR, 40/255 at 4.8%). 0 turns the PGD part off.
+        epsilon: L-inf radius of the attack on images in [0, 1]. Default 40/255 (the paper's 8/255
+            does not evoke global triggers; ``docs/method.md``). 0 turns the PGD part off.
         step_size: PGD step alpha. Default 8/255 = epsilon / 5: K = 5 steps reach the ball's edge from
             its centre.
         steps: PGD iterations K (>= 0; 0 = random start only). Default 5 (paper: 5 to 10).
         temperature: NT-Xent temperature tau, used by the attack and the pulling loss. Default 0.5
             (SimCLR / paper).
-        adversary: name in ``cbd_fast.core.adversaries.ADVERSARIES``. Default ``"pgd_patch_warp"``
-            (measured): a third of each batch per-sample contrastive PGD, a sixth a universal patch
-            found by a label-free scan, half universal smooth warps (4 persistent fields in turn).
-            ``"pgd"`` is the paper's.
+        adversary: name in ``cbd_fast.core.adversaries.ADVERSARIES``. Default ``"pgd_patch_warp"``:
+            a third of each batch per-sample contrastive PGD, a sixth a universal patch found by a
+            label-free scan, half universal smooth warps (4 persistent fields in turn). ``"pgd"`` is
+            the paper's.
         adversary_options: settings of that adversary (a dict; None or missing keys: its defaults),
             e.g. ``{"warp_pixels": 1.5, "patch_candidates": 4}``; the keys an adversary has are its
             ``OPTIONS`` (``cbd_fast.core.adversaries``), anything else -> ValueError listing them.
 
     Fine-tuning (step 3, backdoor-to-standard pulling, and step 4, keeping clean behaviour):
-        epochs: passes over the unlabeled data (>= 1). Default 4 (measured, ``docs/results.md``).
-        lr: learning rate (> 0). Default 0.001 (measured; with ``clean_weight`` 50).
+        epochs: passes over the unlabeled data (>= 1). Default 4.
+        lr: learning rate (> 0). Default 0.001 (set together with ``clean_weight`` 50).
         batch_size: GLOBAL batch (>= 2: NT-Xent needs negatives; split across ranks when
             distributed). Default 128, a common SimCLR fine-tuning batch that fits a CPU.
         optimizer: ``"sgd"`` | ``"adam"`` | ``"adamw"``. Default ``"sgd"`` (paper).
@@ -64,16 +62,13 @@ class PurifyConfig:
             epoch so resume is exact). Default ``"cosine"``: small late steps stop clean-feature drift.
         grad_spike_factor: spike guard (> 0, or None: off): after 3 warm-up steps, a batch whose
             global gradient norm exceeds this factor times the running mean of earlier norms (EMA
-            0.9) is scaled down to it. Default 5.0: never engaged on the Fashion-MNIST runs (largest
-            norm 2.7x the median); it keeps small random-init encoders from diverging under the
-            default lr (the test suite's conv encoder on 10x10 noise, 4 epochs: 3 of 8 seeds
-            stopped on a non-finite loss without it, 0 of 8 with it).
+            0.9) is scaled down to it. Default 5.0 (``cbd_fast.core.spike_guard``).
         clean_term: name in ``cbd_fast.core.clean_terms.CLEAN_TERMS``: ``"none"``,
             ``"feature_consistency"`` (pull f(x) toward the frozen original encoder's features on
-            clean x) or ``"contrastive_views"`` (NT-Xent between two augmented clean views).
-            or ``"anchor"`` (feature consistency plus a pull of f(x_adv) to the frozen original's
-            clean features). Default ``"anchor"`` (measured, ``docs/results.md``).
-        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0 (measured).
+            clean x), ``"contrastive_views"`` (NT-Xent between two augmented clean views) or
+            ``"anchor"`` (feature consistency plus a pull of f(x_adv) to the frozen original's
+            clean features). Default ``"anchor"``.
+        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0.
         bn_policy: BatchNorm during the fine-tune step: ``"train"`` (batch statistics, running
             statistics updated), ``"eval"`` (running statistics kept; affine weights trained) or
             ``"frozen"`` (eval and affine weights not trained). The attack ALWAYS runs BN in eval
@@ -114,25 +109,22 @@ class PurifyConfig:
         sync_bn: global BatchNorm statistics across ranks when distributed. Default True.
     """
 
-    # Measured defaults (issue 6, docs/results.md, scripts/research/log.md): on Fashion-MNIST the paper's
-    # eps 8/255 per-sample PGD left BadNets ASR at 92%; eps 40/255 evokes blended/SIG triggers, a patch
-    # scan finds patch triggers, universal warps reach most of WaNet (3-seed table in docs/results.md).
     epsilon: float = 40 / 255
     step_size: float = 8 / 255
     steps: int = 5
     temperature: float = 0.5
     adversary: str = "pgd_patch_warp"
     adversary_options: dict[str, Any] | None = None
-    epochs: int = 4  # measured: 5 epochs gave Blended ASR 7.0 vs 8.4 at 3 (ACC -1.35 vs -1.05)
-    lr: float = 0.001  # with clean_weight 50: the anchor term steps like lr 0.05, NT-Xent 10x gentler
+    epochs: int = 4
+    lr: float = 0.001
     batch_size: int = 128
     optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     grad_spike_factor: float | None = 5.0
-    clean_term: str = "anchor"  # measured: MSE to the frozen original keeps the head's inputs (ACC)
-    clean_weight: float = 50.0  # measured: 50 @ lr 1e-3 -> Blended ACC -1.05 vs -2.45 at 5 @ lr 1e-2
+    clean_term: str = "anchor"
+    clean_weight: float = 50.0
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2

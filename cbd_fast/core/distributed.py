@@ -42,16 +42,7 @@ Multi-node: the same command on every node with torchrun's c10d rendezvous, e.g.
 --rdzv_id=JOB -m cbd_fast purify ...``; ``CBD_FAST_DIST_TIMEOUT`` (seconds) bounds how long a
 collective may wait for a peer before the run fails.
 
-FSDP plan (not implemented: CBD's encoders so far fit one GPU). For encoders that do not fit,
-``wrap_model`` would wrap with ``torch.distributed.fsdp.fully_shard`` (FSDP2) per block instead of
-DDP: (1) the same global batch split, samplers, gathers and loss apply unchanged: they act on
-features, not parameters; (2) the PGD phase needs parameters gathered for every forward/backward
-through the encoder but no gradient reduce-scatter: run it with ``requires_grad=False`` on
-parameters (as ``attack_mode`` already does) and ``reshard_after_forward=False`` for the K steps so
-each block's all-gather happens once per PGD phase, not once per step; (3) global BN stays as is;
-(4) checkpoints use ``torch.distributed.checkpoint`` (sharded state dicts) with rank 0 writing the
-metadata, and the returned encoder is a full state dict gathered on rank 0; (5) the frozen original
-encoder of the feature-consistency term is sharded the same way, in eval mode, without gradients.
+Sharded models (FSDP) are not supported: the encoder must fit on one device.
 """
 
 from __future__ import annotations
@@ -70,12 +61,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from cbd_fast.core.device import resolve_device
+from cbd_fast.core.inputs import EpochShuffleSampler
+
 __all__ = [
     "DistContext",
     "init_context",
     "local_batch_size",
     "make_sampler",
-    "EpochSampler",
     "wrap_model",
     "unwrap_model",
     "attack_module",
@@ -141,15 +134,10 @@ def _config_get(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
-def _pick_device(config: Any, local_rank: int) -> torch.device:
-    """cuda:local_rank when CUDA is asked for or available ("auto"), else the requested device."""
-    requested = _config_get(config, "device", "auto")
-    if requested is None or (isinstance(requested, str) and requested.lower() == "auto"):
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", local_rank)
-    return dev
+def _pick_device(config: Any, local_rank: int | None) -> torch.device:
+    """The rank's device: ``"auto"``/None -> ``cuda:local_rank`` when CUDA is available, else CPU;
+    a bare ``"cuda"`` -> ``cuda:local_rank``; anything else as given (``resolve_device``'s rules)."""
+    return resolve_device(_config_get(config, "device", "auto"), local_rank=local_rank)
 
 
 def _timeout() -> datetime.timedelta | None:
@@ -259,7 +247,7 @@ def _single(config: Any, local_rank: int) -> DistContext:
         world_size=1,
         local_rank=local_rank,
         is_main=True,
-        device=_pick_device(config, local_rank),
+        device=_pick_device(config, None),  # one process: "auto" is the current CUDA device
     )
 
 
@@ -308,35 +296,6 @@ def local_batch_size(global_batch_size: int, ctx: DistContext) -> int:
     return global_batch_size // world
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Single-process sampler with ``set_epoch``: the permutation ``DistributedSampler`` uses.
-
-    Epoch ``e`` yields ``torch.randperm(n, generator=manual_seed(seed + e))`` (``shuffle=True``) or
-    ``range(n)``: the order depends only on (seed, epoch), so a resumed run continues exactly, and
-    one process sees the same global batches as N ranks with ``DistributedSampler`` (same seed).
-    """
-
-    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0) -> None:
-        self.n = len(data_source)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of epoch ``epoch`` (call before iterating, as for DistributedSampler)."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
 def make_sampler(
     dataset: Any, ctx: DistContext, shuffle: bool = True, seed: int = 0, drop_last: bool = False
 ) -> torch.utils.data.Sampler[int]:
@@ -356,10 +315,11 @@ def make_sampler(
         rank gets the same number of samples (padded by repeating the first indices when
         ``len(dataset)`` is not divisible by world_size, so with ``drop_last=False`` a run equals
         the single-process run only when it is), hence equal-sized k-th batches on every rank,
-        which the gathers require. Disabled: ``EpochSampler`` with the same per-epoch permutation.
+        which the gathers require. Disabled: ``cbd_fast.core.inputs.EpochShuffleSampler``, the same
+        per-epoch permutation.
     """
     if not ctx.enabled:
-        return EpochSampler(dataset, shuffle=shuffle, seed=seed)
+        return EpochShuffleSampler(len(dataset), seed, shuffle=shuffle)
     return torch.utils.data.distributed.DistributedSampler(
         dataset,
         num_replicas=ctx.world_size,

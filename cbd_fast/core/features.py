@@ -34,8 +34,9 @@ def flatten_features(out: Any, batch: int | None = None) -> torch.Tensor:
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(
-            f"the encoder must return a Tensor of features [B, D]; got a {type(out).__name__}: pass "
-            "feature_fn=lambda m, x: ... to pick the features (e.g. lambda m, x: m(x)[0])"
+            f"the encoder returned {type(out).__name__}: it must return a Tensor of features [B, D]; got "
+            f"a {type(out).__name__}: pass feature_fn=lambda m, x: ... to pick the features "
+            "(e.g. lambda m, x: m(x)[0])"
         )
     if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
         want = f"the batch size {batch}" if batch is not None else "a batch dimension"

@@ -29,36 +29,30 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
-__all__ = ["ImageStream", "EpochShuffleSampler", "extract_images", "check_images", "epoch_seed"]
-
-
-def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
-    """A 63-bit seed derived from (seed, epoch, salt) by a SplitMix64-style mix (deterministic)."""
-    z = (
-        int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + int(salt) * 0x94D049BB133111EB
-    ) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+__all__ = ["ImageStream", "EpochShuffleSampler", "extract_images", "check_images"]
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(n)`` that is a pure function of (seed, epoch).
+    """The one-process sampler: epoch ``e`` yields ``torch.randperm(n)`` from a generator seeded with
+    ``seed + e`` (``shuffle=True``), else ``range(n)``.
 
-    Call :meth:`set_epoch` before iterating (like ``DistributedSampler``); no hidden generator state,
-    so a resumed run sees exactly the order an uninterrupted run saw.
+    That is ``DistributedSampler``'s permutation, so one process sees the same global batches as N
+    ranks with the same seed (``cbd_fast.core.distributed.make_sampler``). Call :meth:`set_epoch`
+    before iterating; no hidden generator state, so a resumed run sees exactly the order an
+    uninterrupted run saw.
     """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
         self.n, self.seed, self.shuffle, self.epoch = int(n), int(seed), shuffle, 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of epoch ``epoch``."""
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             return iter(range(self.n))
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, salt=1))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from cbd_fast.core import distributed as cd
+from cbd_fast.core.inputs import EpochShuffleSampler
 from cbd_fast.core.rng import per_sample_uniform, random_start
 from tests.core import dist_workers as dw
 
@@ -77,7 +78,7 @@ def test_disabled_context_is_identity() -> None:
     assert cd.wrap_model(enc, ctx, {"sync_bn": True}) is enc
     assert cd.unwrap_model(enc) is enc and isinstance(enc[1], nn.BatchNorm2d)
     assert cd.local_batch_size(7, ctx) == 7
-    assert isinstance(cd.make_sampler(list(range(5)), ctx), cd.EpochSampler)
+    assert isinstance(cd.make_sampler(list(range(5)), ctx), EpochShuffleSampler)
     cd.check_config({"lr": 0.1, "backend": None}, ctx)
     with pytest.raises(KeyError, match="passes through"), cd.run_guard(ctx):
         raise KeyError("passes through")

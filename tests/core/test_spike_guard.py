@@ -1,12 +1,15 @@
-"""PurifyConfig.grad_spike_factor: the gradient spike guard of the CBD loop."""
+"""PurifyConfig.grad_spike_factor: the gradient spike guard of the CBD loop (core/spike_guard.py)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
 from cbd_fast import Purifier, PurifyConfig, purify
+from cbd_fast.core.spike_guard import SpikeGuard
 
 
 class Toy(nn.Module):
@@ -33,42 +36,47 @@ def _norm(model: nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
 
 
+def _guard(model: nn.Module, factor: float | None) -> tuple[Callable[[], torch.Tensor], SpikeGuard]:
+    guard = SpikeGuard(factor, torch.device("cpu"))
+    return lambda: guard([p.grad for p in model.parameters()]), guard
+
+
 def test_a_spike_is_scaled_to_factor_times_the_running_mean_and_normal_steps_are_untouched() -> None:
-    pur = Purifier(progress=False, grad_spike_factor=5.0)
-    model = pur.prepare(Toy())
+    model = Toy()
+    clip, _ = _guard(model, 5.0)
     _set_grads(model, 1.0)
     base = _norm(model)
-    assert float(pur._clip_gradient_spike()) == 0.0  # the warm-up steps only measure
+    assert float(clip()) == 0.0  # the warm-up steps only measure
     _set_grads(model, 100.0)
-    assert float(pur._clip_gradient_spike()) == 0.0  # even a jump is not clipped in the warm-up
+    assert float(clip()) == 0.0  # even a jump is not clipped in the warm-up
     _set_grads(model, 2.0)
-    assert float(pur._clip_gradient_spike()) == 0.0
+    assert float(clip()) == 0.0
     ema = (1.0 + 100.0 + 2.0) / 3 * base  # the warm-up mean
     same = _set_grads(model, 2.0)  # under 5x the mean -> bit-identical
-    assert float(pur._clip_gradient_spike()) == 0.0
+    assert float(clip()) == 0.0
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), same))
     ema = 0.9 * ema + 0.1 * 2 * base
     _set_grads(model, 10000.0)  # a spike
-    assert float(pur._clip_gradient_spike()) == 1.0
+    assert float(clip()) == 1.0
     assert _norm(model) == pytest.approx(5.0 * ema, rel=1e-5)
 
 
 def test_off_and_nonfinite_leave_gradients_alone() -> None:
-    pur = Purifier(progress=False, grad_spike_factor=None)
-    model = pur.prepare(Toy())
+    model = Toy()
+    clip, _ = _guard(model, None)
     for scale in (1.0, 1e6):
         want = _set_grads(model, scale)
-        assert float(pur._clip_gradient_spike()) == 0.0
+        assert float(clip()) == 0.0
         assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), want))
-    pur = Purifier(progress=False)
-    model = pur.prepare(Toy())
+    model = Toy()
+    clip, guard = _guard(model, PurifyConfig().grad_spike_factor)
     for _ in range(3):  # past the warm-up
         _set_grads(model, 1.0)
-        pur._clip_gradient_spike()
-    ema = pur._grad_ema.clone()
+        clip()
+    ema = guard.ema.clone()
     next(model.parameters()).grad[0] = float("nan")  # left to the nonfinite policy, mean unchanged
-    assert float(pur._clip_gradient_spike()) == 0.0
-    assert torch.equal(pur._grad_ema, ema)
+    assert float(clip()) == 0.0
+    assert torch.equal(guard.ema, ema)
 
 
 @pytest.mark.parametrize(("value", "exc"), [(0.0, ValueError), (-1.0, ValueError), ("5", TypeError)])
