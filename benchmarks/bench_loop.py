@@ -76,7 +76,7 @@ class Case:
 
 
 def default_cases(device: torch.device) -> list[Case]:
-    """The cases of issue 7: CPU small CNN bs 256 K 5 (+ ResNet-18 32 px, small: at bs 8 K 2 one step
+    """The benchmark cases: CPU small CNN bs 256 K 5 (+ ResNet-18 32 px, small: at bs 8 K 2 one step
     is ~12 F of 8.9 GFLOP, a few seconds of one core); CUDA ResNet-50 224 px bs 256 K 5 and ViT-B/16
     bs 128 K 5."""
     if QUICK:

@@ -40,8 +40,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops import nt_xent
+from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops.reference import nt_xent_reference
 
 QUICK = os.environ.get("CBD_BENCH_QUICK", "") not in ("", "0")

@@ -35,9 +35,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cbd_fast.ops import _ext
 from cbd_fast.core.attack import contrastive_pgd
-from cbd_fast.ops import nt_xent, pgd_step
+from cbd_fast.ops import _ext, nt_xent, pgd_step
 from cbd_fast.ops.reference import pgd_step_reference
 
 _HERE = Path(__file__).resolve().parent

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent H200 (torch 2.11+cu130, triton 3.6, nvcc 13, python 3.12, no internet).
+# One-shot GPU check for an NVIDIA H200 machine (torch 2.11+cu130, triton 3.6, nvcc 13, python 3.12, no internet).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine ($OUT given by the tool)
 #   bash benchmarks/gpu_check.sh --dry-run                # here, on the CPU: same stages, tiny sizes

@@ -228,7 +228,7 @@ class EncoderSpec:
 def _fmnist_cnn(prefer_library: bool) -> nn.Module:
     try:
         from cbd_fast.evaluation.models import make_backbone
-    except ImportError:  # the evaluation owner's module is missing: an architecture-compatible copy
+    except ImportError:  # cbd_fast.evaluation is not importable: an architecture-compatible copy
         return _fmnist_cnn_fallback()
     return make_backbone()
 

@@ -1,7 +1,7 @@
 """Plain-PyTorch CBD loops to measure cbd_fast against, and the encoder floor.
 
 All loops implement ONE full CBD batch step with exactly the semantics of ``cbd_fast.Purifier.step``
-under a given ``PurifyConfig`` (``shared/CBD.md``):
+under a given ``PurifyConfig`` (``docs/method.md``, section 3):
 
 1. clean anchors ``c = f(x)`` (BN in eval mode, no gradient);
 2. contrastive PGD from a random start: K times ``g = d NTXent(f(x_adv), c) / d x_adv``,
@@ -771,7 +771,7 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: difference moves the update by 0.1-0.6 (K 1 vs 2: 0.22, clean weight 0.5 vs 1: 0.28, eps 4 vs
 #: 8/255: 0.21, tau 0.4 vs 0.5: 0.26, no clean term: 0.57, lr 0.011 vs 0.01: 0.098, BN train vs eval:
 #: 4.7e3) and the loss by 4e-5 to 70.
-#: With the measured defaults of issue 6 (eps 32/255, alpha 8/255, "anchor" term x 50, lr 1e-3) one
+#: With the first evaluation's measured defaults (eps 32/255, alpha 8/255, "anchor" x 50, lr 1e-3) one
 #: flipped PGD sign moves a pixel by 8/255 and the x50 term amplifies it: strong vs naive (and
 #: cbd_fast vs strong) then differ by 1.2e-3 on the loss and 1.4e-2 on the update over 3 steps at
 #: bs 64, K 5 (cbd_fast vs naive happened to agree to 9e-7). So 5e-3 / 5e-2: 3-4x above that noise,

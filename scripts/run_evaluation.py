@@ -3,10 +3,12 @@
 
     python scripts/run_evaluation.py --jobs 2            # full table: 5 attacks x 3 seeds x 5 methods
     python scripts/run_evaluation.py --render-only       # rebuild docs/results.md from the JSON
+    python scripts/run_evaluation.py --check badnets/0 wanet/0   # recompute two cells, compare exactly
 
 For every attack (badnets, blended, sig, wanet on a supervised backbone with its original head;
 badencoder: a self-supervised encoder evaluated with a linear probe) and seed, it loads the backdoored
-model (cbd_fast/evaluation/assets or runs/models, trained by scripts/train_backdoor.py when missing), draws 5% of
+model (cbd_fast/evaluation/assets or runs/models, trained by scripts/train_backdoor.py when missing),
+draws 5% of
 the training images as the defender's unlabeled set, and runs: no defense, CBD (``cbd_fast.purify``
 with its DEFAULTS), plain fine-tuning (same loss, epsilon 0), supervised fine-tuning (labels),
 adversarial unlearning (labels). ACC and ASR on the 10,000 test images. One thread per job.
@@ -45,7 +47,7 @@ def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from cbd_fast.evaluation.demo import run_demo
+    from cbd_fast.app.demo import run_demo
 
     # A model another process is training right now (scripts/train_backdoor.py with a .lock next to
     # the target file) is waited for instead of being trained twice.
@@ -158,8 +160,8 @@ def render(data: dict) -> str:
         + data.get("machine", "?")
         + ").",
         "",
-        "Setting: `cbd_fast.evaluation.models.FMNISTNet` (0.1M parameters, 3 epochs of training), 10% poison, "
-        "all-to-one, "
+        "Setting: `cbd_fast.evaluation.models.FMNISTNet` (0.1M parameters, 3 epochs of training), "
+        "10% poison, all-to-one, "
         "target class 0. The defender gets 5% of the training images (3,000) without labels; CBD is "
         "`cbd_fast.purify` with its DEFAULTS (one config for all attacks). Supervised attacks are evaluated "
         "with the model's original head on the purified backbone; `badencoder` (a BadEncoder-style "
@@ -223,10 +225,9 @@ def render(data: dict) -> str:
     if any(v < 3 for v in n_seeds.values()):
         lines += [
             "",
-            "**Incomplete:** the issue asks for the mean of 3 seeds; this run finished "
+            "**Incomplete:** the table reports the mean of 3 seeds; this run finished "
             + ", ".join(f"{a}: {n}" for a, n in n_seeds.items())
-            + " seed(s) before its deadline (the 2 cores were shared with other jobs, load 8-15). "
-            "Rerun the command above to add the missing cells (finished ones are kept).",
+            + " seed(s). Rerun the command above to add the missing cells (finished ones are kept).",
         ]
     cfg = next(iter(cells.values()))["config"] if cells else {}
     keys = (
@@ -257,6 +258,38 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_cells(names: list[str], data: dict, jobs: int) -> int:
+    """Recompute the cells ``names`` ("attack/seed") and compare every method's ACC and ASR with the
+    stored ones, to the last bit. Prints one line per method; returns 1 on any difference."""
+    stored = data["cells"]
+    missing = [n for n in names if n not in stored]
+    if missing:
+        raise SystemExit(f"--check: no stored cell {missing}; stored: {sorted(stored)}")
+    todo = [(n.split("/")[0], int(n.split("/")[1])) for n in names]
+    n_test = data.get("n_test")
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(todo))) as ex:
+            cells = list(ex.map(run_cell, *zip(*todo), [n_test] * len(todo)))
+    else:
+        cells = [run_cell(a, s, n_test) for a, s in todo]
+    bad = 0
+    for name, cell in zip(names, cells):
+        for method, new in cell["results"].items():
+            old = stored[name]["results"].get(method, {})
+            same = all(new.get(k) == old.get(k) for k in ("acc", "asr"))
+            bad += not same
+            print(
+                f"{name:14s} {method:24s} ACC {new['acc']:.6f} (stored {old.get('acc', float('nan')):.6f}) "
+                f"ASR {new['asr']:.6f} (stored {old.get('asr', float('nan')):.6f}) "
+                f"{'identical' if same else 'DIFFERENT'}",
+                flush=True,
+            )
+    print(f"{'all identical' if not bad else f'{bad} differ'}")
+    return int(bad > 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", default=",".join(ATTACKS))
@@ -265,7 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=None, help="test images (default all 10,000)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument(
+        "--check",
+        nargs="+",
+        metavar="ATTACK/SEED",
+        help="recompute these stored cells and compare ACC/ASR bit for bit (writes nothing)",
+    )
     args = p.parse_args(argv)
+    if args.check:
+        return check_cells(args.check, _load(), args.jobs)
     data = {"cells": {}} if args.fresh else _load()
     if not args.render_only:
         todo = [

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train the backdoored Fashion-MNIST models the demo ships and the evaluation uses.
 
-    python scripts/train_backdoor.py --attack badnets --seed 0 --out cbd_fast/evaluation/assets/badnets_seed0.pt
+    python scripts/train_backdoor.py --attack badnets --seed 0 \
+        --out cbd_fast/evaluation/assets/badnets_seed0.pt
 
 Saves a float16 state_dict (~200 KB) of ``cbd_fast.evaluation.models.FMNISTNet`` and prints ACC/ASR (for
 ``badencoder``: of a linear probe on 10,000 clean training images).

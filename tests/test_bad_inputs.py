@@ -1,4 +1,4 @@
-"""The bad-input catalogue (issue 10): every row is one bad input to the ops, ``purify``, the config or
+"""The bad-input catalogue: every row is one bad input to the ops, ``purify``, the config or
 the CLI, the exception TYPE it must raise (or the CLI's exit status) and the message fragments that
 name the argument AND the offending value. None may crash, hang, segfault or return a wrong result.
 
@@ -29,14 +29,14 @@ import torch
 from torch import nn
 
 import cbd_fast
-from cbd_fast.core import checkpoint as ckpt
 from cbd_fast.app import cli
-from cbd_fast.evaluation import diagnostics
+from cbd_fast.core import checkpoint as ckpt
 from cbd_fast.core.attack import contrastive_pgd
-from cbd_fast.ops.backends import backend_status
 from cbd_fast.core.config import PurifyConfig
-from cbd_fast.ops.losses import NTXentLoss
+from cbd_fast.evaluation import diagnostics
 from cbd_fast.ops import nt_xent, pgd_init, pgd_step
+from cbd_fast.ops.backends import backend_status
+from cbd_fast.ops.losses import NTXentLoss
 
 BACKENDS = [name for name in ("cpp", "torch", "triton") if backend_status("cpu")[name] is None]
 
@@ -753,7 +753,10 @@ class CliCase:
 def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("bad_cli")
     torch.manual_seed(0)
-    torch.save(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten()), d / "whole.pt")
+    with warnings.catch_warnings():  # a TorchScript archive: whole pickled modules need --trust-pickle
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten()))
+        torch.jit.save(model, str(d / "model.ts"))
     g = torch.Generator().manual_seed(0)
     np.save(d / "x.npy", torch.rand(16, 1, 6, 6, generator=g).numpy())
     nan = torch.rand(16, 1, 6, 6, generator=g)
@@ -766,7 +769,7 @@ def cli_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (d / "list.yaml").write_text("- epochs\n- 1\n")
     (d / "cfg.ini").write_text("[purify]\nepochs=1\n")
     (d / "nan_cfg.json").write_text(json.dumps({"epsilon": float("nan")}))  # JSON's NaN literal
-    return {"dir": d, "model": d / "whole.pt", "x": d / "x.npy", **{p.stem: p for p in d.iterdir()}}
+    return {"dir": d, "model": d / "model.ts", "x": d / "x.npy", **{p.stem: p for p in d.iterdir()}}
 
 
 def _cli(*extra: Any, data: str = "x") -> Callable[[dict[str, Path]], list[str]]:

@@ -1,1 +1,2 @@
-"""The application layer: the ``cbd-fast`` command line, model and image IO, reports, info."""
+"""The application layer: the ``cbd-fast`` command line, the Fashion-MNIST demo, model and image IO,
+reports and info."""

@@ -2,16 +2,19 @@
 
 Subcommands::
 
-    cbd-fast demo [demo options]            the Fashion-MNIST demo (cbd_fast.evaluation.demo)
+    cbd-fast demo [demo options]            the Fashion-MNIST demo (cbd_fast.app.demo)
     cbd-fast purify --model M --data D --out OUT [--config cfg.yaml] [--set key=value ...]
                     [--report DIR] [--limit N | --fraction F] [--feature-layer NAME | --forward-features]
     cbd-fast evaluate --model M (--data D --labels L | --dataset fashion-mnist) [--trigger T] [--target 0]
     cbd-fast info [--json]                  how cbd_fast was built, which backends run here
 
-Models (``--model``): a TorchScript archive, a pickled module (a warning: unpickling runs code), or
-an architecture ``package.module:factory`` / ``timm:NAME`` with ``--weights state_dict.(pt|safetensors)``
-and ``--factory-kwargs '{"num_classes": 10}'``. Data (``--data``): a folder of images (recursive) or a
-``.npy``/``.npz``/``.pt`` tensor file; ``--dataset fashion-mnist`` for the Debian package's files.
+Models (``--model``): a TorchScript archive (``torch.jit.load``), or an architecture
+``package.module:factory`` / ``timm:NAME`` with ``--weights state_dict.(pt|safetensors)`` (read with
+``torch.load(weights_only=True)`` / safetensors) and ``--factory-kwargs '{"num_classes": 10}'``. A
+whole pickled module is refused (unpickling runs code from the file) unless ``--trust-pickle`` is
+given; the report records the flag and the input files' SHA-256. Data (``--data``): a folder of
+images (recursive) or a ``.npy``/``.npz``/``.pt`` tensor file (read with ``allow_pickle=False`` /
+``weights_only=True``); ``--dataset fashion-mnist`` for the Debian package's files.
 
 Configuration precedence: ``PurifyConfig`` defaults < ``--config`` file (YAML, JSON or TOML; a flat
 mapping or one under ``purify:``) < ``--set key=value`` (values parsed as YAML/JSON scalars;
@@ -224,7 +227,7 @@ def _add_model(p: argparse.ArgumentParser, *, features: bool) -> None:
         "--model",
         required=True,
         metavar="SPEC",
-        help="TorchScript archive, pickled module (trusted files only), package.module:factory, timm:NAME",
+        help="TorchScript archive, package.module:factory or timm:NAME (pickled module: --trust-pickle)",
     )
     g.add_argument("--weights", metavar="FILE", help="state_dict for the model (.pt/.pth/.bin/.safetensors)")
     g.add_argument(
@@ -232,6 +235,12 @@ def _add_model(p: argparse.ArgumentParser, *, features: bool) -> None:
         metavar="JSON",
         default=None,
         help="keyword arguments for the factory, e.g. '{\"num_classes\": 10}'",
+    )
+    g.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow a whole pickled module: torch.load(weights_only=False) runs code from the file; "
+        "only for files you trust (recorded in the report)",
     )
     if features:
         m = g.add_mutually_exclusive_group()
@@ -362,7 +371,10 @@ def _load_model(args: argparse.Namespace) -> Any:
 
     t0 = time.perf_counter()
     loaded = modelio.load_model(
-        args.model, weights=args.weights, factory_kwargs=_factory_kwargs(args.factory_kwargs)
+        args.model,
+        weights=args.weights,
+        factory_kwargs=_factory_kwargs(args.factory_kwargs),
+        trust_pickle=args.trust_pickle,
     )
     logger.info(
         "loaded %s model %s (%s, %d parameters) in %.1f s",
@@ -450,15 +462,20 @@ class _Counting(nn.Module):
 
 
 def _resolve_device(spec: str | None) -> torch.device:
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device`` as a ``torch.device`` (``cbd_fast.core.device.resolve_device``).
+
+    Raises:
+        UsageError: ``spec`` is not a device string (exit status 2).
+        CLIError: ``spec`` is a CUDA device but none is visible here (exit status 1).
+    """
+    from cbd_fast.core.device import CUDAUnavailableError, resolve_device
+
     try:
-        device = torch.device(spec)
-    except RuntimeError:
+        return resolve_device(spec)
+    except CUDAUnavailableError:  # a valid device string this machine cannot serve
+        raise CLIError(f"--device {spec!r}: no CUDA device is visible") from None
+    except ValueError:
         raise UsageError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'; got {spec!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {spec!r}: no CUDA device is visible")
-    return device
 
 
 def _evaluate(
@@ -470,9 +487,14 @@ def _evaluate(
     desc: str,
     device: torch.device | None = None,
 ) -> dict:
-    """ACC (and ASR when a trigger is known) with cbd_fast.evaluation.metrics, behind one progress bar."""
-    from cbd_fast.evaluation import metrics
+    """ACC (and ASR when a trigger is known) with cbd_fast.evaluation.metrics, behind one progress bar.
+
+    ``images`` [N, C, H, W] (uint8 or float in [0, 1]) and ``labels`` [N] int64 stay on the CPU; the
+    model runs on ``device`` (None: where it is) in eval mode (``metrics.predict``) and gets its
+    device and training flags back. Returns ``{"n", "acc"[, "asr", "trigger", "target"]}``.
+    """
     from cbd_fast.core.progress import progress
+    from cbd_fast.evaluation import metrics
 
     x = images.float().div(255.0) if not images.dtype.is_floating_point else images.float()
     result: dict[str, Any] = {"n": int(x.shape[0])}
@@ -484,10 +506,8 @@ def _evaluate(
         trigger = attacks.make_trigger(trigger_name)
         result.update(trigger=trigger_name, target=int(target))
         total += int((labels != target).sum())
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    flags = [(m, m.training) for m in model.modules()]
-    original_device = next((p.device for p in model.parameters()), device)
+    original_device = _module_device(model)
+    device = original_device if device is None else device
     model.to(device)
     with progress(total=total, desc=desc, unit="img") as bar:
         counted = _Counting(model, bar, device)
@@ -496,8 +516,6 @@ def _evaluate(
             if trigger is not None:
                 result["asr"] = float(metrics.attack_success_rate(counted, x, labels, trigger, target))
         finally:
-            for m, flag in flags:
-                m.training = flag
             model.to(original_device)
     return result
 
@@ -517,10 +535,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import importlib
 
     try:
-        demo = importlib.import_module("cbd_fast.evaluation.demo")
+        demo = importlib.import_module("cbd_fast.app.demo")
     except ModuleNotFoundError as exc:
-        if exc.name in ("cbd_fast.evaluation.demo",):
-            raise CLIError("the demo is not available in this install (cbd_fast.evaluation.demo is missing)") from None
+        if exc.name in ("cbd_fast.app.demo",):
+            raise CLIError(
+                "the demo is not available in this install (cbd_fast.app.demo is missing)"
+            ) from None
         raise
     rest = list(args.rest)
     if args.quiet and "--quiet" not in rest:
@@ -683,16 +703,13 @@ def _write_purify_report(
 
 
 def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: Any) -> dict:
-    """The evocation diagnostic of the original model (cbd_fast.evaluation.diagnostics, the evaluation owner's)."""
+    """The evocation diagnostic (``cbd_fast.evaluation.diagnostics``) of the original ``model``.
+
+    ``images`` [N, C, H, W] float in [0, 1]; the encoder is ``model`` read through ``feature_fn``, and
+    with a ``feature_fn`` the whole ``model`` is also the classifier of the class shares.
+    """
+    from cbd_fast.core.features import Features
     from cbd_fast.evaluation import diagnostics
-
-    class Features(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.model(x) if feature_fn is None else feature_fn(self.model, x)
 
     kwargs: dict[str, Any] = {}
     if feature_fn is not None:  # the loaded model is a classifier: class shares are measurable
@@ -701,13 +718,15 @@ def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: A
         from cbd_fast.evaluation import backdoors as attacks
 
         kwargs.update(trigger=attacks.make_trigger(args.trigger), target=args.target)
-    return diagnostics.evocation_diagnostic(Features().eval(), images.to(_module_device(model)), **kwargs)
+    encoder = Features(model, feature_fn)
+    return diagnostics.evocation_diagnostic(encoder, images.to(_module_device(model)), **kwargs)
 
 
-def _module_device(module: Any) -> Any:
-    for t in module.parameters():
-        return t.device
-    return torch.device("cpu")
+def _module_device(module: nn.Module) -> torch.device:
+    """Where ``module`` lives: its first parameter's (else first buffer's) device, else the CPU."""
+    from cbd_fast.core.device import module_device
+
+    return module_device(module)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -718,7 +737,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data = _load_data(args, loaded.module, split=args.split, labels=args.labels)
     labels = _labelled(data, "data")
     result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating", device)
-    result.update(model=args.model, data=data.source)
+    result.update(
+        model=args.model,
+        model_sha256=loaded.sha256,
+        weights=args.weights,
+        weights_sha256=loaded.weights_sha256,
+        trust_pickle=loaded.trust_pickle,
+        data=data.source,
+    )
     line = f"ACC {100 * result['acc']:.2f}%"
     if "asr" in result:
         line += f"  ASR {100 * result['asr']:.2f}% (trigger {args.trigger}, target {args.target})"

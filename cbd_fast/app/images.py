@@ -318,12 +318,17 @@ def _normalise_images(x: torch.Tensor, path: str, channels: int | None, notes: l
 
 
 def _read_tensor_file(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images (and labels) of a tensor file, read without running anything in it
+    (``cbd_fast.core.safe_load``: ``np.load(allow_pickle=False)`` / ``torch.load(weights_only=True)``
+    after the zip and pickle checks)."""
+    from cbd_fast.core import safe_load
+
     suffix = path.suffix.lower()
     try:
         if suffix in (".npy", ".npz"):
-            obj = np.load(path, allow_pickle=False)
+            obj = safe_load.numpy_load(path)
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = safe_load.torch_load_weights(path)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"cannot read tensor file {str(path)!r}: {first}") from exc
@@ -366,11 +371,13 @@ def load_labels(path: str | os.PathLike[str], n: int | None = None) -> torch.Ten
     if not p.is_file():
         raise FileNotFoundError(f"labels file not found: {str(p)!r}")
     if p.suffix.lower() in (".npy", ".npz", ".pt", ".pth"):
+        from cbd_fast.core import safe_load
+
         try:
             obj = (
-                np.load(p, allow_pickle=False)
+                safe_load.numpy_load(p)
                 if p.suffix.lower() in (".npy", ".npz")
-                else torch.load(p, map_location="cpu", weights_only=True)
+                else safe_load.torch_load_weights(p)
             )
         except Exception as exc:
             raise ValueError(f"cannot read labels file {str(p)!r}: {str(exc).splitlines()[0]}") from exc
@@ -437,7 +444,7 @@ def load_dataset(
     fraction: float | None = None,
     seed: int = 0,
 ) -> ImageData:
-    """A known dataset by name (today: ``"fashion-mnist"``, via :mod:`cbd_fast.evaluation.fmnist`), with labels.
+    """A known dataset by name, with labels (``"fashion-mnist"``: :mod:`cbd_fast.evaluation.fmnist`).
 
     Args:
         name: the dataset (``"fashion-mnist"``).

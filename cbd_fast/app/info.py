@@ -2,7 +2,7 @@
 
 Example output (CPU machine, CPU build; abridged)::
 
-    cbd_fast 0.1.0 at /work/main/cbd_fast
+    cbd_fast 0.1.0 at /path/to/site-packages/cbd_fast
     build record:
       backends_compiled  cpp
       cuda_compiled      False

@@ -2,15 +2,39 @@
 
 Forms (``LoadedModel.form``):
 
-- ``"torchscript"``: a ``torch.jit.save`` archive (``--model model.pt``); saved back with
-  ``torch.jit.save``.
-- ``"pickle"``: a whole module pickled with ``torch.save(module)``. Unpickling runs arbitrary code,
-  so it is only done after a warning, and only when the file is not a plain state_dict (tried first
-  with ``weights_only=True``). Saved back with ``torch.save(module)``.
+- ``"torchscript"``: a ``torch.jit.save`` archive (``--model model.pt``), read with ``torch.jit.load``
+  only; saved back with ``torch.jit.save``.
+- ``"pickle"``: a whole module pickled with ``torch.save(module)``. Unpickling it runs code the file
+  names, so it is refused unless the caller opts in with ``trust_pickle=True`` (``--trust-pickle``).
+  Saved back with ``torch.save(module)``.
 - ``"factory"``: an architecture given as ``package.module:callable`` (``torchvision.models:resnet18``,
-  ``my_pkg.nets:build``) or ``timm:NAME`` (needs timm), built with ``factory_kwargs`` and optionally
-  filled from a state_dict file (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``, or
-  ``.safetensors``). Saved back as a state_dict (``.safetensors`` when the output name says so).
+  ``my_pkg.nets:build``) or ``timm:NAME`` (needs timm; built with ``pretrained=False``), built with
+  ``factory_kwargs`` and optionally filled from a state_dict file (``.pt``/``.pth``/``.bin`` via
+  ``torch.load(weights_only=True)``, or ``.safetensors``). Saved back as a state_dict
+  (``.safetensors`` when the output name says so).
+
+Security (the model is untrusted: that is why it is purified). Nothing from a model file runs by
+default. Every file is inspected first by :mod:`cbd_fast.core.safe_load`: zip structure, declared
+sizes (zip bomb-like archives are refused), CRC-32 of every entry, and the globals its pickle names
+(disassembled, not executed). Then:
+
+- a ``torch.save`` file whose pickle names only tensor globals is read with
+  ``torch.load(weights_only=True)``; one that names anything else (a module class, ``posix.system``,
+  ``builtins.exec``) raises :class:`ModelLoadError` naming those globals, unless ``trust_pickle=True``,
+  the one place in the package that calls ``torch.load(weights_only=False)``;
+- a TorchScript archive is read with ``torch.jit.load``: TorchScript's own loader, no Python pickle and
+  no Python import. Its code (a scripted ``forward``, ``__setstate__``) does run, at load and when
+  called, but only as TorchScript: it can call any operator registered in the process (torch's own,
+  and those of extensions already imported, e.g. torchvision's image file I/O), so it can compute
+  anything and use CPU and memory, but it cannot import modules or call Python functions. Narrower
+  than pickle, not a sandbox;
+- a ``.safetensors`` header is checked against the file before the safetensors library reads it;
+- a factory runs the code of the package the caller names, never code from the file.
+
+There is no Hugging Face loader. One added later must call ``from_pretrained(...,
+trust_remote_code=False)`` (always) and prefer safetensors weights. :class:`LoadedModel` records the
+input files' SHA-256 and whether ``trust_pickle`` was given; :func:`save_model` writes both into the
+``.safetensors`` copy's metadata.
 
 Every save also writes ``<out>.safetensors`` next to the main file when safetensors is installed
 (unless the main file already is one), and every file is written atomically: to a temporary name in
@@ -37,7 +61,6 @@ import json
 import logging
 import os
 import warnings
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +69,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbd_fast.core import safe_load
+from cbd_fast.core.features import flatten_features
 from cbd_fast.core.files import atomic_output
 
 __all__ = [
@@ -69,13 +94,20 @@ logger = logging.getLogger("cbd_fast.app.model_io")
 FORMS = ("torchscript", "pickle", "factory")
 
 TRUST_WARNING = (
-    "{path} is a pickled module: unpickling runs arbitrary code from the file. Load only files "
-    "you trust (a state_dict with --model package.module:factory --weights FILE is safe)"
+    "{path} is a pickled module and trust_pickle was given: unpickling it runs code from the file "
+    "(globals: {globals})"
+)
+
+REFUSAL = (
+    "refused to load {path!r}: its pickle names non-tensor globals ({globals}), and unpickling it would run "
+    "code from the file. Give the architecture and plain weights (--model package.module:factory --weights "
+    "state_dict.pt or .safetensors) or a TorchScript archive; only if you trust this file, pass "
+    "--trust-pickle (trust_pickle=True in Python)"
 )
 
 
 class PickleTrustWarning(UserWarning):
-    """Emitted before unpickling a whole module: doing so runs code from the file."""
+    """Emitted when a whole module is unpickled under ``trust_pickle=True``: code from the file runs."""
 
 
 class ModelLoadError(ValueError):
@@ -93,6 +125,9 @@ class LoadedModel:
         weights: the state_dict file the factory model was filled from (None otherwise).
         factory_kwargs: keyword arguments the factory was called with.
         notes: human-readable remarks made while loading (e.g. a stripped ``module.`` prefix).
+        sha256: SHA-256 of the model file (None for a factory).
+        weights_sha256: SHA-256 of the weights file (None without one).
+        trust_pickle: whether the caller opted in to unpickling code (``trust_pickle=True``).
     """
 
     module: nn.Module
@@ -101,18 +136,38 @@ class LoadedModel:
     weights: str | None = None
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    sha256: str | None = None
+    weights_sha256: str | None = None
+    trust_pickle: bool = False
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-able summary (form, source, weights, kwargs, class name, parameter count)."""
+        """A JSON-able summary (form, source, weights, kwargs, class name, parameter count, the input
+        files' SHA-256, trust_pickle)."""
         return {
             "form": self.form,
             "source": self.source,
+            "sha256": self.sha256,
             "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "trust_pickle": self.trust_pickle,
             "factory_kwargs": self.factory_kwargs,
             "class": _class_name(self.module),
             "parameters": int(sum(p.numel() for p in self.module.parameters())),
             "notes": list(self.notes),
         }
+
+    def provenance(self) -> dict[str, str]:
+        """Where the model came from, as strings (for a safetensors header): the source (a file's name,
+        or the factory spec), the weights file's name, their SHA-256 and ``trust_pickle``."""
+        out = {
+            "source": Path(self.source).name if self.sha256 else self.source,
+            "source_sha256": self.sha256,
+            "weights": None if self.weights is None else Path(self.weights).name,
+            "weights_sha256": self.weights_sha256,
+            "form": self.form,
+            "trust_pickle": "true" if self.trust_pickle else "false",
+        }
+        return {k: v for k, v in out.items() if v is not None}
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -122,17 +177,6 @@ def _class_name(module: nn.Module) -> str:
     if isinstance(module, torch.jit.ScriptModule):
         return f"ScriptModule({getattr(module, 'original_name', type(module).__name__)})"
     return type(module).__name__
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 def _resolve_factory(spec: str) -> Callable[..., Any]:
@@ -199,6 +243,10 @@ def load_state_dict_file(
 ) -> dict[str, torch.Tensor]:
     """Read a state_dict from ``.safetensors`` or a ``torch.save`` file (never unpickling code).
 
+    The file is inspected first (:mod:`cbd_fast.core.safe_load`): a truncated, corrupted or zip
+    bomb-like archive, a TorchScript archive, a pickle naming non-tensor globals, or a safetensors
+    header that does not match the file is refused with a :class:`ModelLoadError` saying which.
+
     Args:
         path: the file.
         notes: a list that receives remarks (keys taken from a nested entry, stripped prefixes).
@@ -206,21 +254,34 @@ def load_state_dict_file(
     Returns:
         ``{name: tensor}`` on the CPU.
     """
-    path = Path(path)
-    notes = [] if notes is None else notes
+    return _read_state_dict(Path(path), [] if notes is None else notes)[0]
+
+
+def _read_state_dict(path: Path, notes: list[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state_dict, sha256 of the file)``; see :func:`load_state_dict_file`."""
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {str(path)!r}")
     if path.suffix == ".safetensors":
+        if not importlib.util.find_spec("safetensors"):
+            raise ModelLoadError(f"reading {str(path)!r} needs safetensors (pip install safetensors)")
         try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"reading {str(path)!r} needs safetensors (pip install safetensors)"
-            ) from exc
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read safetensors file {str(path)!r}: {_first_line(exc)}") from exc
+            return safe_load.load_safetensors(path), safe_load.sha256_file(path)
+        except safe_load.UnsafeFileError as exc:
+            raise ModelLoadError(f"cannot read safetensors file {str(path)!r}: {exc}") from exc
+    try:
+        info = safe_load.inspect_torch_file(path)
+    except safe_load.UnsafeFileError as exc:
+        raise ModelLoadError(f"cannot read weights file {str(path)!r}: {exc}") from exc
+    if info.kind == "torchscript":
+        raise ModelLoadError(
+            f"weights file {str(path)!r} is a TorchScript archive, not a state_dict; pass it as --model"
+        )
+    if info.unsafe_globals:
+        raise ModelLoadError(
+            f"weights file {str(path)!r} is not a plain state_dict: its pickle names non-tensor globals "
+            f"({safe_load.describe_globals(info.unsafe_globals)}), and weights are never unpickled as code. "
+            "Save model.state_dict() (or a .safetensors file) instead"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -228,7 +289,7 @@ def load_state_dict_file(
             f"cannot read weights file {str(path)!r} as a state_dict (torch.load weights_only=True): "
             f"{_first_line(exc)}"
         ) from exc
-    return _unwrap_state_dict(obj, str(path), notes)
+    return _unwrap_state_dict(obj, str(path), notes), info.sha256
 
 
 def _first_line(exc: BaseException) -> str:
@@ -242,8 +303,11 @@ def load_model(
     weights: str | os.PathLike[str] | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
     strict: bool = True,
+    trust_pickle: bool = False,
 ) -> LoadedModel:
-    """Load a model from a TorchScript archive, a pickled module, or a factory (+ a state_dict).
+    """Load a model from a TorchScript archive, a factory (+ a state_dict), or (opt-in) a pickled module.
+
+    Nothing from the file runs unless ``trust_pickle=True``: see the module docstring.
 
     Args:
         spec: a file path (TorchScript archive or pickled module), or ``package.module:callable`` /
@@ -252,14 +316,18 @@ def load_model(
             model with; with a file ``spec`` it overrides the loaded module's weights.
         factory_kwargs: keyword arguments for the factory (e.g. ``{"num_classes": 10}``).
         strict: require the weights' keys to match the model's exactly.
+        trust_pickle: allow unpickling a whole-module file with ``torch.load(weights_only=False)``,
+            which runs code the file names. Only for files you trust; recorded in the result. Without
+            it such a file raises :class:`ModelLoadError` naming the globals it would have imported.
 
     Returns:
         a :class:`LoadedModel` on the CPU, in ``eval()`` mode.
 
     Raises:
         FileNotFoundError: ``spec`` or ``weights`` is a path that does not exist.
-        ModelLoadError (a ValueError): the file is not a model, the factory cannot be resolved or
-            built, or the weights do not fit the architecture; the message says which and why.
+        ModelLoadError (a ValueError): the file is not a model, is refused (it needs code to load,
+            or is truncated, corrupted or zip bomb-like), the factory cannot be resolved or built, or
+            the weights do not fit the architecture; the message says which and why.
     """
     spec_str = os.fspath(spec)
     kwargs = dict(factory_kwargs or {})
@@ -272,7 +340,7 @@ def load_model(
             )
         if kwargs:
             raise ModelLoadError(f"factory kwargs only apply to a factory model; {spec_str!r} is a file")
-        module, form = _load_file(path, notes)
+        module, form, sha256 = _load_file(path, notes, trust_pickle)
     elif ":" in spec_str and not spec_str.endswith((".pt", ".pth", ".ts", ".bin", ".safetensors")):
         factory = _resolve_factory(spec_str)
         try:
@@ -285,11 +353,12 @@ def load_model(
             raise ModelLoadError(
                 f"model factory {spec_str!r} must return an nn.Module; got a {type(module).__name__}"
             )
-        form = "factory"
+        form, sha256 = "factory", None
     else:
         raise FileNotFoundError(f"model file not found: {spec_str!r}")
+    weights_sha256 = None
     if weights is not None:
-        sd = load_state_dict_file(weights, notes)
+        sd, weights_sha256 = _read_state_dict(Path(weights), notes)
         _load_weights(module, sd, str(weights), strict)
     elif form == "factory":
         notes.append("no --weights given: the factory's own initialisation is used")
@@ -301,6 +370,9 @@ def load_model(
         weights=None if weights is None else os.fspath(weights),
         factory_kwargs=kwargs,
         notes=notes,
+        sha256=sha256,
+        weights_sha256=weights_sha256,
+        trust_pickle=bool(trust_pickle),
     )
 
 
@@ -308,49 +380,50 @@ def _kw(kwargs: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
-def _load_file(path: Path, notes: list[str]) -> tuple[nn.Module, str]:
+def _load_file(path: Path, notes: list[str], trust_pickle: bool) -> tuple[nn.Module, str, str]:
+    """``(module, form, sha256)`` of a model file, inspected before anything reads it."""
     if path.suffix == ".safetensors":
         raise ModelLoadError(
             f"{str(path)!r} holds only weights; give the architecture: --model package.module:factory "
             f"--weights {path}"
         )
-    if _is_torchscript_archive(path):
+    try:
+        info = safe_load.inspect_torch_file(path)
+    except safe_load.UnsafeFileError as exc:
+        raise ModelLoadError(f"cannot load model {str(path)!r}: {exc}") from exc
+    if info.kind == "torchscript":
         try:
             with _quiet_jit():
-                return torch.jit.load(str(path), map_location="cpu"), "torchscript"
+                return torch.jit.load(str(path), map_location="cpu"), "torchscript", info.sha256
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load TorchScript archive {str(path)!r}: {_first_line(exc)}"
             ) from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_exc:
-        if not zipfile.is_zipfile(path) and not _looks_like_legacy_pickle(path):
-            raise ModelLoadError(
-                f"cannot load model {str(path)!r}: not a TorchScript archive nor a torch.save file"
-            ) from safe_exc
-        warnings.warn(TRUST_WARNING.format(path=path), PickleTrustWarning, stacklevel=3)
+    names = safe_load.describe_globals(info.unsafe_globals)
+    if info.unsafe_globals and not trust_pickle:
+        raise ModelLoadError(REFUSAL.format(path=str(path), globals=names))
+    if info.unsafe_globals:
+        warnings.warn(TRUST_WARNING.format(path=path, globals=names), PickleTrustWarning, stacklevel=3)
+        notes.append(f"unpickled with torch.load(weights_only=False) under trust_pickle; globals: {names}")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+            obj = torch.load(path, map_location="cpu", weights_only=False)  # the one opt-in path
         except Exception as exc:
             raise ModelLoadError(f"cannot unpickle model {str(path)!r}: {_first_line(exc)}") from exc
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load model {str(path)!r} (torch.load weights_only=True): {_first_line(exc)}"
+            ) from exc
     if isinstance(obj, nn.Module):
-        return obj, "pickle"
+        return obj, "pickle", info.sha256
     if isinstance(obj, Mapping):
         raise ModelLoadError(
             f"{str(path)!r} is a state_dict, not a model; give the architecture: "
             f"--model package.module:factory --weights {path}"
         )
     raise ModelLoadError(f"{str(path)!r} does not hold a model; got a {type(obj).__name__}")
-
-
-def _looks_like_legacy_pickle(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(2)
-    except OSError:
-        return False
-    return len(head) == 2 and head[0] == 0x80  # pickle protocol opcode
 
 
 def _load_weights(module: nn.Module, sd: dict[str, torch.Tensor], path: str, strict: bool) -> None:
@@ -407,12 +480,14 @@ def _quiet_jit() -> Iterator[None]:
         yield
 
 
-def _flatten_features(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
+def _features(out: Any, batch: int, where: str) -> torch.Tensor:
+    """``flatten_features`` of ``out`` (its first item when a tuple/list); errors prefixed by ``where``."""
+    if isinstance(out, (tuple, list)) and out:
         out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the feature layer must output a Tensor; got a {type(out).__name__}")
-    return out.flatten(1) if out.dim() > 2 else out
+    try:
+        return flatten_features(out, batch)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{where}: {exc}") from None
 
 
 class SubmoduleFeatures:
@@ -448,7 +523,7 @@ class SubmoduleFeatures:
             handle.remove()
         if not captured:
             raise RuntimeError(f"feature layer {self.name!r} was not called by {_class_name(module)}.forward")
-        return _flatten_features(captured[0])
+        return _features(captured[0], x.shape[0], f"feature layer {self.name!r}")
 
     def __repr__(self) -> str:
         return f"SubmoduleFeatures({self.name!r})"
@@ -465,7 +540,7 @@ class ForwardFeatures:
         feats = root.forward_features(x)
         if hasattr(root, "forward_head"):
             feats = root.forward_head(feats, pre_logits=True)
-        return _flatten_features(feats)
+        return _features(feats, x.shape[0], f"{_class_name(root)}.forward_features")
 
     def __repr__(self) -> str:
         return "ForwardFeatures()"
@@ -586,7 +661,8 @@ def clone_module(module: nn.Module) -> nn.Module:
     return new
 
 
-def _save_safetensors(module: nn.Module, path: Path) -> None:
+def _save_safetensors(module: nn.Module, path: Path, provenance: Mapping[str, str] | None = None) -> None:
+    """``module``'s state_dict as safetensors; ``provenance`` (strings) joins the header metadata."""
     from safetensors.torch import save_file
 
     seen: set[int] = set()
@@ -599,7 +675,7 @@ def _save_safetensors(module: nn.Module, path: Path) -> None:
         seen.add(t.untyped_storage().data_ptr())
         tensors[name] = t.contiguous()
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "cbd_fast"})
+        save_file(tensors, str(tmp), metadata={**(provenance or {}), "format": "pt", "producer": "cbd_fast"})
 
 
 def _safetensors_available() -> bool:
@@ -630,6 +706,10 @@ def save_model(
         metadata: a JSON-able dict written to ``<path>.json`` beside the model (atomic), e.g. how to
             load it back; None writes nothing.
 
+    With ``loaded``, where the model came from (:meth:`LoadedModel.provenance`: the input files' names
+    and SHA-256, ``trust_pickle``) goes into the ``.safetensors`` header metadata and, as ``"input"``,
+    into the ``metadata`` file.
+
     Returns:
         ``{"files": [paths written], "form": form used, "notes": [remarks, e.g. a fallback]}``.
     """
@@ -643,6 +723,7 @@ def save_model(
         raise ValueError(f"output path is a folder: {str(out)!r}; give a file name")
     notes: list[str] = []
     files: list[str] = []
+    provenance = loaded.provenance() if loaded is not None else None
     cpu = (
         module
         if all(t.device.type == "cpu" for t in module.state_dict().values())
@@ -651,7 +732,7 @@ def save_model(
     if out.suffix == ".safetensors":
         if not _safetensors_available():
             raise ValueError(f"output {str(out)!r} needs safetensors, which is not installed")
-        _save_safetensors(cpu, out)
+        _save_safetensors(cpu, out, provenance)
         return {"files": [str(out)], "form": "safetensors", "notes": notes}
 
     if chosen == "torchscript":
@@ -688,7 +769,7 @@ def save_model(
     if safetensors:
         if _safetensors_available():
             st = out.with_suffix(".safetensors")
-            _save_safetensors(cpu, st)
+            _save_safetensors(cpu, st, provenance)
             files.append(str(st))
         else:
             notes.append("safetensors is not installed: no .safetensors copy written")
@@ -696,7 +777,11 @@ def save_model(
         meta_path = out.with_name(out.name + ".json")
         with atomic_output(meta_path) as tmp:
             tmp.write_text(
-                json.dumps(dict(metadata, form=chosen, files=files, notes=notes), indent=2, default=str)
+                json.dumps(
+                    dict(metadata, form=chosen, files=files, notes=notes, input=provenance),
+                    indent=2,
+                    default=str,
+                )
             )
         files.append(str(meta_path))
     for note in notes:

@@ -32,7 +32,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from cbd_fast.core.attack import contrastive_pgd
+from cbd_fast.core.config import PurifyConfig
+from cbd_fast.core.device import module_device
+from cbd_fast.core.features import FeatureFn, batched_features, encoder_features
 from cbd_fast.core.files import atomic_output
+from cbd_fast.core.modes import eval_mode
 from cbd_fast.core.progress import progress
 
 __all__ = ["write_report", "collect_projections", "project_2d", "jsonable", "versions", "REPORT_VERSION"]
@@ -455,61 +460,51 @@ def _to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
+def _attack_settings(config: Any) -> dict[str, Any]:
+    """``contrastive_pgd`` keyword arguments from ``config``; a missing setting takes
+    ``PurifyConfig``'s default."""
+    defaults = PurifyConfig()
+    return {
+        "epsilon": float(_cfg_get(config, "epsilon", defaults.epsilon)),
+        "step_size": float(_cfg_get(config, "step_size", defaults.step_size)),
+        "steps": int(_cfg_get(config, "steps", defaults.steps)),
+        "temperature": float(_cfg_get(config, "temperature", defaults.temperature)),
+        "backend": _cfg_get(config, "backend", defaults.backend),
+    }
 
 
 def _features_and_adversaries(
     encoder: nn.Module,
     x: torch.Tensor,
     x_trig: torch.Tensor | None,
-    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None,
+    feature_fn: FeatureFn | None,
     config: Any,
     batch_size: int,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    from cbd_fast.core.attack import contrastive_pgd
+    """Clean [N, D], contrastive-adversarial [N, D] (and triggered [N', D]) float64 features.
 
-    feats = (lambda m, t: feature_fn(m, t)) if feature_fn is not None else (lambda m, t: m(t))
-    device = _device_of(encoder)
-    flags = [(m, m.training) for m in encoder.modules()]  # restored per submodule afterwards
-    encoder.eval()
+    ``encoder`` runs in eval mode (``eval_mode``: its flags restored); each batch of ``x`` is
+    attacked with ``contrastive_pgd`` and the settings of :func:`_attack_settings`.
+    """
+    device = module_device(encoder)
+    settings = _attack_settings(config)
     out: dict[str, list[torch.Tensor]] = {"clean": [], "adversarial": []}
-    if x_trig is not None:
-        out["triggered"] = []
     g = torch.Generator(device=device).manual_seed(int(seed))
-    try:
+    with eval_mode(encoder):
         for i in progress(range(0, x.shape[0], batch_size), desc="report: features + attack", unit="batch"):
             xb = _to_float(x[i : i + batch_size]).to(device)
             with torch.no_grad():
-                clean = feats(encoder, xb).float()
-            adv = contrastive_pgd(
-                encoder,
-                xb,
-                clean,
-                epsilon=float(_cfg_get(config, "epsilon", 8 / 255)),
-                step_size=float(_cfg_get(config, "step_size", 2 / 255)),
-                steps=int(_cfg_get(config, "steps", 5)),
-                temperature=float(_cfg_get(config, "temperature", 0.5)),
-                backend=_cfg_get(config, "backend", None),
-                generator=g,
-                feature_fn=feature_fn,
-            )
+                clean = encoder_features(encoder, xb, feature_fn).float()
+            adv = contrastive_pgd(encoder, xb, clean, generator=g, feature_fn=feature_fn, **settings)
             with torch.no_grad():
                 out["clean"].append(clean.cpu())
-                out["adversarial"].append(feats(encoder, adv).float().cpu())
+                out["adversarial"].append(encoder_features(encoder, adv, feature_fn).float().cpu())
         if x_trig is not None:
-            for i in range(0, x_trig.shape[0], batch_size):
-                with torch.no_grad():
-                    tb = _to_float(x_trig[i : i + batch_size]).to(device)
-                    out["triggered"].append(feats(encoder, tb).float().cpu())
-    finally:
-        for m, flag in flags:
-            m.training = flag
+            trig = batched_features(
+                encoder, _to_float(x_trig), batch_size=batch_size, feature_fn=feature_fn, device=device
+            )
+            out["triggered"] = [trig.float().cpu()]
     return {k: torch.cat(v).double().numpy() for k, v in out.items() if v}
 
 
@@ -518,7 +513,7 @@ def collect_projections(
     encoder_after: nn.Module,
     x_clean: torch.Tensor,
     *,
-    feature_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    feature_fn: FeatureFn | None = None,
     x_triggered: torch.Tensor | None = None,
     config: Any = None,
     n: int = 512,
@@ -527,8 +522,8 @@ def collect_projections(
     """Features for the before/after picture: clean, contrastive-adversarial (and triggered) sets.
 
     The adversaries are found against each encoder in turn (``cbd_fast.core.attack.contrastive_pgd``, the
-    same attack the purification uses) with ``config``'s epsilon/step_size/steps/temperature
-    (defaults: the paper's 8/255, 2/255, 5, 0.5), seeded by ``config.seed``. Both encoders run in
+    same attack the purification uses) with ``config``'s epsilon/step_size/steps/temperature/backend
+    (a missing one: ``PurifyConfig``'s default), seeded by ``config.seed``. Both encoders run in
     eval mode and get their training flags back; their weights are not changed.
 
     Args:
@@ -555,7 +550,7 @@ def collect_projections(
         )
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2; got {n!r}")
-    seed = int(_cfg_get(config, "seed", 0))
+    seed = int(_cfg_get(config, "seed", PurifyConfig().seed))
     g = torch.Generator().manual_seed(seed)
     if x_clean.shape[0] > n:
         x_clean = x_clean[torch.randperm(x_clean.shape[0], generator=g)[:n].sort().values]

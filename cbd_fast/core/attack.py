@@ -24,6 +24,7 @@ from cbd_fast.ops.pgd import _is_dense, _same_layout, pgd_init, pgd_step
 
 __all__ = ["attack_mode", "contrastive_pgd"]
 
+
 def _check_nonneg(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {type(value).__name__} {value!r}")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "module_device", "CUDAUnavailableError"]
+
+
+class CUDAUnavailableError(ValueError):
+    """A CUDA device was asked for where none is visible."""
 
 
 def resolve_device(spec: str | torch.device | None, *, local_rank: int | None = None) -> torch.device:
@@ -16,7 +20,8 @@ def resolve_device(spec: str | torch.device | None, *, local_rank: int | None = 
             ``cuda:local_rank``. None: the current CUDA device.
 
     Raises:
-        ValueError: ``spec`` is not a device, or names CUDA where none is available.
+        ValueError: ``spec`` is not a device string.
+        CUDAUnavailableError: (a ValueError) ``spec`` names CUDA where none is available.
     """
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
         if not torch.cuda.is_available():
@@ -30,7 +35,18 @@ def resolve_device(spec: str | torch.device | None, *, local_rank: int | None = 
         ) from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(spec)!r} was requested but CUDA is not available here")
+            raise CUDAUnavailableError(f"device {str(spec)!r} was requested but CUDA is not available here")
         if dev.index is None and local_rank is not None:
             return torch.device("cuda", local_rank)
     return dev
+
+
+def module_device(module: object) -> torch.device:
+    """The device of ``module``'s first parameter (or buffer); the CPU for a module without tensors
+    or for a plain callable."""
+    if isinstance(module, torch.nn.Module):
+        for t in module.parameters():
+            return t.device
+        for t in module.buffers():
+            return t.device
+    return torch.device("cpu")

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import hashlib
 import json
 import math
@@ -179,12 +180,15 @@ def weights_only_globals() -> frozenset[str]:
     torch's default allowlist plus what the user added with ``torch.serialization.add_safe_globals``;
     a built-in list of tensor-rebuilding names when torch's list cannot be read.
     """
+    allowed = set(_FALLBACK_SAFE_GLOBALS)
     try:
         from torch import _weights_only_unpickler as wou
-
-        return frozenset(wou._get_allowed_globals()) | frozenset(wou._get_user_allowed_globals())
-    except Exception:  # pragma: no cover - depends on torch internals
-        return _FALLBACK_SAFE_GLOBALS
+    except ImportError:  # pragma: no cover - depends on torch internals
+        return frozenset(allowed)
+    for getter in ("_get_allowed_globals", "_get_user_allowed_globals"):  # the latter: torch >= 2.4
+        with contextlib.suppress(Exception):  # depends on torch internals
+            allowed.update(getattr(wou, getter)())
+    return frozenset(allowed)
 
 
 def describe_globals(names: Iterable[str], limit: int = 6) -> str:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbd_fast.core.modes import is_batchnorm
 from cbd_fast.evaluation.fmnist import ImageSet
 
 __all__ = [
@@ -289,7 +290,7 @@ def plant_feature_backdoor(
     encoder.train()
     # BatchNorm statistics stay those of the clean encoder: the attacker ships clean-looking stats.
     for m in encoder.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if is_batchnorm(m):
             m.eval()
     steps = epochs * math.ceil(len(shadow) / batch_size)
     bar = None

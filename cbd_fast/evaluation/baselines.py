@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbd_fast.core.modes import attack_mode
+from cbd_fast.ops.pgd import pgd_init, pgd_step
+
 __all__ = ["adversarial_unlearning", "no_defense", "plain_finetune", "supervised_finetune"]
 
 
@@ -56,6 +59,39 @@ def _check(images: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"images must hold at least 2 images; got {len(images)}")
 
 
+def _ce_pgd(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epsilon: float,
+    steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Cross-entropy PGD: images in the L-inf ball around ``x`` that maximise ``CE(net(x_adv), y)``.
+
+    A uniform random start (``pgd_init``), then ``steps`` signed-gradient steps of ``epsilon / 4``
+    (``pgd_step``: projected on the ball and on [0, 1]), with ``net`` in ``attack_mode`` (eval mode,
+    no parameter gradients; its flags restored afterwards).
+
+    Args:
+        net: images -> logits [B, K].
+        x: [B, C, H, W] contiguous float images in [0, 1]. y: [B] int64 true classes.
+        epsilon: L-inf radius > 0. steps: iterations >= 1.
+        generator: CPU generator of the random start.
+
+    Returns:
+        [B, C, H, W] detached adversarial images.
+    """
+    x_adv = pgd_init(x, epsilon, generator=generator)
+    with attack_mode(net), torch.enable_grad():
+        for _ in range(steps):
+            x_var = x_adv.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(F.cross_entropy(net(x_var), y), x_var)
+            pgd_step(x_adv, grad.contiguous(), x, epsilon / 4, epsilon)
+    return x_adv.detach()
+
+
 def _train_ce(
     backbone: nn.Module,
     head: nn.Module,
@@ -75,24 +111,14 @@ def _train_ce(
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * math.ceil(len(images) / batch_size))
     g = torch.Generator().manual_seed(seed)
-    alpha = epsilon / 4
     for _ in range(epochs):
         perm = torch.randperm(len(images), generator=g)
         for i in range(0, len(images), batch_size):
             b = perm[i : i + batch_size]
-            x, y = images[b], labels[b]
+            x, y = images[b].contiguous(), labels[b]
             loss_terms = []
             if epsilon > 0 and steps > 0:
-                # CE-PGD: x_adv maximises CE(net(x_adv), y) in the L-inf ball (BN in eval mode).
-                net.eval()
-                xa = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * epsilon).clamp(0, 1)
-                for _ in range(steps):
-                    xa.requires_grad_(True)
-                    (grad,) = torch.autograd.grad(F.cross_entropy(net(xa), y), xa)
-                    xa = torch.min(
-                        torch.max(xa.detach() + alpha * grad.sign(), x - epsilon), x + epsilon
-                    ).clamp(0, 1)
-                loss_terms.append(xa.detach())
+                loss_terms.append(_ce_pgd(net, x, y, epsilon=epsilon, steps=steps, generator=g))
             net.train()
             loss = F.cross_entropy(net(x), y)
             for xa in loss_terms:

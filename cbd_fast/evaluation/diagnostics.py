@@ -1,7 +1,7 @@
 """The evocation diagnostic: do contrastive adversarial examples reach a model's backdoor?
 
-CBD rests on one observation (``shared/CBD.md``): inputs perturbed to push their features away from
-their own clean features, under an unsupervised contrastive loss, land near the backdoor's
+CBD (Contrastive Backdoor Defense) rests on one observation: inputs perturbed to push their features
+away from their own clean features, under an unsupervised contrastive loss, land near the backdoor's
 feature cluster. ``evocation_diagnostic`` measures how true that is for a given model and attack
 budget, so a user can see whether the defense has something to pull on:
 
@@ -17,14 +17,33 @@ Returns a JSON-able dict (floats and lists only).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbd_fast.core.attack import contrastive_pgd
+from cbd_fast.core.features import batched_features, encoder_features
+from cbd_fast.core.modes import eval_mode
+from cbd_fast.evaluation.metrics import predict
+
 __all__ = ["contrastive_adversaries", "evocation_diagnostic"]
+
+
+def _attack_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Slices of ``range(n)`` of ``batch_size`` items; a last single item joins the batch before it.
+
+    NT-Xent needs at least two rows per batch, so a remainder of one never forms its own batch.
+    """
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        if n - stop == 1:
+            stop = n
+        yield slice(start, stop)
+        start = stop
 
 
 def contrastive_adversaries(
@@ -40,60 +59,50 @@ def contrastive_adversaries(
 ) -> torch.Tensor:
     """Per-sample contrastive PGD adversaries of ``images`` against ``encoder`` (BN/dropout in eval).
 
+    Each batch runs :func:`cbd_fast.core.attack.contrastive_pgd` (the attack the purification uses)
+    from a uniform random start, with the batch's own clean features as the NT-Xent anchors.
+
     Args:
-        encoder: images -> [N, D] features (not modified; its training flag is restored).
-        images: [N, C, H, W] float images in [0, 1].
+        encoder: images -> [N, D] features (or [N, ...], flattened); not modified, its submodules'
+            training flags and its parameters' ``requires_grad`` are restored.
+        images: [N, C, H, W] float images in [0, 1], N >= 2.
         epsilon: L-inf radius. steps: PGD iterations. step_size: default ``epsilon / 4``.
         temperature: NT-Xent temperature.
-        seed: seed of the uniform random start.
-        batch_size: images per attack batch (NT-Xent negatives come from the same batch).
+        seed: seed of the uniform random start (a generator on ``images``' device).
+        batch_size: images per attack batch (NT-Xent negatives come from the same batch), >= 2.
 
     Returns:
-        [N, C, H, W] detached adversarial images.
-    """
-    from cbd_fast.ops import nt_xent
+        [N, C, H, W] detached adversarial images, ``images``' dtype and device.
 
-    if epsilon < 0 or steps < 0:
-        raise ValueError(f"epsilon and steps must be >= 0; got {epsilon}, {steps}")
+    Raises:
+        ValueError: fewer than 2 images, ``batch_size`` < 2, or a bad attack setting (named with
+            its value by ``contrastive_pgd``).
+    """
     if len(images) < 2 or batch_size < 2:
         raise ValueError(
             f"images and batch_size must be >= 2 (NT-Xent negatives); got {len(images)}, {batch_size}"
         )
     alpha = epsilon / 4 if step_size is None else step_size
-    modes = [(m, m.training) for m in encoder.modules()]  # restored per submodule
-    flags = [q.requires_grad for q in encoder.parameters()]
-    encoder.eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=images.device).manual_seed(seed)
     out = []
-    try:
-        n = len(images)
-        for i in range(0, n, batch_size):
-            if n - i == 1:  # a last single image was attacked with the previous batch
-                break
-            x = images[i : i + batch_size + (1 if n - i - batch_size == 1 else 0)]
+    with eval_mode(encoder):
+        for part in _attack_batches(len(images), batch_size):
+            x = images[part]
             with torch.no_grad():
-                anchor = encoder(x)
-            noise = (torch.rand(x.shape, generator=g) * 2 - 1).to(x)
-            xa = (x + epsilon * noise).clamp(0, 1)
-            for _ in range(steps):
-                xa.requires_grad_(True)
-                loss = nt_xent(encoder(xa), anchor, temperature)
-                (grad,) = torch.autograd.grad(loss, xa)
-                # x_adv <- clip(proj_eps(x_adv + alpha * sign(g)), 0, 1)
-                xa = torch.min(torch.max(xa.detach() + alpha * grad.sign(), x - epsilon), x + epsilon)
-                xa = xa.clamp(0, 1)
-            out.append(xa.detach())
-    finally:
-        for q, fl in zip(encoder.parameters(), flags):
-            q.requires_grad_(fl)
-        for m, mode in modes:
-            m.training = mode
+                anchor = encoder_features(encoder, x)
+            out.append(
+                contrastive_pgd(
+                    encoder,
+                    x,
+                    anchor,
+                    epsilon=epsilon,
+                    step_size=alpha,
+                    steps=steps,
+                    temperature=temperature,
+                    generator=g,
+                )
+            )
     return torch.cat(out)
-
-
-@torch.no_grad()
-def _feats(encoder: nn.Module, x: torch.Tensor, bs: int = 1000) -> torch.Tensor:
-    return torch.cat([encoder(x[i : i + bs]) for i in range(0, len(x), bs)])
 
 
 def evocation_diagnostic(
@@ -134,54 +143,66 @@ def evocation_diagnostic(
         raise TypeError(f"images must be a [N, C, H, W] tensor; got {getattr(images, 'shape', type(images))}")
     if len(images) < 2:
         raise ValueError(f"images must hold at least 2 images; got {len(images)}")
-    modes = [(m, m.training) for m in encoder.modules()]  # restored per submodule at the end
-    encoder.eval()
     res: dict[str, Any] = {"n": len(images), "steps": steps, "temperature": temperature, "per_epsilon": []}
-    clean_f = _feats(encoder, images)
-    clean_pred = None
-    if classifier is not None:
-        clean_pred = torch.cat(
-            [classifier(images[i : i + 1000]).argmax(1) for i in range(0, len(images), 1000)]
-        )
-    centroid = None
-    trig_f = None
-    if trigger is not None:
-        trig_f = _feats(encoder, trigger(images))
-        centroid = trig_f.mean(0, keepdim=True)
-        res["cos_triggered_to_trigger_centroid"] = F.cosine_similarity(trig_f, centroid).mean().item()
-        res["cos_clean_to_trigger_centroid"] = F.cosine_similarity(clean_f, centroid).mean().item()
-        res["dist_clean_to_trigger_centroid"] = (clean_f - centroid).norm(dim=1).mean().item()
-        res["clean_feature_norm"] = clean_f.norm(dim=1).mean().item()
-    adv_f = None
-    for eps in epsilons:
-        adv = contrastive_adversaries(
-            encoder, images, epsilon=eps, steps=steps, temperature=temperature, seed=seed
-        )
-        adv_f = _feats(encoder, adv)
-        row: dict[str, Any] = {"epsilon": eps, "epsilon_255": round(eps * 255, 3)}
-        row["dist_adv_to_clean"] = (adv_f - clean_f).norm(dim=1).mean().item()
-        if classifier is not None and clean_pred is not None:
-            with torch.no_grad():
-                pred = torch.cat([classifier(adv[i : i + 1000]).argmax(1) for i in range(0, len(adv), 1000)])
-            counts = torch.bincount(pred, minlength=int(clean_pred.max()) + 1)
-            top = int(counts.argmax())
-            row["top_class"] = top
-            row["top_share"] = counts[top].item() / len(pred)
-            row["top_class_clean_share"] = (clean_pred == top).float().mean().item()
-            if target is not None:
-                row["target_share"] = (pred == target).float().mean().item()
-                row["chance"] = (clean_pred == target).float().mean().item()
-        if centroid is not None:
-            row["cos_adv_to_trigger_centroid"] = F.cosine_similarity(adv_f, centroid).mean().item()
-            row["dist_adv_to_trigger_centroid"] = (adv_f - centroid).norm(dim=1).mean().item()
-        res["per_epsilon"].append(row)
-    for m, mode in modes:
-        m.training = mode
+    with eval_mode(encoder):
+        clean_f = batched_features(encoder, images)
+        clean_pred = predict(classifier, images) if classifier is not None else None
+        trig_f = batched_features(encoder, trigger(images)) if trigger is not None else None
+        centroid = None
+        if trig_f is not None:
+            centroid = trig_f.mean(0, keepdim=True)
+            res.update(_trigger_reference(clean_f, trig_f, centroid))
+        adv_f = None
+        for eps in epsilons:
+            adv = contrastive_adversaries(
+                encoder, images, epsilon=eps, steps=steps, temperature=temperature, seed=seed
+            )
+            adv_f = batched_features(encoder, adv)
+            row: dict[str, Any] = {"epsilon": eps, "epsilon_255": round(eps * 255, 3)}
+            row["dist_adv_to_clean"] = (adv_f - clean_f).norm(dim=1).mean().item()
+            if clean_pred is not None:
+                row.update(_class_shares(predict(classifier, adv), clean_pred, target))
+            if centroid is not None:
+                row["cos_adv_to_trigger_centroid"] = F.cosine_similarity(adv_f, centroid).mean().item()
+                row["dist_adv_to_trigger_centroid"] = (adv_f - centroid).norm(dim=1).mean().item()
+            res["per_epsilon"].append(row)
     if return_features:
         res["_features"] = {
-            "clean": clean_f.numpy(),
-            "adversarial": adv_f.numpy() if adv_f is not None else None,
+            "clean": clean_f.cpu().numpy(),
+            "adversarial": adv_f.cpu().numpy() if adv_f is not None else None,
         }
         if trig_f is not None:
-            res["_features"]["triggered"] = trig_f.numpy()
+            res["_features"]["triggered"] = trig_f.cpu().numpy()
     return res
+
+
+def _trigger_reference(
+    clean_f: torch.Tensor, trig_f: torch.Tensor, centroid: torch.Tensor
+) -> dict[str, float]:
+    """Where clean and triggered features [N, D] sit relative to the triggered centroid [1, D]."""
+    return {
+        "cos_triggered_to_trigger_centroid": F.cosine_similarity(trig_f, centroid).mean().item(),
+        "cos_clean_to_trigger_centroid": F.cosine_similarity(clean_f, centroid).mean().item(),
+        "dist_clean_to_trigger_centroid": (clean_f - centroid).norm(dim=1).mean().item(),
+        "clean_feature_norm": clean_f.norm(dim=1).mean().item(),
+    }
+
+
+def _class_shares(pred: torch.Tensor, clean_pred: torch.Tensor, target: int | None) -> dict[str, Any]:
+    """Class shares of adversarial predictions ``pred`` [N] int64 against clean ones [N] int64.
+
+    Returns ``top_class`` (the class adversaries fall into most), ``top_share`` (its share among
+    them), ``top_class_clean_share`` (its share among clean predictions) and, with ``target``,
+    ``target_share`` / ``chance`` (the target's share among adversarial / clean predictions).
+    """
+    counts = torch.bincount(pred, minlength=int(clean_pred.max()) + 1)
+    top = int(counts.argmax())
+    row: dict[str, Any] = {
+        "top_class": top,
+        "top_share": counts[top].item() / len(pred),
+        "top_class_clean_share": (clean_pred == top).float().mean().item(),
+    }
+    if target is not None:
+        row["target_share"] = (pred == target).float().mean().item()
+        row["chance"] = (clean_pred == target).float().mean().item()
+    return row

@@ -1,7 +1,7 @@
 """Fashion-MNIST loader for the IDX files Debian ships (``apt-get install -y dataset-fashion-mnist``).
 
 The four gzip'd IDX files live under ``/usr/share/datasets/fashion-mnist/`` by default. Nothing is
-downloaded: no machine of this project reaches the internet, and users bring their own data by path.
+downloaded: the files are read from disk (``root``, or ``CBD_FAST_FMNIST_ROOT``).
 
 Example:
     >>> from cbd_fast.evaluation.fmnist import load_fashion_mnist                 # doctest: +SKIP

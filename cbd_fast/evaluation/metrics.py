@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cbd_fast.core.features import batched_features, encoder_features
+from cbd_fast.core.modes import eval_mode
+
 __all__ = [
     "accuracy",
     "attack_success_rate",
@@ -30,16 +33,12 @@ __all__ = [
 def predict(
     model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
 ) -> torch.Tensor:
-    """Arg-max predictions [N] int64 of ``model`` on [N, ...] ``images``, in batches, in eval mode."""
-    # every submodule's own flag is restored (a BatchNorm frozen in eval inside a training model stays so)
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
+    """Arg-max predictions [N] int64 of ``model`` on [N, ...] ``images``, in batches, in eval mode.
+
+    A module's submodules get their own ``training`` flags back afterwards (``eval_mode``).
+    """
+    with eval_mode(model):
         out = [model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
-    finally:
-        for m, mode in modes:
-            m.training = mode
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -105,20 +104,6 @@ def evaluate_backdoor(
     }
 
 
-@torch.no_grad()
-def _features(
-    encoder: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1000
-) -> torch.Tensor:
-    modes = [(m, m.training) for m in encoder.modules()] if isinstance(encoder, nn.Module) else []
-    if isinstance(encoder, nn.Module):
-        encoder.eval()
-    try:
-        return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    finally:  # the caller's flags back, per submodule
-        for m, mode in modes:
-            m.training = mode
-
-
 def linear_probe(
     encoder: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -136,7 +121,8 @@ def linear_probe(
     then a linear layer is fit full-batch with Adam. Deterministic for a given ``seed``.
 
     Args:
-        encoder: images -> [N, D] features (not modified; run in eval mode without gradients).
+        encoder: images -> [N, D] features (or [N, ...], flattened; not modified; run in eval mode
+            without gradients).
         images: [N, C, H, W] clean labeled training images.
         labels: [N] int64 classes.
         num_classes, steps, lr, weight_decay: the probe and its optimisation.
@@ -146,7 +132,7 @@ def linear_probe(
         The classifier ``images -> logits`` = probe(encoder(images)) as an ``nn.Module`` holding a
         reference to ``encoder``.
     """
-    feats = _features(encoder, images)
+    feats = batched_features(encoder, images)
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     z = (feats - mu) / sd
     torch.manual_seed(seed)
@@ -168,10 +154,12 @@ def linear_probe(
 
 
 class _Probe(nn.Module):
+    """``head(encoder_features(encoder, x))``: images [B, C, H, W] -> logits [B, num_classes]."""
+
     def __init__(self, encoder: Callable[[torch.Tensor], torch.Tensor], head: nn.Linear) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.head(encoder_features(self.encoder, x))

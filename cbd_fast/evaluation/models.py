@@ -8,10 +8,12 @@ this split is what ``cbd_fast.purify`` purifies while the original head is kept 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-__all__ = ["FMNISTNet", "make_backbone", "FEATURE_DIM"]
+__all__ = ["FMNISTNet", "make_backbone", "FEATURE_DIM", "ASSETS", "asset_path"]
 
 #: Width of the backbone's output features.
 FEATURE_DIM = 128
@@ -88,8 +90,34 @@ def save_model(model: nn.Module, path: str) -> None:
 
 
 def load_model(path: str) -> FMNISTNet:
-    """Load an ``FMNISTNet`` saved by ``save_model`` (float32, eval mode)."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    """Load an ``FMNISTNet`` saved by ``save_model`` (float32, eval mode).
+
+    Read with ``cbd_fast.core.safe_load.torch_load_weights`` (zip and pickle checks, then
+    ``torch.load(weights_only=True)``): a cached or shipped file never runs code.
+
+    Args:
+        path: the state_dict file.
+
+    Raises:
+        ValueError: the file was refused or is not a state_dict (the message names it and says why).
+    """
+    from cbd_fast.core.safe_load import UnsafeFileError, torch_load_weights
+
+    try:
+        sd = torch_load_weights(path)
+    except UnsafeFileError as exc:
+        raise ValueError(f"cannot load FMNISTNet weights {str(path)!r}: {exc}") from exc
+    if not isinstance(sd, dict):
+        raise ValueError(f"{str(path)!r} does not hold a state_dict; got a {type(sd).__name__}")
     model = FMNISTNet()
     model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()})
     return model.eval()
+
+
+#: the backdoored ``FMNISTNet`` models shipped with the package (trained by scripts/train_backdoor.py)
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def asset_path(attack: str, seed: int = 0) -> Path:
+    """Path of the shipped backdoored model for ``attack`` and ``seed`` (may not exist)."""
+    return ASSETS / f"{attack}_seed{seed}.pt"

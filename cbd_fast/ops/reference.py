@@ -21,7 +21,7 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def nt_xent_reference(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent loss over two views, exactly as ``shared/CBD.md`` defines it.
+    """SimCLR's NT-Xent loss over two views, exactly as ``docs/method.md`` (section 2) defines it.
 
     Args:
         a: [N, D] features of view one (any float dtype; computed in float32 or float64).

@@ -1,4 +1,11 @@
-"""Does a universal mask+pattern adversary with a contrastive (label-free) objective find the trigger?"""
+"""Does a universal mask+pattern adversary with a contrastive (label-free) objective find the trigger?
+
+    python scripts/research/mask_probe.py runs/models/badnets_seed0.pt ntx 16 150
+    # MODEL OBJECTIVE(ntx | mse | collapse) L1_BUDGET_PIXELS STEPS
+
+Prints JSON: the mask's mass, its share in the bottom-right 4x4 corner and the share of 1,000 masked
+test images the original head sends to the target class 0 (no labels are read).
+"""
 
 import json
 import sys

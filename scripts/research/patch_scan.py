@@ -1,4 +1,10 @@
-"""Scan constant k x k patches (white / black) over every position; score = relative feature shift."""
+"""Scan constant k x k patches (white / black) over every position; score = relative feature shift.
+
+    python scripts/research/patch_scan.py runs/models/badnets_seed0.pt 3     # MODEL K
+
+Scores 64 unlabeled training images on the frozen backbone and prints the median score and the top 8
+patches (value, row, column, score) as JSON. Labels are not used.
+"""
 
 import json
 import sys

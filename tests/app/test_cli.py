@@ -1,5 +1,5 @@
 """The ``cbd-fast`` command line (cbd_fast/app/cli.py): every subcommand end to end on a tiny model and
-data in a temp dir, config precedence, every model form, and the issue's bad inputs (one clear line,
+data in a temp dir, config precedence, every model form, and bad inputs (one clear line,
 non-zero exit, no output file)."""
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.jit.save(torch.jit.script(net.backbone), str(d / "backbone.ts"))
+        torch.jit.save(torch.jit.script(net), str(d / "net.ts"))
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=g)
     torch.save(x, d / "x.pt")
@@ -65,6 +66,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "st": d / "sd.safetensors",
         "whole": d / "whole.pt",
         "ts": d / "backbone.ts",
+        "net_ts": d / "net.ts",
         "x": d / "x.pt",
         "labels": d / "labels.npy",
         "imgs": d / "imgs",
@@ -156,7 +158,8 @@ def test_purify_factory_with_config_set_precedence_and_report(files, tmp_path, c
 
 def test_purify_report_diagnostic_and_evaluation_wiring(files, tmp_path, capsys, monkeypatch):
     """--diagnostic hands the ORIGINAL model (features + classifier), trigger and target to
-    cbd_fast.evaluation.diagnostics (stubbed here: the real one is tested by its owner and costs 30 PGD runs);
+    cbd_fast.evaluation.diagnostics (stubbed here: the real one is tested in tests/evaluation and costs
+    30 PGD runs);
     --eval-data/--eval-labels give ACC/ASR before and after."""
     from cbd_fast.evaluation import diagnostics
 
@@ -211,29 +214,31 @@ def test_purify_torchscript_from_image_folder(files, tmp_path, capsys):
     assert "(torchscript;" in stdout
 
 
-def test_purify_pickled_module_warns_and_saves_a_module(files, tmp_path, capsys):
+def test_purify_pickled_module_needs_trust_pickle_and_saves_a_module(files, tmp_path, capsys):
     out = tmp_path / "whole_purified.pt"
-    code, stdout, err = run(
-        [
-            "purify",
-            "--model",
-            files["whole"],
-            "--feature-layer",
-            "backbone",
-            "--data",
-            files["x"],
-            "--fraction",
-            "0.5",
-            "--out",
-            out,
-            "--no-safetensors",
-            *FAST,
-            "-q",
-        ],
-        capsys,
-    )
+    argv = [
+        "purify",
+        "--model",
+        files["whole"],
+        "--feature-layer",
+        "backbone",
+        "--data",
+        files["x"],
+        "--fraction",
+        "0.5",
+        "--out",
+        out,
+        "--no-safetensors",
+        *FAST,
+        "-q",
+    ]
+    code, _, err = run(argv, capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "error: refused to load" in err and "FMNISTNet" in err and "--trust-pickle" in err
+    assert not out.exists()
+    code, stdout, err = run([*argv, "--trust-pickle"], capsys)
     assert code == 0, err
-    assert "warning:" in err and "arbitrary code" in err
+    assert "warning:" in err and "runs code from the file" in err
     model = torch.load(out, weights_only=False)
     assert isinstance(model, FMNISTNet) and not out.with_suffix(".safetensors").exists()
 
@@ -450,7 +455,7 @@ def test_evaluate_acc_and_asr(files, tmp_path, capsys):
 
 def test_evaluate_labels_file_with_subset(files, capsys):
     code, stdout, err = run(
-        ["evaluate", "--model", files["whole"], "--data", files["x"], "--labels", files["labels"],
+        ["evaluate", "--model", files["net_ts"], "--data", files["x"], "--labels", files["labels"],
          "--limit", "20", "--json", "-", "-q"],
         capsys,
     )  # fmt: skip
@@ -459,17 +464,17 @@ def test_evaluate_labels_file_with_subset(files, capsys):
 
 
 def test_evaluate_needs_labels_and_reads_them_from_files(files, tmp_path, capsys):
-    code, _, err = run(["evaluate", "--model", files["whole"], "--data", files["x"], "-q"], capsys)
+    code, _, err = run(["evaluate", "--model", files["net_ts"], "--data", files["x"], "-q"], capsys)
     assert code == 1 and "carries no labels" in err.strip().splitlines()[-1]
     torch.save({"images": torch.load(files["x"]), "labels": torch.arange(32) % 10}, tmp_path / "xy.pt")
     code, stdout, err = run(
-        ["evaluate", "--model", files["whole"], "--data", tmp_path / "xy.pt", "--json", "-", "-q"], capsys
+        ["evaluate", "--model", files["net_ts"], "--data", tmp_path / "xy.pt", "--json", "-", "-q"], capsys
     )
     assert code == 0 and json.loads(stdout)["n"] == 32 and "asr" not in json.loads(stdout)
 
 
 def test_evaluate_device_option(files, capsys):
-    base = ["evaluate", "--model", files["whole"], "--data", files["x"], "--labels", files["labels"], "-q"]
+    base = ["evaluate", "--model", files["net_ts"], "--data", files["x"], "--labels", files["labels"], "-q"]
     code, _, err = run([*base, "--device", "gpu0"], capsys)
     assert code == 2 and "--device must be" in err
     if not torch.cuda.is_available():
@@ -515,9 +520,9 @@ def test_info(capsys):
 
 def test_demo_delegates_all_arguments(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("cbd_fast.evaluation.demo")
+    fake = types.ModuleType("cbd_fast.app.demo")
     fake.main = lambda argv=None: seen.append(list(argv)) or 0
-    monkeypatch.setitem(sys.modules, "cbd_fast.evaluation.demo", fake)
+    monkeypatch.setitem(sys.modules, "cbd_fast.app.demo", fake)
     assert cli.main(["demo", "--help"]) == 0
     assert cli.main(["--quiet", "demo", "--attack", "blended", "--quick"]) == 0
     assert seen == [["--help"], ["--attack", "blended", "--quick", "--quiet"]]
@@ -526,12 +531,12 @@ def test_demo_delegates_all_arguments(monkeypatch, capsys):
 
 
 def test_demo_missing_is_one_clear_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "cbd_fast.evaluation.demo", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "cbd_fast.app.demo", None)  # import fails as if the module were absent
     code, _, err = run(["demo"], capsys)
     assert (
         code == 1
         and err.strip()
-        == "cbd-fast: error: the demo is not available in this install (cbd_fast.evaluation.demo is missing)"
+        == "cbd-fast: error: the demo is not available in this install (cbd_fast.app.demo is missing)"
     )
 
 

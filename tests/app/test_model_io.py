@@ -1,4 +1,5 @@
-"""Model loading/saving (cbd_fast/app/model_io.py): every form, the feature layer, atomic writes, bad input."""
+"""Model loading/saving (cbd_fast/app/model_io.py): every form, the feature layer, atomic writes, bad
+input. Hostile files: test_model_security.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from cbd_fast.core.files import atomic_output
 from cbd_fast.app import model_io as modelio
+from cbd_fast.core.files import atomic_output
 from cbd_fast.evaluation.models import FMNISTNet
 
 KW = {"width": 4, "feature_dim": 16}
@@ -107,11 +108,16 @@ def test_torchscript_archive(tmp_path, net, x):
     assert torch.allclose(loaded.module(x), net.backbone(x), atol=1e-6)
 
 
-def test_pickled_module_warns_about_trust(tmp_path, net, x):
+def test_pickled_module_is_refused_unless_trusted(tmp_path, net, x):
     torch.save(net, tmp_path / "whole.pt")
-    with pytest.warns(modelio.PickleTrustWarning, match="arbitrary code"):
-        loaded = modelio.load_model(tmp_path / "whole.pt")
+    with pytest.raises(
+        modelio.ModelLoadError, match="refused.*cbd_fast.evaluation.models.FMNISTNet.*--trust-pickle"
+    ):
+        modelio.load_model(tmp_path / "whole.pt")
+    with pytest.warns(modelio.PickleTrustWarning, match="runs code from the file"):
+        loaded = modelio.load_model(tmp_path / "whole.pt", trust_pickle=True)
     assert loaded.form == "pickle" and _same(loaded.module, net, x)
+    assert loaded.trust_pickle and loaded.describe()["trust_pickle"] is True
 
 
 def test_state_dict_file_is_never_unpickled_as_code(tmp_path, net):
@@ -153,10 +159,14 @@ def test_garbage_and_folder_and_weights_only_files(tmp_path):
 def test_weights_that_do_not_fit(tmp_path, net):
     torch.save(net.state_dict(), tmp_path / "w.pt")
     with pytest.raises(modelio.ModelLoadError, match="shape mismatch"):
-        modelio.load_model("cbd_fast.evaluation.models:FMNISTNet", weights=tmp_path / "w.pt")  # default width 16
+        modelio.load_model(
+            "cbd_fast.evaluation.models:FMNISTNet", weights=tmp_path / "w.pt"
+        )  # default width 16
     torch.save({"other.weight": torch.zeros(1)}, tmp_path / "w2.pt")
     with pytest.raises(modelio.ModelLoadError, match="missing key"):
-        modelio.load_model("cbd_fast.evaluation.models:FMNISTNet", weights=tmp_path / "w2.pt", factory_kwargs=KW)
+        modelio.load_model(
+            "cbd_fast.evaluation.models:FMNISTNet", weights=tmp_path / "w2.pt", factory_kwargs=KW
+        )
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         modelio.load_model("cbd_fast.evaluation.models:FMNISTNet", weights=tmp_path / "nope.pt")
     with pytest.raises(modelio.ModelLoadError, match="failed"):
@@ -217,7 +227,7 @@ def test_save_round_trip_every_form(tmp_path, net, x):
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(net), str(tmp_path / "ts.pt"))
         sources = {
-            "pickle": modelio.load_model(tmp_path / "whole.pt"),
+            "pickle": modelio.load_model(tmp_path / "whole.pt", trust_pickle=True),
             "torchscript": modelio.load_model(tmp_path / "ts.pt"),
         }
     torch.save(net.state_dict(), tmp_path / "sd.pt")
@@ -231,9 +241,11 @@ def test_save_round_trip_every_form(tmp_path, net, x):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if form == "factory":
-                back = modelio.load_model("cbd_fast.evaluation.models:FMNISTNet", weights=out, factory_kwargs=KW)
+                back = modelio.load_model(
+                    "cbd_fast.evaluation.models:FMNISTNet", weights=out, factory_kwargs=KW
+                )
             else:
-                back = modelio.load_model(out)
+                back = modelio.load_model(out, trust_pickle=form == "pickle")
         assert back.form == form and _same(back.module, net, x)
         st = modelio.load_model(
             "cbd_fast.evaluation.models:FMNISTNet", weights=out.with_suffix(".safetensors"), factory_kwargs=KW

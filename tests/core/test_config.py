@@ -13,7 +13,7 @@ from cbd_fast.core.clean_terms import CLEAN_TERMS
 
 
 def test_defaults_are_the_papers_starting_points() -> None:
-    # epsilon/step_size/lr/adversary/clean term: measured defaults (issue 6, docs/results.md).
+    # epsilon/step_size/lr/adversary/clean term: measured defaults (docs/method.md).
     cfg = PurifyConfig().validate()
     assert cfg.epsilon == pytest.approx(40 / 255)
     assert cfg.step_size == pytest.approx(8 / 255)

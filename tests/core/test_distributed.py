@@ -23,7 +23,7 @@ from tests.core import dist_workers as dw
 WORKERS = Path(__file__).with_name("dist_workers.py")
 WORLD = 2
 TIMEOUT_S = 120  # per torchrun launch; a hang fails the test instead of blocking CI
-GRAD_TOL = 1e-5  # float32: one step on 2 ranks x B/2 vs 1 process x B (the tolerance)
+GRAD_TOL = 1e-5  # float32: one step on 2 ranks x B/2 vs 1 process x B (the equivalence tolerance)
 
 
 def _fake_ctx(rank: int = 0, world: int = WORLD) -> cd.DistContext:
@@ -180,7 +180,6 @@ def test_per_sample_random_start_bounds() -> None:
         random_start(x, torch.rand_like(x), -0.1)
     with pytest.raises(ValueError, match="u must have x's shape"):
         random_start(x, torch.rand(5, 1, 5, 5), eps)
-
 
 
 def test_global_bn_convert_revert_roundtrip_and_single_rank_equivalence() -> None:

@@ -1,4 +1,4 @@
-"""Streaming memory (issue 10): ``purify`` streams data through a DataLoader a batch at a time and never
+"""Streaming memory: ``purify`` streams data through a DataLoader a batch at a time and never
 materialises the whole dataset (on the device, or as a host copy or temporary).
 
 Two instruments:

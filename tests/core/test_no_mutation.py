@@ -1,4 +1,4 @@
-"""The user's encoder and data are never mutated (issue 10): a property test over the public entry points.
+"""The user's encoder and data are never mutated: a property test over the public entry points.
 
 For random set-ups (training or eval mode, a BatchNorm left in eval inside a training model, frozen
 parameters, pre-existing ``.grad``, channels_last or uint8 data, inputs that require grad) each entry

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import cbd_fast
-from cbd_fast.ops import _ext
-from cbd_fast.ops import backends
+from cbd_fast.ops import _ext, backends
 from cbd_fast.ops.backends import BACKENDS, available_backends, backend_status, select_backend
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

@@ -1,9 +1,9 @@
-"""Kernel fuzzing (issue 10): ``nt_xent`` and ``pgd_step`` on every available backend against the
+"""Kernel fuzzing: ``nt_xent`` and ``pgd_step`` on every available backend against the
 reference, with hypothesis: random shapes (1 element .. more than one tile), dtypes, magnitudes
 1e-30 .. 1e30, temperatures, layouts and special values. Zero mismatches beyond the documented
 tolerance are allowed:
 
-- ``nt_xent``: the NT-Xent owner's table ``_TOL`` in tests/ops/test_nt_xent.py (float32/float64 vs the
+- ``nt_xent``: the tolerance table ``_TOL`` in tests/ops/test_nt_xent.py (float32/float64 vs the
   float64 reference directly; 16-bit judged by the reference's own error in that dtype);
 - ``pgd_step``: bit for bit (``assert_matches`` and ``TOLERANCE_ULPS`` of tests/ops/test_pgd.py: one ulp
   for the Triton interpreter's truncating 16-bit casts).
@@ -26,8 +26,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops import nt_xent, nt_xent_value_and_grad, pgd_step
+from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops.reference import nt_xent_reference, pgd_step_reference
 from tests.ops.test_nt_xent import _TOL
 from tests.ops.test_pgd import TOLERANCE_ULPS, assert_matches

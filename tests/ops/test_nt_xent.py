@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import cbd_fast
-from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops import nt_xent, nt_xent_value_and_grad
+from cbd_fast.ops.backends import backend_status
 from cbd_fast.ops.reference import nt_xent_reference
 
 # the module (``cbd_fast.ops.nt_xent`` the attribute is the function of the same name)

@@ -18,8 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from cbd_fast.ops import _ext
-from cbd_fast.ops import pgd_init, pgd_step
+from cbd_fast.ops import _ext, pgd_init, pgd_step
 from cbd_fast.ops.reference import pgd_step_reference
 
 EPS, STEP = 8 / 255, 2 / 255

@@ -1,4 +1,4 @@
-"""A fast CI smoke test of the demo path (cbd_fast.evaluation.demo) on a small subset."""
+"""A fast CI smoke test of the demo path (cbd_fast.app.demo) on a small subset."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from cbd_fast.app.demo import main, run_demo
 from cbd_fast.evaluation.fmnist import DEFAULT_ROOT
-from cbd_fast.evaluation.demo import asset_path, main, run_demo
+from cbd_fast.evaluation.models import asset_path
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_ROOT / "train-images-idx3-ubyte.gz").is_file(),

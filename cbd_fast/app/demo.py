@@ -13,7 +13,7 @@ with the baselines, and write a report.
 Labels are used only to evaluate (and by the two label-using baselines).
 
 Example:
-    >>> from cbd_fast.evaluation.demo import run_demo                       # doctest: +SKIP
+    >>> from cbd_fast.app.demo import run_demo                       # doctest: +SKIP
     >>> summary = run_demo(attack="badnets", quick=True)         # doctest: +SKIP
     >>> summary["results"]["cbd"]["asr"] < summary["results"]["no_defense"]["asr"]  # doctest: +SKIP
     True
@@ -31,15 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["main", "run_demo", "asset_path", "load_or_train"]
+from cbd_fast.evaluation.models import asset_path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+__all__ = ["main", "run_demo", "load_or_train"]
+
 _ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
-
-
-def asset_path(attack: str, seed: int = 0) -> Path:
-    """Path of the shipped backdoored model for ``attack`` and ``seed`` (may not exist)."""
-    return ASSETS / f"{attack}_seed{seed}.pt"
 
 
 def load_or_train(
@@ -200,7 +196,7 @@ def run_demo(
         from cbd_fast.evaluation.diagnostics import evocation_diagnostic
 
         n_diag = 128 if quick else 512
-        eps = (config.epsilon or 8 / 255,) if quick else (8 / 255, 16 / 255, 32 / 255)
+        eps = (config.epsilon or PurifyConfig().epsilon,) if quick else (8 / 255, 16 / 255, 32 / 255)
         xs = test.images[:n_diag]
         diag = {
             "before": evocation_diagnostic(
@@ -298,7 +294,7 @@ def _write_report(report_dir, config, history, results, diag, before, after, x, 
         evaluation={"attack": attack, "seed": seed, "unlabeled_images": n_unl, "results": results},
         diagnostic=diag,
         projections=proj,
-        extra={"demo": "cbd_fast.evaluation.demo"},
+        extra={"demo": "cbd_fast.app.demo"},
     )
 
 
