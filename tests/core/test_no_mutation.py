@@ -338,7 +338,8 @@ def test_cli_purify_leaves_model_and_data_files_alone(
 ) -> None:
     torch.manual_seed(0)
     model, data, out = tmp_path / "model.pt", tmp_path / "x.npy", tmp_path / "purified.pt"
-    torch.save(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten()), model)
+    # a TorchScript archive: a pickled module would be refused without --trust-pickle
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten())), str(model))
     np.save(data, np.random.default_rng(0).random((8, 1, 6, 6), dtype=np.float32))
     before = {p.name: (_digest(p), p.stat().st_mtime_ns) for p in (model, data)}
     code = cli.main(
