@@ -77,13 +77,13 @@ import sys
 import torch
 
 import cbd_fast
-from cbd_fast import _ext
+from cbd_fast.ops import _ext
 
 src = sys.argv[1]
 assert os.path.dirname(cbd_fast.__file__) == os.path.join(src, "cbd_fast"), cbd_fast.__file__
 mod = _ext.load()
 assert mod is not None, f"import cbd_fast._C failed: {_ext.load_error()}"
-record = cbd_fast.ops.build_info()
+record = cbd_fast.build_info()
 assert record["cuda_compiled"] and "cuda" in record["backends_compiled"], record
 assert record["torch_version"] == torch.__version__, (record["torch_version"], torch.__version__)
 assert hasattr(torch.ops.cbd_fast, "nt_xent_fwd"), "torch.ops.cbd_fast.nt_xent_fwd is not registered"
