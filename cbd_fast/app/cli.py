@@ -612,9 +612,24 @@ def _cmd_purify(args: argparse.Namespace) -> int:
             args, config, result, before, purified, feature_fn, data, loaded, saved, seconds, evaluation_set
         )
     print(f"purified model written to {', '.join(saved['files'])} ({saved['form']}; {seconds:.1f} s)")
+    health = _health_line(result.history)
+    if health:
+        print(health)
     if report_path is not None:
         print(f"report written to {report_path}")
     return 0
+
+
+def _health_line(history: list[dict[str, float]]) -> str | None:
+    """The last epoch's label-free health figures as one line (None when the check was off)."""
+    last = history[-1] if history else {}
+    if "health_knn" not in last:
+        return None
+    return (
+        f"health after epoch {int(last['epoch'])} (label-free, vs the original encoder): k-NN agreement "
+        f"{last['health_knn']:.3f}, CKA {last['health_cka']:.3f}, effective rank ratio "
+        f"{last['health_rank']:.3f}, spread ratio {last['health_spread']:.3f}"
+    )
 
 
 def _evaluation_set(args: argparse.Namespace, module: Any) -> tuple[Any, Any]:

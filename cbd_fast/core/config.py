@@ -25,6 +25,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
 BN_POLICIES = ("train", "eval", "frozen")
 NONFINITE_POLICIES = ("stop", "skip")
+HEALTH_POLICIES = ("stop", "warn", "off")
+PULL_TARGETS = ("clean", "clean_detached", "original")
 AMP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 AUGMENTATIONS = ("none", "crop_flip", "crop", "flip")
 _TRISTATE = ("auto", True, False)
@@ -52,10 +54,13 @@ class PurifyConfig:
 
     Fine-tuning (step 3, backdoor-to-standard pulling, and step 4, keeping clean behaviour):
         epochs: passes over the unlabeled data (>= 1). Default 4.
-        lr: learning rate (> 0). Default 0.001 (set together with ``clean_weight`` 50).
+        lr: learning rate (> 0). Default 0.0015: with Adam, the per-parameter step size, whatever
+            the architecture's gradient scale (``docs/method.md``, 4.13).
         batch_size: GLOBAL batch (>= 2: NT-Xent needs negatives; split across ranks when
             distributed). Default 128, a common SimCLR fine-tuning batch that fits a CPU.
-        optimizer: ``"sgd"`` | ``"adam"`` | ``"adamw"``. Default ``"sgd"`` (paper).
+        optimizer: ``"sgd"`` | ``"adam"`` | ``"adamw"``. Default ``"adam"``: SGD at any lr that
+            removes backdoors from ``FMNISTNet`` diverged or collapsed BatchNorm + global-pooling
+            backbones; the paper's SGD is ``optimizer="sgd", lr=0.01``.
         momentum: SGD momentum (ignored by Adam). Default 0.9, the usual SGD fine-tuning value.
         weight_decay: L2 / decoupled weight decay. Default 5e-4, the usual CIFAR fine-tuning value.
         lr_schedule: ``"constant"`` | ``"cosine"`` (cosine annealing over epochs, stepped once per
@@ -63,12 +68,17 @@ class PurifyConfig:
         grad_spike_factor: spike guard (> 0, or None: off): after 3 warm-up steps, a batch whose
             global gradient norm exceeds this factor times the running mean of earlier norms (EMA
             0.9) is scaled down to it. Default 5.0 (``cbd_fast.core.spike_guard``).
+        pull_target: what the adversarial features are pulled to by the NT-Xent pulling term:
+            ``"clean"`` (the paper's ``NTXent(f(x_adv), f(x))``, gradient through both sides, so the
+            clean features are also drawn towards the adversarial ones), ``"clean_detached"`` (the
+            same with ``f(x)`` a constant) or ``"original"`` (the frozen original encoder's clean
+            features, constants). Default ``"clean"``.
         clean_term: name in ``cbd_fast.core.clean_terms.CLEAN_TERMS``: ``"none"``,
             ``"feature_consistency"`` (pull f(x) toward the frozen original encoder's features on
             clean x), ``"contrastive_views"`` (NT-Xent between two augmented clean views) or
             ``"anchor"`` (feature consistency plus a pull of f(x_adv) to the frozen original's
             clean features). Default ``"anchor"``.
-        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0.
+        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 20.0.
         bn_policy: BatchNorm during the fine-tune step: ``"train"`` (batch statistics, running
             statistics updated), ``"eval"`` (running statistics kept; affine weights trained) or
             ``"frozen"`` (eval and affine weights not trained). The attack ALWAYS runs BN in eval
@@ -107,6 +117,22 @@ class PurifyConfig:
         distributed: ``"auto"`` (on when torch.distributed is initialised with world size > 1),
             True or False.
         sync_bn: global BatchNorm statistics across ranks when distributed. Default True.
+
+    Health (a label-free check that the encoder has not collapsed; ``cbd_fast.core.health``):
+        health: ``"stop"`` (after an epoch that fails the check, raise ``HealthError`` naming the
+            figures and the last good checkpoint; the broken encoder is not returned), ``"warn"``
+            (a warning, the run goes on) or ``"off"``. Default ``"stop"``.
+        health_images: unlabeled images held out of training to measure it on (>= 16). Default
+            256; at most a tenth of the data is held out (below 32 such images, the first
+            ``health_images`` images of the first batch are used and also trained on; with fewer
+            than 32 such images the figures are recorded but not acted on). A DataLoader given as
+            data is not split: its first batch is used.
+        health_min_knn: the lowest k-nearest-neighbour agreement with the original features a
+            healthy encoder keeps, in [0, 1]. Default 0.2.
+        health_min_rank: the lowest effective rank of the features, relative to the original's,
+            in [0, 1]. Default 0.25.
+        health_min_spread: the lowest spread of the features (``tr Cov / mean squared norm``),
+            relative to the original's, in [0, 1]. Default 0.25.
     """
 
     epsilon: float = 40 / 255
@@ -116,15 +142,16 @@ class PurifyConfig:
     adversary: str = "pgd_patch_warp"
     adversary_options: dict[str, Any] | None = None
     epochs: int = 4
-    lr: float = 0.001
+    lr: float = 0.0015
     batch_size: int = 128
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
     grad_spike_factor: float | None = 5.0
+    pull_target: str = "clean"
     clean_term: str = "anchor"
-    clean_weight: float = 50.0
+    clean_weight: float = 20.0
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2
@@ -143,10 +170,26 @@ class PurifyConfig:
     nonfinite: str = "stop"
     distributed: Any = "auto"
     sync_bn: bool = True
+    health: str = "stop"
+    health_images: int = 256
+    health_min_knn: float = 0.2
+    health_min_rank: float = 0.25
+    health_min_spread: float = 0.25
 
     # Fields that may differ between a run and its resumption (they do not change the result).
     RESUME_SAFE_FIELDS = frozenset(
-        {"checkpoint_dir", "resume", "progress", "log_every", "num_workers", "keep_checkpoints"}
+        {
+            "checkpoint_dir",
+            "resume",
+            "progress",
+            "log_every",
+            "num_workers",
+            "keep_checkpoints",
+            "health",
+            "health_min_knn",
+            "health_min_rank",
+            "health_min_spread",
+        }
     )
 
     # ------------------------------------------------------------------ construction helpers
@@ -232,6 +275,13 @@ class PurifyConfig:
         _int(self, "log_every", minimum=1)
         _int(self, "num_workers", minimum=0)
         _choice(self, "nonfinite", NONFINITE_POLICIES)
+        _choice(self, "health", HEALTH_POLICIES)
+        _choice(self, "pull_target", PULL_TARGETS)
+        _int(self, "health_images", minimum=16)
+        for name in ("health_min_knn", "health_min_rank", "health_min_spread"):
+            _real(self, name, minimum=0.0)
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
         if self.distributed not in _TRISTATE or (
             isinstance(self.distributed, int) and not isinstance(self.distributed, bool)
         ):

@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler
 
-__all__ = ["ImageStream", "EpochShuffleSampler", "extract_images", "check_images"]
+__all__ = [
+    "ImageStream",
+    "EpochShuffleSampler",
+    "MappedSampler",
+    "holdout_split",
+    "images_at",
+    "extract_images",
+    "check_images",
+]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -57,6 +65,50 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class MappedSampler(Sampler[int]):
+    """``indices[i]`` for every ``i`` an inner sampler yields: a sampler over a subset of a dataset
+    that still hands out the dataset's own indices (the keys of the per-sample randomness)."""
+
+    def __init__(self, inner: Sampler[int], indices: Sequence[int]) -> None:
+        self.inner, self.indices = inner, list(indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded to the inner sampler."""
+        self.inner.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.indices[i] for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+def holdout_split(n: int, wanted: int, seed: int) -> tuple[list[int], list[int]]:
+    """Which of ``n`` images to hold out of training (for the health check) and which to train on.
+
+    At most a tenth of the images, up to ``wanted``, chosen by a permutation seeded with ``seed``;
+    nothing is held out when that would be fewer than 32 images.
+
+    Returns:
+        (held-out indices, training indices), both sorted.
+    """
+    k = min(int(wanted), n // 10)
+    if k < 32:
+        return [], list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 0x5EED))
+    hold = sorted(perm[:k].tolist())
+    held = set(hold)
+    return hold, [i for i in range(n) if i not in held]
+
+
+def images_at(data: Any, indices: Sequence[int]) -> torch.Tensor:
+    """The images ``data[indices]`` of a Tensor or map-style Dataset, stacked [k, C, H, W] (dtype as
+    stored: uint8 stays uint8)."""
+    if isinstance(data, torch.Tensor):
+        return data[torch.as_tensor(list(indices), dtype=torch.long, device=data.device)]
+    return torch.stack([extract_images(data[i], what=f"dataset item {i}") for i in indices])
 
 
 def _describe(x: Any) -> str:

@@ -178,7 +178,8 @@ def prepare_run(
     clean_term = make_clean_term(config)
     adversary = make_adversary(config)
     # The frozen original (before any change) for terms that compare against it.
-    reference = _frozen_copy(encoder, ctx, feature_fn) if clean_term.needs_reference else None
+    needs_reference = clean_term.needs_reference or config.pull_target == "original"
+    reference = _frozen_copy(encoder, ctx, feature_fn) if needs_reference else None
     # The caller's flags, read from the caller's module (a copy made under no_grad loses them).
     flags = {name: m.training for name, m in encoder.named_modules()}
     requires_grad = {name: p.requires_grad for name, p in encoder.named_parameters()}

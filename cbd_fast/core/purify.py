@@ -36,7 +36,8 @@ from cbd_fast.core import distributed as dist
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.epoch import run_epoch
 from cbd_fast.core.features import FeatureFn
-from cbd_fast.core.inputs import ImageStream
+from cbd_fast.core.health import check_health, make_health_check
+from cbd_fast.core.inputs import ImageStream, MappedSampler, holdout_split, images_at
 from cbd_fast.core.modes import eval_mode
 from cbd_fast.core.prepare import Run, check_encoder, finish_run, make_context, prepare_run
 from cbd_fast.core.run_state import capture_state, restore_state
@@ -204,6 +205,7 @@ class Purifier:
     ) -> PurifyResult:
         cfg = self.config
         first = next(p for p in encoder.parameters() if p.is_floating_point())
+        held, train = _holdout(data, cfg)
         stream = ImageStream(
             data,
             batch_size=ctx.local_batch_size,
@@ -211,11 +213,15 @@ class Purifier:
             device=ctx.device,
             dtype=first.dtype,
             num_workers=cfg.num_workers,
-            sampler=_sampler(data, ctx.dist, cfg.seed),
+            sampler=_sampler(data, ctx.dist, cfg.seed, train),
         )
         probe = stream.first_batch()
         run = self._run = prepare_run(cfg, ctx, encoder, feature_fn, inplace)
         _probe(run, probe)
+        health = None
+        if cfg.health != "off":  # the original's features, before any change (and before a resume)
+            images = images_at(data, held) if held else probe[: cfg.health_images]
+            health = make_health_check(run, images) if len(images) >= 3 else None  # 3: a neighbour and more
         history: list[dict[str, float]] = []
         start_epoch = 0
         with dist.run_guard(ctx.dist):
@@ -227,7 +233,10 @@ class Purifier:
                     start_epoch, history = restore_state(run, state, last_ckpt, stream)
             for epoch in range(start_epoch, cfg.epochs):
                 self._epoch = epoch
-                history.append(run_epoch(run, stream, epoch, last_ckpt))
+                entry = run_epoch(run, stream, epoch, last_ckpt)
+                if health is not None:
+                    entry.update(check_health(run, health, epoch, last_ckpt, held=bool(held)))
+                history.append(entry)
                 run.scheduler.step()
                 if cfg.checkpoint_dir is not None and ctx.dist.is_main:
                     last_ckpt = ckpt.save_checkpoint(
@@ -240,19 +249,36 @@ class Purifier:
         return PurifyResult(encoder=finish_run(run), history=history, config=cfg)
 
 
-def _sampler(data: Any, ctx: dist.DistContext, seed: int) -> Any:
-    """The per-epoch sampler of a sized dataset (None: a DataLoader, or data ImageStream rejects)."""
+def _size(data: Any) -> int | None:
+    """The number of images of a Tensor or sized Dataset (None: a DataLoader or unsized data)."""
     if isinstance(data, torch.utils.data.DataLoader):
         return None
     if not (isinstance(data, torch.Tensor) or hasattr(data, "__len__")):
         return None  # ImageStream raises the clear error
     try:
-        n = len(data)
+        return len(data)
     except TypeError:
         return None
-    if n < 2:
+
+
+def _holdout(data: Any, cfg: PurifyConfig) -> tuple[list[int], list[int] | None]:
+    """(held-out indices for the health check, training indices or None for all)."""
+    n = _size(data)
+    if cfg.health == "off" or n is None or n < 2:
+        return [], None
+    held, train = holdout_split(n, cfg.health_images, cfg.seed)
+    return held, (train if held else None)
+
+
+def _sampler(data: Any, ctx: dist.DistContext, seed: int, train: list[int] | None) -> Any:
+    """The per-epoch sampler of a sized dataset over its training indices (None: a DataLoader, or
+    data ImageStream rejects)."""
+    n = _size(data)
+    if n is None or n < 2:
         return None
-    return dist.make_sampler(data, ctx, shuffle=True, seed=seed, drop_last=False)
+    if train is None:
+        return dist.make_sampler(data, ctx, shuffle=True, seed=seed, drop_last=False)
+    return MappedSampler(dist.make_sampler(range(len(train)), ctx, shuffle=True, seed=seed), train)
 
 
 def _probe(run: Run, images: torch.Tensor) -> None:

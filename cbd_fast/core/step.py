@@ -45,17 +45,40 @@ def _set_finetune_mode(run: Run) -> None:
                 m.eval()
 
 
-def _reference_features(run: Run) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The frozen original's features as a no-grad float32 function (None without a reference)."""
+def _reference_features(run: Run, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The frozen original's features as a no-grad float32 function (None without a reference);
+    its features of the batch ``x`` itself are computed once per step, however often asked for."""
     ref = run.reference
     if ref is None:
         return None
+    memo: dict[str, torch.Tensor] = {}
 
     def call(images: torch.Tensor) -> torch.Tensor:
+        if images is x and "x" in memo:
+            return memo["x"]
         with torch.no_grad():
-            return ref(images).float()
+            out = ref(images).float()
+        if images is x:
+            memo["x"] = out
+        return out
 
     return call
+
+
+def _pull_target(
+    kind: str,
+    z_clean: torch.Tensor,
+    reference: Callable[[torch.Tensor], torch.Tensor] | None,
+    x: torch.Tensor,
+    dctx: dist.DistContext,
+) -> torch.Tensor:
+    """[B_global, D] the features the adversarial ones are pulled to (``config.pull_target``)."""
+    if kind == "clean":  # the paper's: gradient through both views
+        return dist.gather_with_grad(z_clean, dctx)
+    if kind == "clean_detached":
+        return dist.gather_no_grad(z_clean.detach(), dctx)
+    assert reference is not None  # "original": prepare_run keeps the frozen original for it
+    return dist.gather_no_grad(reference(x), dctx)
 
 
 def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -107,9 +130,10 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
         parts = [x_adv.to(x.dtype), x] + ([views] if views is not None else [])
         z = run.train_forward(torch.cat(parts)).float()
         z_adv, z_clean, z_views = z[:b], z[b : 2 * b], (z[2 * b :] if views is not None else None)
+        reference = _reference_features(run, x)
         pull = nt_xent(
             dist.gather_with_grad(z_adv, dctx),
-            dist.gather_with_grad(z_clean, dctx),
+            _pull_target(cfg.pull_target, z_clean, reference, x, dctx),
             cfg.temperature,
             backend=cfg.backend,
         )
@@ -126,7 +150,7 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
                 indices=indices,
                 epoch=epoch,
                 features=run.train_forward,
-                reference_features=_reference_features(run),
+                reference_features=reference,
                 gather=lambda t: dist.gather_with_grad(t, dctx),
                 gather_no_grad=lambda t: dist.gather_no_grad(t, dctx),
                 config=cfg,

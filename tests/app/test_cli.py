@@ -128,6 +128,7 @@ def test_purify_factory_with_config_set_precedence_and_report(files, tmp_path, c
     )
     assert code == 0, err
     assert "purified model written to" in stdout and "report written to" in stdout
+    assert "health after epoch 1 (label-free" in stdout and "k-NN agreement" in stdout
     assert err == ""  # --quiet: no bars, no warnings
     purified, original = _load_sd(out), _load_sd(files["sd"])
     assert set(purified) == set(original)
@@ -144,6 +145,7 @@ def test_purify_factory_with_config_set_precedence_and_report(files, tmp_path, c
     assert doc["config"]["lr"] == pytest.approx(2e-3)  # "2e-3" parsed as a number
     assert doc["config"]["temperature"] == 0.5 and doc["config"]["progress"] is False  # default; --quiet
     assert len(doc["history"]) == 1 and doc["history"][0]["images"] == 24
+    assert {"health_knn", "health_cka", "health_rank", "health_spread"} <= set(doc["history"][0])
     assert doc["extra"]["model"]["form"] == "factory" and doc["extra"]["data"]["count"] == 24
     assert doc["projection"]["stats"]["before"]["count"] == {"clean": 16, "adversarial": 16, "triggered": 16}
     PIL = pytest.importorskip("PIL.Image")

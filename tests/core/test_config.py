@@ -12,14 +12,15 @@ from cbd_fast.core.adversaries import ADVERSARIES
 from cbd_fast.core.clean_terms import CLEAN_TERMS
 
 
-def test_defaults_are_the_papers_starting_points() -> None:
+def test_documented_defaults() -> None:
     # epsilon/step_size/lr/adversary/clean term: measured defaults (docs/method.md).
     cfg = PurifyConfig().validate()
     assert cfg.epsilon == pytest.approx(40 / 255)
     assert cfg.step_size == pytest.approx(8 / 255)
     assert cfg.steps == 5
     assert cfg.temperature == 0.5
-    assert cfg.optimizer == "sgd" and cfg.lr == 0.001
+    assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 20.0
+    assert cfg.health == "stop" and cfg.health_images == 256
     assert cfg.nonfinite == "stop" and cfg.amp_dtype == "auto" and cfg.device == "auto"
     assert cfg.clean_term in CLEAN_TERMS and cfg.adversary in ADVERSARIES
 
@@ -95,7 +96,7 @@ def test_unknown_field_lists_valid_ones() -> None:
 def test_replace_returns_validated_copy() -> None:
     cfg = PurifyConfig()
     new = cfg.replace(lr=0.5, steps=3.0)
-    assert new is not cfg and cfg.lr == 0.001
+    assert new is not cfg and cfg.lr == 0.0015
     assert new.lr == 0.5 and new.steps == 3 and isinstance(new.steps, int)
     with pytest.raises(ValueError, match="epochs"):
         cfg.replace(epochs=0)

@@ -31,7 +31,10 @@ import cbd_fast
 
 BATCH = 4
 SHAPE = (1, 6, 6)
-FAST = {"epochs": 1, "batch_size": BATCH, "steps": 1, "progress": False, "log_every": 1000}
+# health="off": the health check holds out a fixed number of images (at most health_images, 256 by
+# default, whatever the data size) and measures them as one batch; that bounded set is not streamed
+# data, and test_health_set_is_bounded checks it separately.
+FAST = {"epochs": 1, "batch_size": BATCH, "steps": 1, "progress": False, "log_every": 1000, "health": "off"}
 
 
 class LazyImages(torch.utils.data.Dataset):
@@ -152,7 +155,9 @@ _RSS_WORKER = textwrap.dedent(
     # adversary="pgd": the default "pgd_patch_warp" makes a fixed ~20 MB one-time allocation in its first
     # real run (not data-proportional: 19.6 MB at 10 batches, 20.9 MB at 100) that varies by a few MB
     # between runs; the tensor-size tests above cover the defaults.
-    kw = dict(epochs=1, batch_size=16, steps=1, progress=False, clean_term="none", adversary="pgd")
+    kw = dict(
+        epochs=1, batch_size=16, steps=1, progress=False, clean_term="none", adversary="pgd", health="off"
+    )
     cbd_fast.purify(enc, LazyImages(32, (3, 32, 32)), **kw)  # warm-up: allocator pools, lazy imports
     base, peak, stop = rss(), [0], threading.Event()
 
@@ -209,3 +214,12 @@ def test_peak_rss_is_flat_for_a_dataset_100x_one_batch() -> None:
     )
     assert control > 0.9 * dataset_kib  # the instrument sees a materialised dataset
     assert large - small < dataset_kib / 4, f"peak RSS growth {large} KiB (100 batches) vs {small} KiB (10)"
+
+
+def test_health_set_is_bounded() -> None:
+    """The held-out health images are at most ``health_images``, whatever the data size."""
+    from cbd_fast.core.inputs import holdout_split
+
+    for n in (320, 3_000, 1_000_000):
+        held, train = holdout_split(n, 256, seed=0)
+        assert len(held) <= 256 and len(held) + len(train) == n

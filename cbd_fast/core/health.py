@@ -1,0 +1,245 @@
+"""A label-free health check of the encoder being purified: has it kept the shape of its clean
+feature space, or collapsed?
+
+Measured on a held-out slice of the unlabeled images (never trained on), once before the first
+epoch (the original encoder, the reference) and after every epoch, in eval mode without gradient.
+All figures compare the current features ``Z`` [M, D] with the original's ``Z0`` [M, D'] on the
+same images, so they need no labels and no head, and none depends on the features' scale:
+
+- ``health_knn``: k-nearest-neighbour agreement. For each image, the share of its ``k`` nearest
+  neighbours (cosine similarity, itself excluded) in ``Z0`` that are still among its ``k`` nearest
+  in ``Z``; averaged over images. 1 = the same neighbourhoods; a random feature map gives about
+  ``k / (M - 1)``.
+- ``health_cka``: linear centred kernel alignment of ``Z`` and ``Z0`` (Kornblith et al., 2019):
+  ``||Zc^T Z0c||_F^2 / (||Zc^T Zc||_F ||Z0c^T Z0c||_F)`` with column-centred ``Zc``, ``Z0c``; in
+  [0, 1], 1 for features equal up to rotation and scale.
+- ``health_rank``: the effective rank (exp of the entropy of the normalised singular values of
+  ``Zc``; Roy & Vetterli, 2007) divided by that of ``Z0c``. A collapse into one cluster drives it
+  towards 0.
+- ``health_spread``: how spread out the images are relative to where they sit,
+  ``tr Cov(Z) / mean ||z||^2``, divided by the same figure of ``Z0``. Features that all move
+  towards one point (or far along one common direction) while keeping their relative layout keep
+  ``health_knn`` and ``health_cka`` but send every image to the same class of a linear head: this
+  figure falls towards 0 then.
+- ``health_finite``: 1 when every feature is finite, else 0.
+
+A run is unhealthy when any feature is non-finite, ``health_knn < min_knn``,
+``health_rank < min_rank`` or ``health_spread < min_spread``. The thresholds are documented in
+``docs/method.md`` with the runs they were set on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cbd_fast.core.modes import eval_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cbd_fast.core.prepare import Run
+
+__all__ = [
+    "HealthCheck",
+    "HealthError",
+    "health_figures",
+    "make_health_check",
+    "check_health",
+    "DEFAULT_MIN_KNN",
+    "DEFAULT_MIN_RANK",
+    "DEFAULT_MIN_SPREAD",
+    "K",
+    "MIN_ENFORCED_IMAGES",
+]
+
+#: neighbours compared per image
+K = 10
+#: fewer images than this give figures too noisy to act on: they are recorded, never enforced
+MIN_ENFORCED_IMAGES = 32
+#: below this k-NN agreement the encoder no longer keeps its clean neighbourhoods
+DEFAULT_MIN_KNN = 0.2
+#: below this share of the original effective rank the features have collapsed
+DEFAULT_MIN_RANK = 0.25
+#: below this share of the original relative spread the features have collapsed towards one point
+DEFAULT_MIN_SPREAD = 0.25
+
+
+class HealthError(RuntimeError):
+    """The purified encoder failed the health check (collapsed or non-finite features)."""
+
+
+def _knn(z: torch.Tensor, k: int) -> torch.Tensor:
+    """[M, k] indices of each row's k most cosine-similar other rows of ``z`` [M, D]."""
+    u = torch.nn.functional.normalize(z, dim=1)
+    sim = u @ u.T
+    sim.fill_diagonal_(-float("inf"))
+    return sim.topk(k, dim=1).indices
+
+
+def _effective_rank(zc: torch.Tensor) -> float:
+    """exp(entropy of the normalised singular values) of the centred features ``zc`` [M, D]."""
+    s = torch.linalg.svdvals(zc)
+    total = s.sum()
+    if not bool(total > 0):
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _spread(z: torch.Tensor, zc: torch.Tensor) -> float:
+    """``tr Cov(z) / mean ||z||^2`` of [M, D] features (0 for all-zero features)."""
+    den = z.pow(2).sum(1).mean()
+    return float(zc.pow(2).sum(1).mean() / den) if bool(den > 0) else 0.0
+
+
+def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str, float]:
+    """Compare current features ``z`` [M, D] with the original's ``z0`` [M, D'] (same images, M >= 3).
+
+    Returns:
+        ``health_knn``, ``health_cka``, ``health_rank``, ``health_spread`` (floats; 0 when ``z`` is
+        not finite) and ``health_finite`` (1.0 or 0.0).
+    """
+    if z.dim() != 2 or z0.dim() != 2 or z.shape[0] != z0.shape[0] or z.shape[0] < 3:
+        raise ValueError(
+            "features must be [M, D] and [M, D'] with the same M >= 3; "
+            f"got {tuple(z.shape)} and {tuple(z0.shape)}"
+        )
+    z, z0 = z.double(), z0.double()
+    if not bool(torch.isfinite(z).all()):
+        return {
+            "health_knn": 0.0,
+            "health_cka": 0.0,
+            "health_rank": 0.0,
+            "health_spread": 0.0,
+            "health_finite": 0.0,
+        }
+    m = z.shape[0]
+    k = max(1, min(k, m - 1))
+    # 1. k-NN agreement: |N_k(z, i) ∩ N_k(z0, i)| / k, averaged over i.
+    a, b = _knn(z, k), _knn(z0, k)
+    hits = (a.unsqueeze(2) == b.unsqueeze(1)).any(2).double().sum(1) / k
+    # 2. linear CKA of the column-centred features.
+    zc, z0c = z - z.mean(0), z0 - z0.mean(0)
+    cross = (zc.T @ z0c).pow(2).sum()
+    den = (zc.T @ zc).pow(2).sum().sqrt() * (z0c.T @ z0c).pow(2).sum().sqrt()
+    cka = float(cross / den) if bool(den > 0) else 0.0
+    # 3. effective rank relative to the original's.
+    r0 = _effective_rank(z0c)
+    rank = _effective_rank(zc) / r0 if r0 > 0 else 0.0
+    # 4. relative spread tr Cov / mean squared norm, against the original's.
+    s0 = _spread(z0, z0c)
+    spread = _spread(z, zc) / s0 if s0 > 0 else 0.0
+    return {
+        "health_knn": float(hits.mean()),
+        "health_cka": cka if math.isfinite(cka) else 0.0,
+        "health_rank": rank,
+        "health_spread": spread,
+        "health_finite": 1.0,
+    }
+
+
+@dataclass
+class HealthCheck:
+    """The per-epoch check of a run.
+
+    Attributes:
+        images: [M, C, H, W] the held-out unlabeled images on the run's device.
+        reference: [M, D'] float32 features of the original encoder on them.
+        min_knn, min_rank: the thresholds (see the module docstring).
+    """
+
+    images: torch.Tensor
+    reference: torch.Tensor
+    min_knn: float = DEFAULT_MIN_KNN
+    min_rank: float = DEFAULT_MIN_RANK
+    min_spread: float = DEFAULT_MIN_SPREAD
+
+    def problems(self, figures: dict[str, float]) -> list[str]:
+        """Why ``figures`` are unhealthy (empty when healthy)."""
+        out = []
+        if figures["health_finite"] < 1:
+            out.append("the features are not finite (NaN/Inf)")
+        if figures["health_knn"] < self.min_knn:
+            out.append(
+                f"k-NN agreement with the original features {figures['health_knn']:.3f} < {self.min_knn:g}"
+            )
+        if figures["health_spread"] < self.min_spread:
+            out.append(
+                f"relative spread {figures['health_spread']:.3f} < {self.min_spread:g} "
+                "(the features moved together towards one point)"
+            )
+        if figures["health_rank"] < self.min_rank:
+            out.append(f"effective rank ratio {figures['health_rank']:.3f} < {self.min_rank:g} (a collapse)")
+        return out
+
+
+def _float_images(images: torch.Tensor, run: Run) -> torch.Tensor:
+    """``images`` as the run's float dtype in [0, 1] on its device (uint8 scaled by 1/255)."""
+    x = images.to(run.ctx.device)
+    x = x.to(run.dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(run.dtype)
+    if run.ctx.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _eval_features(run: Run, module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """[M, D] float32 features of ``x`` in eval mode, without gradient, 256 images at a time."""
+    with eval_mode(module), run.ctx.autocast(), torch.no_grad():
+        return torch.cat([module(x[i : i + 256]).float() for i in range(0, len(x), 256)])
+
+
+def make_health_check(run: Run, images: torch.Tensor) -> HealthCheck:
+    """The run's check on ``images`` [M, C, H, W] (uint8 or float), with the ORIGINAL encoder's
+    features as the reference: call it before the first update (and before restoring a checkpoint)."""
+    cfg = run.config
+    x = _float_images(images, run)
+    original = run.reference if run.reference is not None else run.features
+    return HealthCheck(
+        images=x,
+        reference=_eval_features(run, original, x),
+        min_knn=cfg.health_min_knn,
+        min_rank=cfg.health_min_rank,
+        min_spread=cfg.health_min_spread,
+    )
+
+
+def check_health(
+    run: Run, check: HealthCheck, epoch: int, last_ckpt: Path | None, *, held: bool
+) -> dict[str, float]:
+    """Measure the encoder after epoch ``epoch`` (0-based) and apply ``config.health``.
+
+    Returns:
+        the figures, for the epoch's history entry.
+
+    Raises:
+        HealthError: unhealthy under ``health="stop"``: names the figures, the thresholds and the
+            last good checkpoint.
+    """
+    figures = health_figures(_eval_features(run, run.features, check.images), check.reference)
+    problems = check.problems(figures)
+    if not problems or len(check.images) < MIN_ENFORCED_IMAGES:
+        return figures
+    where = "held-out" if held else "first-batch"
+    text = (
+        f"after epoch {epoch + 1}/{run.config.epochs} the encoder failed the label-free health check on "
+        f"{len(check.images)} {where} unlabeled images: {'; '.join(problems)} "
+        f"(CKA {figures['health_cka']:.3f})"
+    )
+    if run.config.health == "warn":
+        warnings.warn(text + "; continuing (health='warn')", RuntimeWarning, stacklevel=3)
+        return figures
+    kept = (
+        f"the last good checkpoint {last_ckpt} is intact"
+        if last_ckpt
+        else "no checkpoint was written (set checkpoint_dir to keep the healthy epochs)"
+    )
+    raise HealthError(
+        f"{text}. Purification stopped and the broken encoder is not returned ({kept}). Lower lr or "
+        "clean_weight, or set health='warn' to continue anyway"
+    )

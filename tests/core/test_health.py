@@ -1,0 +1,133 @@
+"""The label-free health check (core/health.py): its figures, the held-out split, and that a
+collapsing run is stopped while a healthy one is not."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cbd_fast
+from cbd_fast import PurifyConfig
+from cbd_fast.core.clean_terms import CLEAN_TERMS, CleanTerm, CleanTermInputs, register_clean_term
+from cbd_fast.core.health import HealthError, health_figures
+from cbd_fast.core.inputs import holdout_split
+
+
+def _structured_images(n: int, seed: int = 0) -> torch.Tensor:
+    """Images from 4 smooth prototypes plus noise: neighbourhoods an encoder can keep."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(4, 1, 12, 12, generator=g)
+    protos = torch.nn.functional.avg_pool2d(protos, 3, 1, 1)
+    which = torch.randint(0, 4, (n,), generator=g)
+    return (protos[which] + 0.08 * torch.randn(n, 1, 12, 12, generator=g)).clamp(0, 1)
+
+
+def _encoder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(3), nn.Flatten()
+    )
+
+
+# ---- the figures ---------------------------------------------------------------------------------
+
+
+def test_figures_of_same_rotated_scaled_random_and_collapsed_features() -> None:
+    z0 = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    same = health_figures(z0.clone(), z0)
+    assert same["health_knn"] == 1.0 and same["health_cka"] == pytest.approx(1.0)
+    assert same["health_rank"] == pytest.approx(1.0) and same["health_finite"] == 1.0
+    q = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))[0]
+    for z in (z0 @ q, 100.0 * z0, 0.01 * z0):  # rotation and scale change nothing
+        f = health_figures(z, z0)
+        assert f["health_knn"] == 1.0 and f["health_cka"] == pytest.approx(1.0, abs=1e-9)
+        assert f["health_rank"] == pytest.approx(1.0, abs=1e-6)
+    rnd = health_figures(torch.randn(200, 32, generator=torch.Generator().manual_seed(2)), z0)
+    assert rnd["health_knn"] < 0.15  # chance is k / (M - 1) = 0.05
+    collapsed = health_figures(z0[:, :1].repeat(1, 32), z0)  # one direction left
+    assert collapsed["health_rank"] < 0.1
+    towards_one_point = health_figures(5.0 + 0.01 * z0, z0)  # layout kept, everything near one point
+    assert towards_one_point["health_knn"] > 0.4 and towards_one_point["health_spread"] < 0.01
+    bad = health_figures(torch.full((200, 32), float("nan")), z0)
+    assert set(bad.values()) == {0.0}
+
+
+def test_figures_reject_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match=r"same M >= 3; got \(5, 3\) and \(4, 3\)"):
+        health_figures(torch.randn(5, 3), torch.randn(4, 3))
+
+
+def test_holdout_split_is_a_tenth_at_most_and_deterministic() -> None:
+    held, train = holdout_split(3000, 256, seed=0)
+    assert len(held) == 256 and len(train) == 2744 and not set(held) & set(train)
+    assert holdout_split(3000, 256, seed=0) == (held, train)
+    assert holdout_split(3000, 256, seed=1)[0] != held
+    assert len(holdout_split(1000, 256, seed=0)[0]) == 100
+    assert holdout_split(300, 256, seed=0) == ([], list(range(300)))  # fewer than 32: nothing held
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "exc", "match"),
+    [
+        ("health", "maybe", ValueError, "health must be one of"),
+        ("health_images", 8, ValueError, "health_images must be >= 16; got 8"),
+        ("health_min_knn", 1.5, ValueError, r"health_min_knn must be in \[0, 1\]; got 1.5"),
+        ("health_min_rank", -0.1, ValueError, "health_min_rank must be >= 0"),
+    ],
+)
+def test_bad_health_settings_name_the_field(field, value, exc, match) -> None:
+    with pytest.raises(exc, match=match):
+        PurifyConfig(**{field: value}).validate()
+
+
+# ---- the guard inside purify ----------------------------------------------------------------------
+
+
+def test_a_healthy_run_records_the_figures_and_holds_images_out() -> None:
+    x = _structured_images(400)
+    res = cbd_fast.Purifier(epochs=2, batch_size=32, steps=2, progress=False).fit(_encoder(), x)
+    for h in res.history:
+        assert h["health_knn"] > 0.5 and h["health_rank"] > 0.5 and h["health_finite"] == 1.0
+        assert h["images"] == 360  # 40 of 400 held out for the check
+
+
+@pytest.fixture
+def collapse_term():
+    """A clean term that drags every feature to one point: a run that collapses on purpose."""
+
+    @register_clean_term("test_collapse")
+    class Collapse(CleanTerm):
+        def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
+            z = inp.gather(inp.z_clean)
+            return (z - 1.0).pow(2).mean()
+
+    yield "test_collapse"
+    CLEAN_TERMS.pop("test_collapse")
+
+
+def _collapsing(**kw):
+    x = _structured_images(400)
+    # SGD with a large step: a recipe that collapses on purpose (Adam, the default, bounds the step)
+    cfg = dict(epochs=2, batch_size=32, steps=1, progress=False, optimizer="sgd", lr=0.05, clean_weight=50.0)
+    return lambda: cbd_fast.Purifier(clean_term="test_collapse", **cfg, **kw).fit(_encoder(), x)
+
+
+def test_a_collapsing_run_is_stopped_with_the_figures(collapse_term, tmp_path) -> None:
+    with pytest.raises(HealthError, match=r"after epoch 1/2 .* health check on 40 held-out") as err:
+        _collapsing(checkpoint_dir=str(tmp_path))()
+    text = str(err.value)
+    assert "relative spread" in text and "broken encoder is not returned" in text
+
+
+def test_health_warn_continues_and_off_measures_nothing(collapse_term) -> None:
+    with pytest.warns(RuntimeWarning, match="failed the label-free health check"):
+        res = _collapsing(health="warn")()
+    assert min(h["health_spread"] for h in res.history) < 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = _collapsing(health="off")()
+    assert not any(k.startswith("health") for k in res.history[0])
+    assert res.history[0]["images"] == 400  # nothing held out
