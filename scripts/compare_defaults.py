@@ -3,7 +3,8 @@
 result beside the stored cells of ``benchmarks/results/fmnist_eval.json`` (computed with the
 defaults of the release that wrote them).
 
-    python scripts/compare_defaults.py --seeds 0 --jobs 2       # the shipped seed-0 models, CBD only
+    python scripts/compare_defaults.py --jobs 2                 # 5 attacks x 3 seeds, CBD only
+    python scripts/compare_defaults.py --seeds 0                # the shipped seed-0 models only
     python scripts/compare_defaults.py --render                 # print the side-by-side table
 
 Writes ``benchmarks/results/fmnist_eval_current.json`` (cells merged as they finish, so an
