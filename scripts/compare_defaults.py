@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -30,31 +29,19 @@ ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
 
 
 def run_cell(attack: str, seed: int) -> dict:
-    """CBD with the current defaults on one stored cell: ACC/ASR, seconds, the history's health."""
-    import torch
+    """CBD with the current defaults on one stored cell (``run_evaluation.run_cell`` without the
+    baselines): no-defense and CBD ACC/ASR, the config, the wall time."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_evaluation import run_cell as evaluation_cell
 
-    torch.set_num_threads(1)
-    from cbd_fast import PurifyConfig
-    from cbd_fast.app.demo import run_demo
-
-    t0 = time.perf_counter()
-    out = run_demo(
-        attack,
-        seed=seed,
-        report_dir=None,
-        quiet=True,
-        baselines=False,
-        cache_dir=ROOT / "runs" / "models",
-        diagnostic=False,
-        progress=False,
-    )
+    cell = evaluation_cell(attack, seed, None, baselines=False)
     return {
         "attack": attack,
         "seed": seed,
-        "cbd": out["results"]["cbd"],
-        "no_defense": out["results"]["no_defense"],
-        "config": PurifyConfig(seed=seed, progress=False).validate().to_dict(),
-        "wall_seconds": time.perf_counter() - t0,
+        "cbd": cell["results"]["cbd"],
+        "no_defense": cell["results"]["no_defense"],
+        "config": cell["config"],
+        "wall_seconds": cell["wall_seconds"],
     }
 
 

@@ -43,7 +43,9 @@ LABELS = {
 }
 
 
-def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
+def run_cell(attack: str, seed: int, n_test: int | None, baselines: bool = True) -> dict:
+    """One (attack, seed) cell: the demo's no-defense and CBD results, and the four baselines unless
+    ``baselines`` is False; the CBD config used and the wall time."""
     import torch
 
     torch.set_num_threads(1)
@@ -62,7 +64,7 @@ def run_cell(attack: str, seed: int, n_test: int | None) -> dict:
         seed=seed,
         report_dir=None,
         quiet=True,
-        baselines=True,
+        baselines=baselines,
         n_test=n_test,
         cache_dir=ROOT / "runs" / "models",
         diagnostic=False,
