@@ -22,6 +22,11 @@ CPU cases; ``CBD_BENCH_QUICK=1`` keeps two tiny cases and 2 rounds (CI smoke run
 CUDA: 2N=8192, D=512 bfloat16 (target: fwd+bwd >= 2x eager) and 2N=131072, D=512 bfloat16 without eager (its
 score matrix alone would take 64 GiB). ``compiled`` is left out of QUICK runs (compile time).
 
+Targets (``TARGETS``): ``test_ratio`` records, for each fused provider of a target case,
+``extra_info["targets"][provider] = {"speedup": x, "min": target, "pass": bool}`` and prints one
+``TARGET ... PASS|FAIL`` line per provider (``benchmarks/run_gpu_check.py`` collects them);
+``CBD_BENCH_ASSERT=1`` also fails the test when a provider misses its target.
+
 Run::
 
     python -m pytest benchmarks/bench_nt_xent.py -p no:cacheprovider -s \
@@ -72,6 +77,12 @@ else:
         ]
 
 DEVICE = "cuda" if CUDA else "cpu"
+#: (device, mode, 2N, D, dtype) -> minimal speedup of a fused provider over eager
+TARGETS = {
+    ("cuda", "fwdbwd", 8192, 512, torch.bfloat16): 2.0,
+    ("cpu", "fwdbwd", 4096, 128, torch.float32): 1.5,
+}
+ASSERT_TARGETS = os.environ.get("CBD_BENCH_ASSERT", "") not in ("", "0")
 if os.environ.get("CBD_BENCH_THREADS"):  # e.g. 1: a single-thread comparison, less hurt by a busy machine
     torch.set_num_threads(int(os.environ["CBD_BENCH_THREADS"]))
 MODES = ("fwd", "fwdbwd")
@@ -216,6 +227,20 @@ def test_ratio(benchmark, mode: str, case: tuple) -> None:
         info.update(
             {f"speedup_vs_eager_{p}": round(meds["eager"] / t, 3) for p, t in meds.items() if p != "eager"}
         )
+    target = TARGETS.get((DEVICE, mode, two_n, d, dtype))
+    missed = []
+    if target is not None and "eager" in meds:
+        info["targets"] = {}
+        for p in (p for p in meds if p in ("cpp", "triton", "cuda")):
+            speedup = meds["eager"] / meds[p]
+            ok = speedup >= target
+            info["targets"][p] = {"speedup": round(speedup, 3), "min": target, "pass": ok}
+            print(
+                f"\nTARGET nt_xent {DEVICE} {mode} 2N={two_n} D={d} {str(dtype).removeprefix('torch.')} "
+                f"{p}: {speedup:.2f}x eager (>= {target}x) {'PASS' if ok else 'FAIL'}"
+            )
+            if not ok:
+                missed.append(f"{p} {speedup:.2f}x < {target}x")
     benchmark.extra_info.update(info)
     print(
         f"\n[nt_xent {DEVICE} {mode} 2N={two_n} D={d} {dtype}] "
@@ -223,3 +248,5 @@ def test_ratio(benchmark, mode: str, case: tuple) -> None:
     )
     fast = next((p for p in ("cuda", "triton", "cpp") if p in fns), names[-1])
     benchmark.pedantic(fns[fast], rounds=1, iterations=1, warmup_rounds=0)
+    if ASSERT_TARGETS:
+        assert not missed, f"target missed: {missed}"

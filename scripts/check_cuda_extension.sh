@@ -98,5 +98,8 @@ for glue in sorted(glob.glob(os.path.join(src, "csrc", "torch", "*_cuda.cpp"))):
 print(f"[cuda-ext] imported cbd_fast._C with torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"archs {record['cuda_archs']}, kernels per op: {keys}")
 assert not missing, f"{missing} registered no CUDA kernel for its op"
+# has_cuda() asks the dispatcher: True for every op here, as the cuda backend needs
+assert all(_ext.has_cuda(op) for op in _ext.NATIVE_OPS) and _ext.has_cuda(), "has_cuda() is False"
+print(f"[cuda-ext] has_cuda(): {[(op, _ext.has_cuda(op)) for op in _ext.NATIVE_OPS]}")
 PY
 log "ok"

@@ -3,7 +3,8 @@
 # its compiled extension). Idempotent: what is already there is kept.
 #
 #   bash scripts/install.sh            # runtime: Fashion-MNIST package, torch, triton, cbd_fast
-#   bash scripts/install.sh --test     # + test extras, cmake and a C++ compiler for ctest
+#   bash scripts/install.sh --test     # + test extras, cmake and a C++ compiler for ctest, and
+#                                      #   chromium (renders report.html in a test)
 #
 # Environment:
 #   PYTHON=python3                 the interpreter to install into (a venv's python works)
@@ -22,7 +23,7 @@ WITH_TEST=0
 for arg in "$@"; do
   case "$arg" in
     --test) WITH_TEST=1 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "install.sh: unknown argument: $arg (expected --test)" >&2; exit 2 ;;
   esac
 done
@@ -32,13 +33,15 @@ pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 have_py_module() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
 # 1. System packages: the Fashion-MNIST data set (Debian's dataset-fashion-mnist, for the demo)
-#    and, for the tests, cmake and a C++ compiler (the C++ unit tests of the kernel cores).
+#    and, for the tests, cmake and a C++ compiler (the C++ unit tests of the kernel cores) and
+#    Chromium (tests/app/test_html_report.py screenshots report.html headless).
 apt_pkgs=()
 dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || apt_pkgs+=(dataset-fashion-mnist)
 command -v g++ >/dev/null 2>&1 || apt_pkgs+=(g++)
 if [ "$WITH_TEST" = 1 ]; then
   command -v cmake >/dev/null 2>&1 || apt_pkgs+=(cmake)
   command -v make >/dev/null 2>&1 || apt_pkgs+=(make)
+  command -v chromium >/dev/null 2>&1 || apt_pkgs+=(chromium)
 fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   sudo=""

@@ -6,15 +6,28 @@ Subcommands::
     cbd-fast purify --model M --data D --out OUT [--config cfg.yaml] [--set key=value ...]
                     [--report DIR] [--limit N | --fraction F] [--feature-layer NAME | --forward-features]
     cbd-fast evaluate --model M (--data D --labels L | --dataset fashion-mnist) [--trigger T] [--target 0]
+    cbd-fast verify-record RECORD [MODEL ...] [--input FILE] [--data FILE] [--all]
     cbd-fast info [--json]                  how cbd_fast was built, which backends run here
 
-Models (``--model``): a TorchScript archive (``torch.jit.load``), or an architecture
-``package.module:factory`` / ``timm:NAME`` with ``--weights state_dict.(pt|safetensors)`` (read with
-``torch.load(weights_only=True)`` / safetensors) and ``--factory-kwargs '{"num_classes": 10}'``. A
-whole pickled module is refused (unpickling runs code from the file) unless ``--trust-pickle`` is
-given; the report records the flag and the input files' SHA-256. Data (``--data``): a folder of
+Models (``--model``): a TorchScript archive (``torch.jit.load``), a Hugging Face model folder
+(``config.json`` + safetensors; ``hf:FOLDER`` or the folder), or an architecture
+``package.module:factory`` (``torchvision.models:resnet50``) / ``timm:NAME`` with ``--weights
+state_dict.(pt|safetensors)`` (read with ``torch.load(weights_only=True)`` / safetensors) and
+``--factory-kwargs '{"num_classes": 10}'``. A whole pickled module is refused (unpickling runs
+code from the file) unless ``--trust-pickle`` is given; the report records the flag and the input
+files' SHA-256. Data (``--data``): a folder of
 images (recursive) or a ``.npy``/``.npz``/``.pt`` tensor file (read with ``allow_pickle=False`` /
 ``weights_only=True``); ``--dataset fashion-mnist`` for the Debian package's files.
+
+Features: ``--feature-layer NAME`` / ``--forward-features``, else chosen by the model's family
+(``cbd_fast.core.backbones``: timm ``forward_features`` + its pooling, a torchvision classifier's
+pre-logits input, a Hugging Face model's CLS token or pooled output) and printed (``features: ...``).
+
+Outputs of ``purify``: the model (``--out``, plus ``.safetensors``), the purification record
+``<out stem>.record.json`` + ``.record.md`` (SHA-256 of the input model files, the outputs and the
+data; config, versions, backends, health, evaluation: ``cbd_fast.app.record``), and with
+``--report DIR`` ``report.json``, a self-contained ``report.html`` and PNG figures.
+``verify-record`` recomputes a record's hashes: exit 0 when every check passes, 1 otherwise.
 
 Configuration precedence: ``PurifyConfig`` defaults < ``--config`` file (YAML, JSON or TOML; a flat
 mapping or one under ``purify:``) < ``--set key=value`` (values parsed as YAML/JSON scalars;
@@ -180,8 +193,13 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {str(k).replace("-", "_"): _coerce(v) for k, v in data.items()}
 
 
-def merge_config(file_values: dict[str, Any], set_values: dict[str, Any], *, quiet: bool = False) -> Any:
-    """Defaults < file < --set, checked against ``PurifyConfig``; returns a validated PurifyConfig.
+def merge_config(
+    file_values: dict[str, Any], set_values: dict[str, Any], *, quiet: bool = False, preset: str = "defaults"
+) -> Any:
+    """Preset < file < --set, checked against ``PurifyConfig``; returns a validated PurifyConfig.
+
+    ``preset``: ``"defaults"`` (the library's defaults) or ``"paper"`` (``PurifyConfig.PAPER``, the
+    published method's settings, over the defaults).
 
     Raises:
         CLIError: unknown keys (one line listing the valid ones) or invalid values (the config's own
@@ -197,7 +215,10 @@ def merge_config(file_values: dict[str, Any], set_values: dict[str, Any], *, qui
                 f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                 f"(from {origin}); valid keys: {', '.join(valid)}"
             )
-    merged = {**file_values, **set_values}
+    if preset not in ("defaults", "paper"):
+        raise CLIError(f"--preset must be 'defaults' or 'paper'; got {preset!r}")
+    base = dict(PurifyConfig.PAPER) if preset == "paper" else {}
+    merged = {**base, **file_values, **set_values}
     if quiet:
         merged["progress"] = False
     try:
@@ -284,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(quiet=False, verbose=0, command=None)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     _add_common(parser)
-    subs = parser.add_subparsers(dest="command", metavar="{demo,purify,evaluate,info}", parser_class=_Parser)
+    subs = parser.add_subparsers(
+        dest="command", metavar="{demo,purify,evaluate,verify-record,info}", parser_class=_Parser
+    )
 
     p = subs.add_parser(
         "demo", help="the Fashion-MNIST demo (purify a shipped backdoored model)", add_help=False
@@ -298,15 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p, features=True)
     _add_data(p, default_split="train")
     g = p.add_argument_group("configuration and output")
+    g.add_argument(
+        "--preset",
+        choices=("defaults", "paper"),
+        default="defaults",
+        help="starting settings: the library's defaults or the paper's CBD (PurifyConfig.paper()); "
+        "--config and --set apply on top",
+    )
     g.add_argument("--config", metavar="FILE", help="PurifyConfig settings (.yaml/.yml/.json/.toml)")
     g.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
     )
     g.add_argument(
-        "--out", required=True, metavar="PATH", help="the purified model file (same form as loaded)"
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="the purified model file (same form as loaded); the purification record "
+        "<stem>.record.json/.record.md is written beside it",
     )
     g.add_argument("--no-safetensors", action="store_true", help="do not also write OUT.safetensors")
-    g.add_argument("--report", metavar="DIR", help="write report.json and PNG figures into DIR")
+    g.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write report.json, a self-contained report.html and PNG figures into DIR",
+    )
     r = p.add_argument_group("report extras (optional; labels only evaluate, never purify)")
     r.add_argument("--trigger", choices=_TRIGGERS, help="a known trigger: triggered features in the picture")
     r.add_argument("--target", type=int, default=0, help="the trigger's target class for ASR (0)")
@@ -335,6 +373,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--device", default="auto", help="where the model runs: auto (CUDA if visible), cpu, cuda:N"
     )
+
+    p = subs.add_parser(
+        "verify-record",
+        help="check a purification record's SHA-256 hashes against model and data files",
+        description="Recompute the hashes of a purification record (<out>.record.json): the record's "
+        "own content hash, each MODEL file against the recorded outputs, and optionally the input model "
+        "and data files. Exit status 0 when every check passes, 1 when any fails.",
+    )
+    _add_common(p)
+    p.add_argument("record", metavar="RECORD", help="the record (<out stem>.record.json)")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model file(s) that must be recorded outputs")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an input model/weights file (repeatable)",
+    )
+    p.add_argument("--data", metavar="FILE", help="the data file purified on (a tensor file)")
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="also check every file at the path the record names (inputs, outputs, data)",
+    )
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
 
     p = subs.add_parser("info", help="build record and backend availability", add_help=False)
     p.add_argument(
@@ -560,7 +623,9 @@ def _cmd_purify(args: argparse.Namespace) -> int:
 
     # 1. everything that can be checked without work, first
     file_values = load_config_file(args.config) if args.config else {}
-    config = merge_config(file_values, parse_set_options(args.set), quiet=args.quiet)
+    config = merge_config(
+        file_values, parse_set_options(args.set), quiet=args.quiet, preset=getattr(args, "preset", "defaults")
+    )
     out = _check_out_path(args.out, "output")
     if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
         raise CLIError(f"report folder {args.report!r} is a file")
@@ -605,19 +670,72 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     for note in saved["notes"]:
         logger.warning("save: %s", note)
 
-    # 5. the report
+    # 5. the labelled evaluation (report only), the purification record, the report
+    evaluation = None
+    if evaluation_set is not None:
+        ex, ey = evaluation_set
+        evaluation = {
+            "before": _evaluate(before, ex, ey, args.trigger, args.target, "evaluating (before)"),
+            "after": _evaluate(purified, ex, ey, args.trigger, args.target, "evaluating (after)"),
+        }
+    record_json, record_md, record = _write_record(args, config, result, data, loaded, saved, evaluation)
     report_path = None
     if args.report:
         report_path = _write_purify_report(
-            args, config, result, before, purified, feature_fn, data, loaded, saved, seconds, evaluation_set
+            args,
+            config,
+            result,
+            before,
+            purified,
+            feature_fn,
+            data,
+            loaded,
+            saved,
+            seconds,
+            evaluation,
+            record,
         )
     print(f"purified model written to {', '.join(saved['files'])} ({saved['form']}; {seconds:.1f} s)")
+    if result.features:
+        print(f"features: {result.features}")
     health = _health_line(result.history)
     if health:
         print(health)
+    print(f"purification record written to {record_json} and {record_md}")
     if report_path is not None:
-        print(f"report written to {report_path}")
+        print(f"report written to {report_path} and {report_path.with_name('report.html')}")
     return 0
+
+
+def _write_record(
+    args: argparse.Namespace,
+    config: Any,
+    result: Any,
+    data: Any,
+    loaded: Any,
+    saved: dict,
+    evaluation: dict | None,
+) -> tuple[Path, Path, dict]:
+    """The purification record beside the model (``cbd_fast.app.record``): (json, md, record)."""
+    from cbd_fast.app import record as rec
+
+    model = loaded.describe()
+    record = rec.build_record(
+        inputs=loaded.input_files(),
+        outputs=saved["files"],
+        data=rec.data_entry(data.images, source=data.source, files=data.files),
+        config=config.to_dict(),
+        history=result.history,
+        features=result.features,
+        runtime=result.runtime,
+        model={
+            k: model[k] for k in ("form", "source", "class", "parameters", "trust_pickle", "factory_kwargs")
+        },
+        evaluation=evaluation,
+    )
+    json_path, md_path = rec.record_paths(args.out)
+    rec.write_record(record, json_path)
+    return json_path, md_path, record
 
 
 def _health_line(history: list[dict[str, float]]) -> str | None:
@@ -672,8 +790,10 @@ def _write_purify_report(
     loaded: Any,
     saved: dict,
     seconds: float,
-    evaluation_set: tuple[Any, Any] | None,
+    evaluation: dict | None,
+    record: dict | None = None,
 ) -> Path:
+    from cbd_fast.app import record as rec
     from cbd_fast.app import report
 
     x = data.float_images()
@@ -688,24 +808,27 @@ def _write_purify_report(
     projections = report.collect_projections(
         before, purified, x, feature_fn=feature_fn, x_triggered=x_trig, config=config, n=args.report_samples
     )
-    evaluation = None
-    if evaluation_set is not None:
-        ex, ey = evaluation_set
-        evaluation = {
-            "before": _evaluate(before, ex, ey, args.trigger, args.target, "evaluating (before)"),
-            "after": _evaluate(purified, ex, ey, args.trigger, args.target, "evaluating (after)"),
-        }
     diagnostic = None
     if args.diagnostic:
         diagnostic = _diagnostic(args, before, feature_fn, x[: args.report_samples])
     extra = {
         "model": loaded.describe(),
         "feature_fn": repr(feature_fn),
+        "features": result.features,
+        "runtime": result.runtime,
         "data": data.describe(),
         "outputs": saved,
         "purify_seconds": seconds,
         "report_seconds": time.perf_counter() - t0,
     }
+    if record is not None:
+        extra["record"] = {
+            "path": str(rec.record_paths(args.out)[0]),
+            "content_sha256": record.get("content_sha256"),
+            "input_model": record.get("input_model"),
+            "output_model": record.get("output_model"),
+            "data": record.get("data"),
+        }
     return report.write_report(
         args.report,
         config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
@@ -776,7 +899,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"demo": _cmd_demo, "purify": _cmd_purify, "evaluate": _cmd_evaluate, "info": _cmd_info}
+def _cmd_verify_record(args: argparse.Namespace) -> int:
+    from cbd_fast.app import record as rec
+
+    if not args.models and not args.input and not args.data and not args.all:
+        raise UsageError("give the MODEL file(s) to check (or --input/--data/--all)")
+    doc = rec.read_record(args.record)
+    result = rec.verify_record(
+        doc, args.models, inputs=args.input, data=args.data, check_recorded_paths=args.all
+    )
+    if args.json:
+        checks = [c.__dict__ for c in result.checks]
+        print(json.dumps({"ok": result.ok, "record": args.record, "checks": checks}, indent=2))
+    else:
+        for line in result.lines():
+            print(line)
+    failed = [c for c in result.checks if not c.ok]
+    if failed:
+        print(
+            f"{PROG}: error: verification failed: {len(failed)} of {len(result.checks)} check(s) "
+            f"({', '.join(c.what for c in failed)})",
+            file=sys.stderr,
+        )
+        return 1
+    if not args.json:
+        print(f"verified: {len(result.checks)} check(s) passed for {args.record}")
+    return 0
+
+
+_COMMANDS = {
+    "demo": _cmd_demo,
+    "purify": _cmd_purify,
+    "evaluate": _cmd_evaluate,
+    "verify-record": _cmd_verify_record,
+    "info": _cmd_info,
+}
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -130,7 +130,8 @@ def run_demo(
     from cbd_fast import Purifier, PurifyConfig
     from cbd_fast.evaluation.backdoors import trigger_for
     from cbd_fast.evaluation.baselines import adversarial_unlearning, plain_finetune, supervised_finetune
-    from cbd_fast.evaluation.fmnist import load_fashion_mnist, split_unlabeled
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.evaluation.protocol import defender_images
     from cbd_fast.evaluation.metrics import defense_effectiveness_rate, evaluate_backdoor
 
     t_start = time.perf_counter()
@@ -150,7 +151,8 @@ def run_demo(
     model = load_or_train(attack, seed, train=train, cache_dir=cache_dir, progress=not quiet)
     head = None if ssl else model.head
     probe_data = (train.images[:10000], train.labels[:10000]) if ssl else None
-    x_unl, idx = split_unlabeled(train, unlabeled_fraction, seed=seed)
+    # the defender's images: drawn independently of the images the attacker poisoned
+    x_unl, idx = defender_images(train, unlabeled_fraction, seed=seed)
     y_unl = train.labels[idx]  # ONLY for the label-using baselines
 
     def evaluate(backbone: nn.Module, hd: nn.Module | None = head) -> dict[str, float]:

@@ -55,7 +55,7 @@ def collect() -> dict[str, Any]:
 
     import cbd_fast
     from cbd_fast.ops import _ext
-    from cbd_fast.ops.backends import BACKENDS, backend_status
+    from cbd_fast.ops.backends import BACKENDS, backend_status, fallback_report
     from cbd_fast.ops.build_info import build_info
 
     cuda_ok = torch.cuda.is_available()
@@ -77,6 +77,7 @@ def collect() -> dict[str, Any]:
             "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         },
         "backends": backends,
+        "fallbacks": fallback_report(),
     }
 
 
@@ -107,6 +108,9 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"backends for {dev} tensors:")
         for name, reason in status.items():
             lines.append(f"  {name:<7} {'yes' if reason is None else 'no '}  {reason or ''}".rstrip())
+    from cbd_fast.ops.backends import format_fallbacks
+
+    lines += format_fallbacks(info.get("fallbacks", []))
     return "\n".join(lines)
 
 

@@ -7,6 +7,11 @@ Forms (``LoadedModel.form``):
 - ``"pickle"``: a whole module pickled with ``torch.save(module)``. Unpickling it runs code the file
   names, so it is refused unless the caller opts in with ``trust_pickle=True`` (``--trust-pickle``).
   Saved back with ``torch.save(module)``.
+- ``"transformers"``: a Hugging Face model folder (``config.json`` + ``model.safetensors`` or
+  ``pytorch_model.bin``, as ``save_pretrained`` writes it), given as the folder or ``hf:FOLDER``;
+  read with ``AutoModelForImageClassification`` (an image classifier's ``architectures``) or
+  ``AutoModel``, always ``trust_remote_code=False`` and ``local_files_only=True``. Saved back as a
+  state_dict (reload: ``--model FOLDER --weights OUT.safetensors``).
 - ``"factory"``: an architecture given as ``package.module:callable`` (``torchvision.models:resnet18``,
   ``my_pkg.nets:build``) or ``timm:NAME`` (needs timm; built with ``pretrained=False``), built with
   ``factory_kwargs`` and optionally filled from a state_dict file (``.pt``/``.pth``/``.bin`` via
@@ -31,10 +36,12 @@ sizes (zip bomb-like archives are refused), CRC-32 of every entry, and the globa
 - a ``.safetensors`` header is checked against the file before the safetensors library reads it;
 - a factory runs the code of the package the caller names, never code from the file.
 
-There is no Hugging Face loader. One added later must call ``from_pretrained(...,
-trust_remote_code=False)`` (always) and prefer safetensors weights. :class:`LoadedModel` records the
-input files' SHA-256 and whether ``trust_pickle`` was given; :func:`save_model` writes both into the
-``.safetensors`` copy's metadata.
+- a Hugging Face folder is loaded with ``trust_remote_code=False`` (a config naming custom code,
+  ``auto_map``, is refused before transformers reads it) and prefers safetensors weights; a
+  ``pytorch_model.bin`` is inspected like any ``torch.save`` file first (non-tensor globals refused).
+
+:class:`LoadedModel` records the input files' SHA-256 and whether ``trust_pickle`` was given;
+:func:`save_model` writes both into the ``.safetensors`` copy's metadata.
 
 Every save also writes ``<out>.safetensors`` next to the main file when safetensors is installed
 (unless the main file already is one), and every file is written atomically: to a temporary name in
@@ -43,7 +50,9 @@ final name.
 
 Features: CBD purifies a backbone's *features*. :func:`make_feature_fn` picks them from a classifier:
 the output of a named submodule (``--feature-layer layer4``, captured by a forward hook that stops the
-forward there) or timm's ``forward_features`` (+ ``forward_head(pre_logits=True)`` when present).
+forward there) or timm's ``forward_features`` (+ ``forward_head(pre_logits=True)`` when present);
+without either, the model's family decides (``cbd_fast.core.backbones.auto_feature_fn``: timm,
+torchvision and Hugging Face transformers models; any other module's own output).
 
 Example:
     >>> loaded = load_model("my_pkg.nets:build", weights="backdoored.safetensors")  # doctest: +SKIP
@@ -70,7 +79,7 @@ import torch
 from torch import nn
 
 from cbd_fast.core import safe_load
-from cbd_fast.core.features import flatten_features
+from cbd_fast.core.backbones import ForwardFeatures, SubmoduleFeatures, auto_feature_fn, find_submodule
 from cbd_fast.core.files import atomic_output
 
 __all__ = [
@@ -91,7 +100,7 @@ __all__ = [
 
 logger = logging.getLogger("cbd_fast.app.model_io")
 
-FORMS = ("torchscript", "pickle", "factory")
+FORMS = ("torchscript", "pickle", "factory", "transformers")
 
 TRUST_WARNING = (
     "{path} is a pickled module and trust_pickle was given: unpickling it runs code from the file "
@@ -128,6 +137,8 @@ class LoadedModel:
         sha256: SHA-256 of the model file (None for a factory).
         weights_sha256: SHA-256 of the weights file (None without one).
         trust_pickle: whether the caller opted in to unpickling code (``trust_pickle=True``).
+        extra_sha256: other input files read (path -> SHA-256), e.g. a Hugging Face folder's
+            ``config.json`` and weight files.
     """
 
     module: nn.Module
@@ -139,6 +150,18 @@ class LoadedModel:
     sha256: str | None = None
     weights_sha256: str | None = None
     trust_pickle: bool = False
+    extra_sha256: dict[str, str] = field(default_factory=dict)
+
+    def input_files(self) -> list[dict[str, Any]]:
+        """Every input file read, with its SHA-256: ``[{"role": "model" | "weights" | "file", "path",
+        "sha256"}]`` (a factory without weights reads none)."""
+        out: list[dict[str, Any]] = []
+        if self.sha256 and self.form in ("torchscript", "pickle"):
+            out.append({"role": "model", "path": self.source, "sha256": self.sha256})
+        if self.weights is not None and self.weights_sha256:
+            out.append({"role": "weights", "path": self.weights, "sha256": self.weights_sha256})
+        out.extend({"role": "file", "path": p, "sha256": h} for p, h in self.extra_sha256.items())
+        return out
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (form, source, weights, kwargs, class name, parameter count, the input
@@ -151,6 +174,7 @@ class LoadedModel:
             "weights_sha256": self.weights_sha256,
             "trust_pickle": self.trust_pickle,
             "factory_kwargs": self.factory_kwargs,
+            "files_sha256": dict(self.extra_sha256),
             "class": _class_name(self.module),
             "parameters": int(sum(p.numel() for p in self.module.parameters())),
             "notes": list(self.notes),
@@ -332,15 +356,23 @@ def load_model(
     spec_str = os.fspath(spec)
     kwargs = dict(factory_kwargs or {})
     notes: list[str] = []
-    path = Path(spec_str)
+    extra: dict[str, str] = {}
+    path = Path(spec_str[3:] if spec_str.startswith("hf:") else spec_str)
+    if spec_str.startswith("hf:") and not path.is_dir():
+        raise FileNotFoundError(f"Hugging Face model folder not found: {str(path)!r}")
     if path.exists():
         if path.is_dir():
-            raise ModelLoadError(
-                f"model must be a file or 'package.module:factory'; got the folder {spec_str!r}"
-            )
-        if kwargs:
-            raise ModelLoadError(f"factory kwargs only apply to a factory model; {spec_str!r} is a file")
-        module, form, sha256 = _load_file(path, notes, trust_pickle)
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"model must be a file, a Hugging Face model folder (with config.json) or "
+                    f"'package.module:factory'; got the folder {str(path)!r}, which has no config.json"
+                )
+            module, extra = _load_transformers(path, kwargs, notes)
+            form, sha256 = "transformers", None
+        else:
+            if kwargs:
+                raise ModelLoadError(f"factory kwargs only apply to a factory model; {spec_str!r} is a file")
+            module, form, sha256 = _load_file(path, notes, trust_pickle)
     elif ":" in spec_str and not spec_str.endswith((".pt", ".pth", ".ts", ".bin", ".safetensors")):
         factory = _resolve_factory(spec_str)
         try:
@@ -373,7 +405,79 @@ def load_model(
         sha256=sha256,
         weights_sha256=weights_sha256,
         trust_pickle=bool(trust_pickle),
+        extra_sha256=extra,
     )
+
+
+def _load_transformers(
+    path: Path, kwargs: dict[str, Any], notes: list[str]
+) -> tuple[nn.Module, dict[str, str]]:
+    """A Hugging Face model folder: ``(module, {file: sha256})``; never runs code from the folder."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelLoadError(
+            f"{str(path)!r} is a Hugging Face model folder; loading it needs transformers "
+            "(pip install transformers)"
+        )
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {str(config_file)!r} as JSON: {_first_line(exc)}") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{str(config_file)!r} must hold a JSON object; got a {type(config).__name__}")
+    if config.get("auto_map"):
+        raise ModelLoadError(
+            f"{str(config_file)!r} names custom model code (auto_map: {sorted(config['auto_map'])}); "
+            "cbd_fast never runs code from a model folder (trust_remote_code=False)"
+        )
+    st_files = sorted(path.glob("*.safetensors"))
+    bin_files = sorted(path.glob("pytorch_model*.bin"))
+    hashes = {str(config_file): safe_load.sha256_file(config_file)}
+    try:
+        for f in st_files:
+            safe_load.check_safetensors(f)
+            hashes[str(f)] = safe_load.sha256_file(f)
+        if not st_files:
+            for f in bin_files:
+                info = safe_load.inspect_torch_file(f)
+                if info.unsafe_globals:
+                    raise ModelLoadError(
+                        f"refused to load {str(f)!r}: its pickle names non-tensor globals "
+                        f"({safe_load.describe_globals(info.unsafe_globals)}); save the model with "
+                        "safetensors (save_pretrained's default)"
+                    )
+                hashes[str(f)] = info.sha256
+    except safe_load.UnsafeFileError as exc:
+        raise ModelLoadError(f"cannot load the weights of {str(path)!r}: {exc}") from exc
+    if not st_files and not bin_files:
+        raise ModelLoadError(f"{str(path)!r} has no weights (model.safetensors or pytorch_model.bin)")
+    import transformers
+
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    classifier = any(a.endswith("ForImageClassification") for a in archs)
+    auto = transformers.AutoModelForImageClassification if classifier else transformers.AutoModel
+    hf_logging = transformers.utils.logging
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per load is noise beside cbd_fast's own
+    try:
+        module = auto.from_pretrained(
+            str(path),
+            trust_remote_code=False,
+            local_files_only=True,
+            use_safetensors=bool(st_files),
+            **kwargs,
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load Hugging Face model {str(path)!r} with {auto.__name__}: {_first_line(exc)}"
+        ) from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    notes.append(
+        f"loaded with transformers.{auto.__name__} ({type(module).__name__}), trust_remote_code=False"
+    )
+    return module, hashes
 
 
 def _kw(kwargs: Mapping[str, Any]) -> str:
@@ -449,101 +553,12 @@ def _load_weights(module: nn.Module, sd: dict[str, torch.Tensor], path: str, str
 # ------------------------------------------------------------------------------------------ features
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward pass at the feature layer."""
-
-
-def _walk(root: nn.Module, name: str) -> nn.Module | None:
-    target: object = root
-    for part in name.split("."):
-        children = dict(target.named_children()) if isinstance(target, nn.Module) else {}
-        if part not in children:
-            return None
-        target = children[part]
-    return target if isinstance(target, nn.Module) else None
-
-
-def _get_submodule(module: nn.Module, name: str) -> nn.Module | None:
-    for root in (module, getattr(module, "module", None), getattr(module, "_orig_mod", None)):
-        if isinstance(root, nn.Module):
-            found = _walk(root, name)
-            if found is not None:
-                return found
-    return None
-
-
 @contextlib.contextmanager
 def _quiet_jit() -> Iterator[None]:
     """torch >= 2.10 deprecates TorchScript; loading/saving the user's archives still works."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         yield
-
-
-def _features(out: Any, batch: int, where: str) -> torch.Tensor:
-    """``flatten_features`` of ``out`` (its first item when a tuple/list); errors prefixed by ``where``."""
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    try:
-        return flatten_features(out, batch)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
-
-
-class SubmoduleFeatures:
-    """``feature_fn(module, x)``: the output of submodule ``name``, flattened to [B, D].
-
-    A forward hook captures the submodule's output and raises to stop the forward there, so the
-    layers after it (the head) are never computed. Works on deep copies and on DDP/compile wrappers
-    (the name is looked up on the module it is called with).
-
-    Args:
-        name: a name from ``module.named_modules()``, e.g. ``"backbone"`` or ``"layer4"``.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        sub = _get_submodule(module, self.name)
-        if sub is None:
-            raise ValueError(f"feature layer {self.name!r} not found in {_class_name(module)}")
-        captured: list[Any] = []
-
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            captured.append(out)
-            raise _StopForward
-
-        handle = sub.register_forward_hook(hook)
-        try:
-            module(x)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(f"feature layer {self.name!r} was not called by {_class_name(module)}.forward")
-        return _features(captured[0], x.shape[0], f"feature layer {self.name!r}")
-
-    def __repr__(self) -> str:
-        return f"SubmoduleFeatures({self.name!r})"
-
-
-class ForwardFeatures:
-    """``feature_fn(module, x)``: timm-style ``forward_features`` (then ``forward_head(pre_logits=True)``
-    when the model has it), flattened to [B, D]."""
-
-    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        root = module
-        if not hasattr(root, "forward_features"):
-            root = getattr(module, "module", getattr(module, "_orig_mod", module))
-        feats = root.forward_features(x)
-        if hasattr(root, "forward_head"):
-            feats = root.forward_head(feats, pre_logits=True)
-        return _features(feats, x.shape[0], f"{_class_name(root)}.forward_features")
-
-    def __repr__(self) -> str:
-        return "ForwardFeatures()"
 
 
 def _module_names(module: nn.Module, limit: int = 12) -> str:
@@ -563,6 +578,10 @@ def make_feature_fn(
             [B, D], is the feature. Mutually exclusive with ``forward_features``.
         forward_features: use ``module.forward_features`` (timm classifiers).
 
+    Without either option, the module's family decides (:func:`cbd_fast.core.backbones.auto_feature_fn`:
+    timm ``forward_features`` + its pooling, a torchvision classifier's pre-logits input, a Hugging
+    Face model's CLS token or pooled output); any other module's own output is the feature.
+
     Returns:
         a picklable callable ``(module, x[B,C,H,W]) -> features[B,D]``, or None (the module's own
         output is the feature: a headless backbone).
@@ -580,7 +599,7 @@ def make_feature_fn(
                 "backbone "
                 "alone as TorchScript (its output is the feature) or load the model from its architecture"
             )
-        if _get_submodule(module, feature_layer) is None:
+        if find_submodule(module, feature_layer) is None:
             raise ValueError(
                 f"feature layer {feature_layer!r} not found in {_class_name(module)}; "
                 f"its top-level modules are: {_module_names(module)}"
@@ -592,14 +611,16 @@ def make_feature_fn(
                 f"forward_features requested but {_class_name(module)} has no forward_features method; "
                 "use a feature layer name instead"
             )
-        return ForwardFeatures()
-    return None
+        auto = auto_feature_fn(module)
+        return auto if isinstance(auto, ForwardFeatures) else ForwardFeatures(family=_class_name(module))
+    return auto_feature_fn(module)
 
 
 def expected_input_shape(module: nn.Module) -> tuple[int | None, int | None, int | None]:
     """What the model says about its input: ``(channels, height, width)``, None where unknown.
 
-    Channels come from the first 4-D weight (a conv's ``in_channels``); the size from timm's
+    Channels come from the first 4-D weight (a conv's ``in_channels``); the size from a timm ViT's
+    ``patch_embed.img_size``, a Hugging Face ``config.image_size``, timm's
     ``pretrained_cfg``/``default_cfg["input_size"]`` or an ``input_size``/``image_size``/``img_size``
     attribute (on the model or its ``patch_embed``).
 
@@ -615,6 +636,17 @@ def expected_input_shape(module: nn.Module) -> tuple[int | None, int | None, int
             channels = int(p.shape[1])
             break
     height = width = None
+    embed_size = getattr(getattr(module, "patch_embed", None), "img_size", None)  # a timm ViT's real size
+    if (
+        isinstance(embed_size, (tuple, list))
+        and len(embed_size) == 2
+        and all(isinstance(v, int) for v in embed_size)
+    ):
+        return channels, int(embed_size[0]), int(embed_size[1])
+    hf_config = getattr(module, "config", None)  # a Hugging Face model's PretrainedConfig
+    hf_size = getattr(hf_config, "image_size", None) if hf_config is not None else None
+    if isinstance(hf_size, int) and hf_size > 0:
+        return channels or getattr(hf_config, "num_channels", None), hf_size, hf_size
     for cfg_name in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(module, cfg_name, None)
         if isinstance(cfg, Mapping) and isinstance(cfg.get("input_size"), (tuple, list)):
@@ -715,7 +747,7 @@ def save_model(
     """
     out = Path(path)
     chosen = form or (loaded.form if loaded is not None else "state_dict")
-    if chosen == "factory":
+    if chosen in ("factory", "transformers"):
         chosen = "state_dict"
     if chosen not in ("torchscript", "pickle", "state_dict"):
         raise ValueError(f"form must be 'torchscript', 'pickle' or 'state_dict'; got {chosen!r}")

@@ -1,8 +1,10 @@
-"""The purification report: ``report.json`` plus PNG figures a person would rather look at than read.
+"""The purification report: ``report.json``, a self-contained ``report.html`` and PNG figures.
 
 :func:`write_report` writes, into one folder,
 
-- ``loss_curves.png``: every loss term of the per-epoch history against the epoch;
+- ``report.html``: everything below in one file a browser opens offline, figures as inline SVG
+  (``cbd_fast.app.html_report``; needs no matplotlib);
+- ``loss_curves.png``: every loss term per logged step (``history[i]["steps"]``), or per epoch;
 - ``throughput.png``: images per second per epoch;
 - ``features_2d.png``: the paper's Figure 1 picture: clean / contrastive-adversarial (/ triggered,
   when the trigger is known) features in 2-D, before and after purification side by side. The
@@ -13,8 +15,9 @@
   timings, the evocation diagnostic, ACC/ASR when evaluable, the projection's numbers (explained
   variance, centroid cosines), the list of figures and notes.
 
-matplotlib is optional (the ``report`` extra); without it only ``report.json`` is written and it says
-so in ``notes``. Every file is written atomically (temporary name, fsync, rename).
+matplotlib is optional (the ``report`` extra); without it there are no PNG files, a warning says so
+once (stderr), and so do the ``notes``; ``report.html`` and ``report.json`` are written either way.
+Every file is written atomically (temporary name, fsync, rename).
 
 Example:
     >>> proj = collect_projections(backdoored, purified, x_unlabeled, x_triggered=x_trig)  # doctest: +SKIP
@@ -32,6 +35,7 @@ import math
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,6 +55,11 @@ from cbd_fast.core.progress import progress
 __all__ = ["write_report", "collect_projections", "project_2d", "jsonable", "versions", "REPORT_VERSION"]
 
 REPORT_VERSION = 1
+MATPLOTLIB_MISSING = (
+    "matplotlib is not installed: no PNG figures (report.html has them as SVG); "
+    "pip install 'cbd_fast[report]' for the PNGs"
+)
+_WARNED: set[str] = set()
 _SETS = ("clean", "adversarial", "triggered")
 _COLORS = {"clean": "#1f77b4", "adversarial": "#ff7f0e", "triggered": "#d62728"}
 
@@ -286,15 +295,19 @@ def _plot_losses(mpl: tuple[Any, Any], history: Sequence[Mapping[str, Any]], pat
     figure_cls, canvas_cls = mpl
     fig = figure_cls(figsize=(6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
-    x = _epochs(history)
+    from cbd_fast.app.html_report import step_series
+
+    per_step = any(isinstance(r.get("steps"), list) and r.get("steps") for r in history)
+    x, rows = step_series(history) if per_step else (_epochs(history), list(history))
     for k in keys:
-        xs = [xi for xi, r in zip(x, history) if isinstance(r.get(k), (int, float))]
-        ys = [float(r[k]) for r in history if isinstance(r.get(k), (int, float))]
-        ax.plot(xs, ys, marker="o", label=k)
+        pts = [(xi, float(r[k])) for xi, r in zip(x, rows) if isinstance(r.get(k), (int, float))]
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) <= 40 else None, ms=3, label=k
+        )
     _integer_ticks(ax)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (fraction done)" if per_step else "epoch")
     ax.set_ylabel("loss")
-    ax.set_title("CBD loss terms per epoch")
+    ax.set_title("CBD loss terms per logged step" if per_step else "CBD loss terms per epoch")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -363,8 +376,9 @@ def write_report(
     diagnostic: dict | None = None,
     projections: dict | None = None,
     extra: dict | None = None,
+    html: bool = True,
 ) -> Path:
-    """Write ``report.json`` and the PNG figures into ``out_dir`` (created if missing).
+    """Write ``report.json``, ``report.html`` and the PNG figures into ``out_dir`` (created if missing).
 
     Args:
         out_dir: the report folder.
@@ -378,7 +392,9 @@ def write_report(
         projections: ``{"before": {"clean": ndarray[n, D], "adversarial": ..., "triggered": ...},
             "after": {...}}`` (see :func:`collect_projections`): drawn as ``features_2d.png``; only
             summary numbers go into the JSON.
-        extra: anything else JSON-able (model/data descriptions, command line, ...).
+        extra: anything else JSON-able (model/data descriptions, command line, ...); the HTML page
+            shows ``model``, ``data``, ``features`` and ``record`` (the purification record) from it.
+        html: also write ``report.html`` (one self-contained file).
 
     Returns:
         the path of ``report.json``.
@@ -402,7 +418,10 @@ def write_report(
     figures: list[str] = []
     mpl = _matplotlib()
     if mpl is None:
-        notes.append("matplotlib is not installed: no figures (pip install 'cbd_fast[report]')")
+        notes.append(MATPLOTLIB_MISSING)
+        if "matplotlib" not in _WARNED:
+            _WARNED.add("matplotlib")
+            warnings.warn(MATPLOTLIB_MISSING, RuntimeWarning, stacklevel=2)
     else:
         if _plot_losses(mpl, history, out / "loss_curves.png"):
             figures.append("loss_curves.png")
@@ -438,8 +457,16 @@ def write_report(
         "notes": notes,
         "extra": extra,
     }
+    doc = jsonable(doc)
+    if html:
+        from cbd_fast.app.html_report import render_html
+
+        page = render_html(doc, None if proj is None else proj["points"])
+        with atomic_output(out / "report.html") as tmp:
+            tmp.write_text(page, encoding="utf-8")
+        doc["html"] = "report.html"
     path = out / "report.json"
-    text = json.dumps(jsonable(doc), indent=2, allow_nan=False)
+    text = json.dumps(doc, indent=2, allow_nan=False)
     with atomic_output(path) as tmp:
         tmp.write_text(text + "\n")
     return path

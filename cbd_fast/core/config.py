@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["PurifyConfig", "OPTIMIZERS", "LR_SCHEDULES", "BN_POLICIES", "NONFINITE_POLICIES"]
 
@@ -44,12 +44,13 @@ class PurifyConfig:
         steps: PGD iterations K (>= 0; 0 = random start only). Default 5 (paper: 5 to 10).
         temperature: NT-Xent temperature tau, used by the attack and the pulling loss. Default 0.5
             (SimCLR / paper).
-        adversary: name in ``cbd_fast.core.adversaries.ADVERSARIES``. Default ``"pgd_patch_warp"``:
-            a third of each batch per-sample contrastive PGD, a sixth a universal patch found by a
-            label-free scan, half universal smooth warps (4 persistent fields in turn). ``"pgd"`` is
-            the paper's.
+        adversary: name in ``cbd_fast.core.adversaries.ADVERSARIES``. Default ``"trigger_search"``:
+            a label-free search over five transform families (per-sample PGD, a free-form mask and
+            pattern, multi-scale smooth warps, tone curves, low-frequency signals), attacked together,
+            each family's share of the batch set by how strongly it moves the features
+            (``cbd_fast.core.adversaries.search``). ``"pgd"`` is the paper's.
         adversary_options: settings of that adversary (a dict; None or missing keys: its defaults),
-            e.g. ``{"warp_pixels": 1.5, "patch_candidates": 4}``; the keys an adversary has are its
+            e.g. ``{"mask_area": 0.04, "restarts": 2}``; the keys an adversary has are its
             ``OPTIONS`` (``cbd_fast.core.adversaries``), anything else -> ValueError listing them.
 
     Fine-tuning (step 3, backdoor-to-standard pulling, and step 4, keeping clean behaviour):
@@ -78,7 +79,8 @@ class PurifyConfig:
             clean x), ``"contrastive_views"`` (NT-Xent between two augmented clean views) or
             ``"anchor"`` (feature consistency plus a pull of f(x_adv) to the frozen original's
             clean features). Default ``"anchor"``.
-        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 20.0.
+        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0 (chosen on
+            the dev attacks with the trigger search; ``docs/method.md``, 4.2).
         bn_policy: BatchNorm during the fine-tune step: ``"train"`` (batch statistics, running
             statistics updated), ``"eval"`` (running statistics kept; affine weights trained) or
             ``"frozen"`` (eval and affine weights not trained). The attack ALWAYS runs BN in eval
@@ -139,7 +141,7 @@ class PurifyConfig:
     step_size: float = 8 / 255
     steps: int = 5
     temperature: float = 0.5
-    adversary: str = "pgd_patch_warp"
+    adversary: str = "trigger_search"
     adversary_options: dict[str, Any] | None = None
     epochs: int = 4
     lr: float = 0.0015
@@ -151,7 +153,7 @@ class PurifyConfig:
     grad_spike_factor: float | None = 5.0
     pull_target: str = "clean"
     clean_term: str = "anchor"
-    clean_weight: float = 20.0
+    clean_weight: float = 50.0
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2
@@ -193,6 +195,44 @@ class PurifyConfig:
     )
 
     # ------------------------------------------------------------------ construction helpers
+    #: the published method's settings (Xiong et al., ICLR 2023, and the contrastive-PGD lineage it
+    #: follows): per-sample contrastive PGD (eps 8/255, alpha 2/255, K 5, random start, tau 0.5),
+    #: pulling only (no clean-behaviour term), plain SGD fine-tuning at lr 0.01 with momentum,
+    #: BatchNorm in train mode while fine-tuning (standard fine-tuning), no spike guard.
+    PAPER: ClassVar[dict[str, Any]] = {
+        "adversary": "pgd",
+        "adversary_options": None,
+        "epsilon": 8 / 255,
+        "step_size": 2 / 255,
+        "steps": 5,
+        "temperature": 0.5,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "lr_schedule": "constant",
+        "grad_spike_factor": None,
+        "pull_target": "clean",
+        "clean_term": "none",
+        "clean_weight": 0.0,
+        "bn_policy": "train",
+    }
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> PurifyConfig:
+        """The paper's CBD as a preset: :attr:`PAPER` over the defaults, then ``overrides``.
+
+        The run settings (epochs, batch size, seed, device, health check...) stay the library's
+        defaults unless overridden; the health check stays on, so a run that collapses the encoder
+        still stops with ``HealthError`` instead of returning it.
+
+        Example:
+            >>> PurifyConfig.paper(epochs=2).adversary, PurifyConfig.paper().lr
+            ('pgd', 0.01)
+        """
+        _check_keys(overrides)
+        return cls(**{**cls.PAPER, **overrides}).validate()
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         """The names of every configurable field, in declaration order."""

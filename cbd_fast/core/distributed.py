@@ -79,6 +79,7 @@ __all__ = [
     "gather_local_grad",
     "gather_no_grad",
     "all_reduce_mean",
+    "all_reduce_sum",
     "check_config",
     "run_guard",
     "shutdown",
@@ -419,6 +420,16 @@ def gather_no_grad(z: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         return z
     with torch.no_grad():
         return _all_gather_flat(z.detach(), ctx.world_size)
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor, identical on every rank; ``t`` itself when not
+    distributed). Used by adversaries for decisions on the global batch."""
+    if not ctx.enabled:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -2,7 +2,8 @@
 progress bar, and the checks that turn bad data or a non-finite loss into a clear error.
 
 The loop reads the on-device running losses once every ``log_every`` batches and once at the end
-of the epoch (one host sync each), so a GPU is never stalled per step.
+of the epoch (one host sync each), so a GPU is never stalled per step. Each such read also logs a
+step: the mean losses of the batches since the previous one (the entry's ``steps``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def run_epoch(run: Run, stream: ImageStream, epoch: int, last_ckpt: Path | None)
         ``epoch`` (1-based), the means of ``loss``, ``loss_pull``, ``loss_clean``, ``attack_loss``
         over the images of the epoch, ``lr``, ``images``, ``batches``, ``skipped_batches``,
         ``clipped_batches``, ``dropped_batches`` (a last batch of one image), ``seconds``,
-        ``images_per_s``.
+        ``images_per_s``, and ``steps``: a list with one dict per logged step (every ``log_every``
+        batches, and the epoch's last ones): ``epoch`` (1-based), ``batch`` (usable batches done in
+        the epoch), ``batches`` and ``images`` (in this step's window), the means of ``loss``,
+        ``loss_pull``, ``loss_clean``, ``attack_loss`` over the window's images (NaN when all of
+        them were skipped), ``seconds`` (since the epoch started) and ``images_per_s`` (the window's).
 
     Raises:
         ValueError: a data batch outside [0, 1] or NaN/Inf (on accelerators, checked on the device),
@@ -79,6 +84,29 @@ def run_epoch(run: Run, stream: ImageStream, epoch: int, last_ckpt: Path | None)
             "lower lr/epsilon, check the encoder, or set nonfinite='skip' to skip such batches"
         )
 
+    steps: list[dict[str, float]] = []
+    # the running sums, counts and time at the previous logged step
+    mark: dict[str, Any] = {"totals": torch.zeros(len(HISTORY_TERMS) + 1, dtype=torch.float64)}
+    mark.update(batches=0, images=0, t=t0)
+
+    def log_step() -> None:
+        """Append the window since the previous logged step (called right after a sync: the extra
+        read of the running sums does not stall the device)."""
+        if batches <= mark["batches"]:
+            return
+        totals = torch.cat([acc, weight.reshape(1)]).cpu()
+        diff = totals - mark["totals"]
+        now = time.perf_counter()
+        window_images = images - mark["images"]
+        row: dict[str, float] = {"epoch": epoch + 1, "batch": batches, "batches": batches - mark["batches"]}
+        row["images"] = window_images
+        w = float(diff[-1])
+        row.update({k: (float(v) / w if w > 0 else float("nan")) for k, v in zip(HISTORY_TERMS, diff[:-1])})
+        row["seconds"] = now - t0
+        row["images_per_s"] = window_images / max(now - mark["t"], 1e-9)
+        steps.append(row)
+        mark.update(totals=totals, batches=batches, images=images, t=now)
+
     def sync() -> torch.Tensor:
         if int(bad_data) >= 0:
             raise ValueError(
@@ -116,7 +144,9 @@ def run_epoch(run: Run, stream: ImageStream, epoch: int, last_ckpt: Path | None)
             bar.update(1)
             if (b + 1) % cfg.log_every == 0:
                 show_postfix(bar, sync(), images / max(time.perf_counter() - t0, 1e-9))
+                log_step()
         means = sync()
+        log_step()
         if batches:
             show_postfix(bar, means, images / max(time.perf_counter() - t0, 1e-9))
     finally:
@@ -136,4 +166,5 @@ def run_epoch(run: Run, stream: ImageStream, epoch: int, last_ckpt: Path | None)
         seconds=seconds,
         images_per_s=images / max(seconds, 1e-9),
     )
+    entry["steps"] = steps  # type: ignore[assignment]
     return entry

@@ -7,7 +7,7 @@ error everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -21,28 +21,57 @@ __all__ = ["FeatureFn", "Features", "flatten_features", "encoder_features", "bat
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def flatten_features(out: Any, batch: int | None = None) -> torch.Tensor:
+def flatten_features(out: Any, batch: int | None = None, *, strict: bool = False) -> torch.Tensor:
     """``out`` checked and flattened: a floating-point Tensor [B, ...] -> [B, D].
+
+    With ``strict`` (what :func:`cbd_fast.purify` applies to the encoder's output before any
+    training) only the shapes that are one vector per image pass: [B, D] as is, and a feature map
+    [B, C, H, W] (a convolutional backbone without pooling), flattened to [B, C*H*W]. A 3-D tensor
+    [B, T, D] (a transformer's token sequence) is refused: flattening it would purify T*D numbers
+    per image instead of the one vector a head reads; ``feature_fn`` picks the CLS token or a pooled
+    vector (``cbd_fast.core.backbones`` does it automatically for timm, torchvision and Hugging Face
+    transformers models). Without ``strict`` any [B, ...] is flattened (the attack and the metrics
+    take a caller's features as they are).
 
     Args:
         out: what the encoder (or feature function) returned.
         batch: the expected batch size B (None: whatever the first dimension is).
+        strict: refuse a 3-D output and one of more than 4 dimensions.
 
     Raises:
-        TypeError: not a Tensor (names the type and how to pick the features), or not floating point.
-        ValueError: no batch dimension, or one that is not ``batch``.
+        TypeError: not a Tensor (names the type, a mapping's keys, and how to pick the features), or
+            not floating point.
+        ValueError: no batch dimension, or one that is not ``batch``; with ``strict``, a 3-D token
+            sequence or more than 4 dimensions.
     """
     if not isinstance(out, torch.Tensor):
+        kind = type(out).__name__
+        keys = ""
+        if isinstance(out, Mapping):  # a dict or a Hugging Face ModelOutput
+            keys = f" with keys {', '.join(map(str, list(out.keys())[:6]))}"
         raise TypeError(
-            f"the encoder returned {type(out).__name__}: it must return a Tensor of features [B, D]; got "
-            f"a {type(out).__name__}: pass feature_fn=lambda m, x: ... to pick the features "
-            "(e.g. lambda m, x: m(x)[0])"
+            f"the encoder returned {kind}{keys}: it must return a Tensor of features [B, D]; got "
+            f"a {kind}: pass feature_fn=lambda m, x: ... to pick the features "
+            "(e.g. lambda m, x: m(x)[0]" + (", or m(x)['<key>'] for one of those keys" if keys else "") + ")"
         )
     if out.dim() == 0 or (batch is not None and out.shape[0] != batch):
         want = f"the batch size {batch}" if batch is not None else "a batch dimension"
         raise ValueError(f"the encoder's features must have {want} first; got shape {tuple(out.shape)}")
     if not out.dtype.is_floating_point:
         raise TypeError(f"the encoder's features must be floating point; got dtype {out.dtype}")
+    if strict and out.dim() == 3:
+        raise ValueError(
+            f"the encoder returned a 3-D tensor of shape {tuple(out.shape)}, e.g. a transformer's token "
+            "sequence [B, T, D]: flattening it would purify T*D numbers per image, not one feature "
+            "vector. Pick one with feature_fn, e.g. feature_fn=lambda m, x: m(x)[:, 0] (the CLS token) "
+            "or lambda m, x: m(x).mean(1) (mean over tokens); lambda m, x: m(x).flatten(1) flattens "
+            "on purpose"
+        )
+    if strict and out.dim() > 4:
+        raise ValueError(
+            f"the encoder's features must be [B, D] or a feature map [B, C, H, W]; got shape "
+            f"{tuple(out.shape)}: pass feature_fn to pick one vector per image"
+        )
     return out.reshape(out.shape[0], -1)
 
 
@@ -67,6 +96,10 @@ class Features(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return encoder_features(self.encoder, x, self._feature_fn)
+
+    def raw(self, x: torch.Tensor) -> Any:
+        """What the encoder (or ``feature_fn``) returns for ``x``, not flattened or checked."""
+        return self.encoder(x) if self._feature_fn is None else self._feature_fn(self.encoder, x)
 
 
 @torch.no_grad()

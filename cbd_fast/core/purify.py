@@ -25,6 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +36,10 @@ from torch import nn
 
 from cbd_fast.core import checkpoint as ckpt
 from cbd_fast.core import distributed as dist
+from cbd_fast.core.backbones import auto_feature_fn, describe_features
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.epoch import run_epoch
-from cbd_fast.core.features import FeatureFn
+from cbd_fast.core.features import FeatureFn, flatten_features
 from cbd_fast.core.health import check_health, make_health_check
 from cbd_fast.core.inputs import ImageStream, MappedSampler, holdout_split, images_at
 from cbd_fast.core.modes import eval_mode
@@ -44,6 +48,10 @@ from cbd_fast.core.run_state import capture_state, restore_state
 from cbd_fast.core.step import NonFiniteLoss, cbd_step
 
 __all__ = ["purify", "Purifier", "PurifyResult", "FeatureFn"]
+
+logger = logging.getLogger("cbd_fast.core.purify")
+#: warnings already shown in this process (each is shown once)
+_WARNED: set[str] = set()
 
 
 @dataclass
@@ -59,13 +67,26 @@ class PurifyResult:
             measured in the fine-tune forward), ``lr``, ``images``, ``batches``, ``skipped_batches``
             (non-finite, with ``nonfinite="skip"``), ``clipped_batches`` (scaled by the spike guard),
             ``dropped_batches`` (a last batch of 1 image), ``seconds`` and ``images_per_s``. Epochs
-            restored from a checkpoint are included.
+            restored from a checkpoint are included. ``steps`` holds the losses per logged step:
+            one dict per ``log_every`` batches and one for the epoch's last batches (``epoch``,
+            ``batch``: usable batches done in the epoch, ``batches`` and ``images`` in the window, the
+            means of ``loss``, ``loss_pull``, ``loss_clean``, ``attack_loss`` over the window,
+            ``seconds`` since the epoch started, ``images_per_s`` of the window).
         config: the validated config used.
+        features: what the features were, e.g. ``"timm forward_features + avg pool, 768-d"``
+            (:func:`cbd_fast.core.backbones.describe_features`).
+        runtime: where and how it ran: ``device``, ``amp_dtype`` (the autocast dtype or
+            ``"float32"``), ``channels_last``, ``world_size``, ``backend_requested`` (``"auto"`` or
+            the config's), ``backends`` (per op, the backend float32 calls start with there; one
+            that fails at launch falls back at run time), ``backends_available`` and ``extension``
+            (``"loaded"`` or why not).
     """
 
     encoder: nn.Module
     history: list[dict[str, float]]
     config: PurifyConfig
+    features: str | None = None
+    runtime: dict[str, Any] | None = None
 
 
 class Purifier:
@@ -114,7 +135,11 @@ class Purifier:
             the module being purified (on the run's device).
         """
         check_encoder(encoder, feature_fn, inplace)
-        self._run = prepare_run(self.config, make_context(self.config), encoder, feature_fn, inplace)
+        if feature_fn is None:
+            feature_fn = auto_feature_fn(encoder)
+        ctx = make_context(self.config)
+        _warn_if_slow(ctx, self.config)
+        self._run = prepare_run(self.config, ctx, encoder, feature_fn, inplace)
         self._epoch = self._step_count = 0
         return self._run.model
 
@@ -190,7 +215,10 @@ class Purifier:
                 config.
         """
         check_encoder(encoder, feature_fn, inplace)
+        if feature_fn is None:  # timm / torchvision / transformers: their pre-logits features
+            feature_fn = auto_feature_fn(encoder)
         ctx = make_context(self.config)
+        _warn_if_slow(ctx, self.config)
         # All randomness (data loader seeds, dropout) comes from a fork of torch's RNG seeded with
         # config.seed; the caller's RNG state is restored on the way out.
         rng_devices = [ctx.device] if ctx.device.type == "cuda" else []
@@ -217,7 +245,8 @@ class Purifier:
         )
         probe = stream.first_batch()
         run = self._run = prepare_run(cfg, ctx, encoder, feature_fn, inplace)
-        _probe(run, probe)
+        features = describe_features(feature_fn, _probe(run, probe))
+        logger.info("features: %s", features)
         health = None
         if cfg.health != "off":  # the original's features, before any change (and before a resume)
             images = images_at(data, held) if held else probe[: cfg.health_images]
@@ -246,7 +275,13 @@ class Purifier:
                         keep=cfg.keep_checkpoints,
                     )
         self._run = None
-        return PurifyResult(encoder=finish_run(run), history=history, config=cfg)
+        return PurifyResult(
+            encoder=finish_run(run),
+            history=history,
+            config=cfg,
+            features=features,
+            runtime=_runtime(ctx, cfg),
+        )
 
 
 def _size(data: Any) -> int | None:
@@ -281,18 +316,88 @@ def _sampler(data: Any, ctx: dist.DistContext, seed: int, train: list[int] | Non
     return MappedSampler(dist.make_sampler(range(len(train)), ctx, shuffle=True, seed=seed), train)
 
 
-def _probe(run: Run, images: torch.Tensor) -> None:
-    """One eval-mode, no-grad forward on a few first-batch images: features must be finite [B, D]."""
+def _probe(run: Run, images: torch.Tensor) -> int:
+    """One eval-mode, no-grad forward on a few first-batch images: the features must be one finite
+    vector per image ([B, D], or a [B, C, H, W] map, flattened; ``flatten_features(strict=True)``).
+    Returns D."""
     x = images[: min(images.shape[0], 8)].to(run.ctx.device)
     x = x.to(run.dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(run.dtype)
     with torch.no_grad(), eval_mode(run.features), run.ctx.autocast():
-        z = run.features(x)
+        z = flatten_features(run.features.raw(x), x.shape[0], strict=True)  # one vector per image
     if z.shape[1] < 1:
         raise ValueError(f"the encoder returned empty features; got shape {tuple(z.shape)}")
     if not bool(torch.isfinite(z).all()):
         raise ValueError(
             "the encoder returned non-finite features (NaN/Inf) on the first batch of clean images; "
             "purify needs an encoder that works on the data"
+        )
+    return int(z.shape[1])
+
+
+def _runtime(ctx: Any, cfg: PurifyConfig) -> dict[str, Any]:
+    """``PurifyResult.runtime``: device, precision, world size, op backends (see there)."""
+    import importlib
+
+    from cbd_fast.ops import _ext
+    from cbd_fast.ops.backends import available_backends, select_backend
+
+    backends: dict[str, str] = {}
+    for op, module in (("nt_xent", "cbd_fast.ops.nt_xent"), ("pgd_step", "cbd_fast.ops.pgd")):
+        order = getattr(importlib.import_module(module), "_ORDER", {}).get(ctx.device.type)
+        try:
+            backends[op] = select_backend(op, ctx.device, cfg.backend, priority=order)
+        except (RuntimeError, ValueError, TypeError) as exc:  # pragma: no cover - the run would have failed
+            backends[op] = f"unavailable: {exc}"
+    return {
+        "device": str(ctx.device),
+        "amp_dtype": str(ctx.amp_dtype).replace("torch.", "") if ctx.amp_dtype is not None else "float32",
+        "channels_last": bool(ctx.channels_last),
+        "world_size": int(ctx.world),
+        "backend_requested": cfg.backend or "auto",
+        "backends": backends,
+        "backends_available": available_backends(ctx.device),
+        "extension": "loaded" if _ext.load() is not None else _ext.load_error(),
+    }
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # an older torch or a build without oneDNN
+        return False
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _warn_if_slow(ctx: Any, cfg: PurifyConfig) -> None:
+    """Warn (once per process) when the run will be slower than it could be, unless the user chose
+    it: the ops fall back to the pure-PyTorch backend because the compiled kernels cannot run here,
+    or bfloat16 autocast is asked for on a CPU without native bfloat16 instructions (emulated)."""
+    from cbd_fast.ops.backends import ENV_VAR, backend_status, select_backend
+
+    device = ctx.device
+    if cfg.backend is None and not os.environ.get(ENV_VAR, "").strip():
+        best = "cuda" if device.type == "cuda" else "cpp"
+        reason = backend_status(device).get(best)
+        if reason is not None and "CBD_FAST_DISABLE_EXT" not in reason:
+            chosen = select_backend("nt_xent", device)
+            if chosen == "torch":
+                _warn_once(
+                    f"backend:{device.type}",
+                    f"cbd_fast's {best} kernels cannot run here ({reason}): NT-Xent and PGD fall back to "
+                    "the slower pure-PyTorch backend ('python -m cbd_fast.info' says more; reinstall with "
+                    "'bash scripts/install.sh' to build the kernels)",
+                )
+    if device.type == "cpu" and ctx.amp_dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        _warn_once(
+            "amp:cpu-bf16",
+            "amp_dtype='bfloat16' on a CPU without native bfloat16 instructions (AVX512-BF16/AMX): "
+            "autocast emulates it, usually slower than float32; set amp_dtype='float32'",
         )
 
 

@@ -120,6 +120,7 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
                 gather=(lambda z: dist.gather_local_grad(z, dctx)) if dctx.enabled else None,
                 config=cfg,
                 rank=dctx.rank if dctx.enabled else 0,
+                reduce=(lambda t: dist.all_reduce_sum(t, dctx)) if dctx.enabled else None,
             )
         )
     # 3. Fine-tune: one forward of [x_adv; x; extra clean views], pulling + clean term.

@@ -160,7 +160,12 @@ def load_fashion_mnist(
 def split_unlabeled(
     train: ImageSet, fraction: float = 0.05, *, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw the defender's unlabeled set: a random ``fraction`` of the training images.
+    """A random ``fraction`` of the training images, the first ones of ``randperm(N, seed)``.
+
+    This is the permutation a backdoored model with the same seed was poisoned from, so the draw
+    holds exactly the clean copies of the first poisoned images: the held-out protocol uses
+    :func:`cbd_fast.evaluation.protocol.defender_images` instead and keeps this draw as its
+    ``overlap=True`` ablation.
 
     Args:
         train: the training set.

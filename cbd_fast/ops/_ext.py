@@ -12,7 +12,7 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["load", "load_error", "has_cuda"]
+__all__ = ["load", "load_error", "has_cuda", "has_kernel", "NATIVE_OPS"]
 
 _state: dict[str, object] = {}
 
@@ -41,13 +41,55 @@ def load_error() -> str | None:
     return _state["error"]  # type: ignore[return-value]
 
 
-def has_cuda() -> bool:
-    """True when the loaded extension was compiled with its CUDA kernels."""
-    mod = load()
-    if mod is None:
-        return False
-    if "cuda" not in _state:  # the build record is read (and copied) once, not on every op call
-        from cbd_fast.ops.build_info import build_info
+#: The native ops behind each public op, as registered by the extension (csrc/torch/ops.cpp).
+NATIVE_OPS: dict[str, tuple[str, ...]] = {
+    "nt_xent": ("cbd_fast::nt_xent_fwd", "cbd_fast::nt_xent_bwd"),
+    "pgd_step": ("cbd_fast::pgd_step_",),
+}
 
-        _state["cuda"] = bool(build_info().get("cuda_compiled", False))
-    return bool(_state["cuda"])
+
+def has_kernel(qualname: str, dispatch_key: str = "CUDA") -> bool:
+    """Whether the torch dispatcher holds a kernel of op ``qualname`` for ``dispatch_key``.
+
+    Asks the dispatcher itself (``torch._C._dispatch_has_kernel_for_dispatch_key``), so the answer
+    reflects what was really registered when the extension was imported, not what the build record
+    claims. A kernel registered for that key only counts (no fallthrough, no composite alias).
+
+    Args:
+        qualname: ``"namespace::op"``, e.g. ``"cbd_fast::nt_xent_fwd"``.
+        dispatch_key: a dispatch key name, e.g. ``"CUDA"`` or ``"CPU"``.
+
+    Returns:
+        False as well when the op does not exist.
+    """
+    import torch
+
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key))
+    except RuntimeError:  # "operator ... does not exist"
+        return False
+
+
+def has_cuda(op: str | None = None) -> bool:
+    """True when the loaded extension registered CUDA kernels (for ``op``'s native ops, or all).
+
+    The dispatcher is asked (see ``has_kernel``), not the build record: a record that says
+    ``cuda_compiled`` beside an extension whose CUDA kernels did not register (a stale or mixed
+    build, a CUDA glue file left out) answers False here.
+
+    Args:
+        op: "nt_xent" or "pgd_step" (keys of ``NATIVE_OPS``), or None for every op of the extension.
+
+    Returns:
+        False when the extension is not loaded.
+    """
+    if load() is None:
+        return False
+    if op is not None and op not in NATIVE_OPS:
+        raise ValueError(f"op must be one of {sorted(NATIVE_OPS)} or None; got {op!r}")
+    cache = _state.setdefault("cuda_ops", {})  # registrations happen at import only: ask once per op
+    names = NATIVE_OPS[op] if op is not None else tuple(q for qs in NATIVE_OPS.values() for q in qs)
+    for qualname in names:
+        if qualname not in cache:
+            cache[qualname] = has_kernel(qualname, "CUDA")
+    return all(cache[q] for q in names)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from cbd_fast.ops.backends import select_backend
+from cbd_fast.ops.backends import candidate_backends
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -19,6 +19,7 @@ __all__ = [
     "check_float_tensor",
     "check_real",
     "select_op_backend",
+    "op_backend_candidates",
     "check_backend_dtype",
     "register_fake_once",
 ]
@@ -67,30 +68,45 @@ def check_real(name: str, value: object, *, kinds: str = "") -> float:
     return float(value)
 
 
-def select_op_backend(
-    op: str, device: torch.device, dtype: torch.dtype, backend: str | None, gpu_order: tuple[str, ...]
-) -> str:
-    """``cbd_fast.ops.backends.select_backend`` with the ops' automatic order of backends.
+def op_backend_candidates(
+    op: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None,
+    gpu_order: tuple[str, ...],
+    cpu_order: tuple[str, ...] = ("cpp", "torch"),
+) -> tuple[list[str], bool]:
+    """The backends to try for ``op``, in order, and whether the caller named one.
 
     float64 (when no backend is named) goes to cpp or torch on CPU and torch on CUDA; other dtypes
-    try ``gpu_order`` on CUDA and cpp, torch on CPU.
+    try ``gpu_order`` on CUDA and ``cpu_order`` (cpp, torch) on CPU. Backends that failed to
+    compile or launch for (op, device type, dtype) earlier in this process are left out
+    (``backends.run_with_fallback``).
 
     Args:
-        op: the op's name, e.g. "pgd_step" (for messages).
+        op: the op's name, e.g. "pgd_step" (for messages and the failure records).
         device: the tensors' device.
         dtype: their storage dtype.
         backend: the backend the caller named, or None (automatic; ``CBD_FAST_BACKEND`` overrides).
         gpu_order: the op's preferred order of backends for CUDA tensors.
+        cpu_order: the order for CPU tensors.
 
     Returns:
-        The backend's name. Raises RuntimeError (from ``select_backend``) when a named backend
-        cannot serve the tensors.
+        ``(names, named)`` as ``cbd_fast.ops.backends.candidate_backends``. Raises RuntimeError
+        when a named backend cannot serve the tensors.
     """
     if backend is None and dtype == torch.float64:
         priority = ("cpp", "torch") if device.type == "cpu" else ("torch",)
     else:
-        priority = gpu_order if device.type == "cuda" else ("cpp", "torch")
-    return select_backend(op, device, backend, priority=priority)
+        priority = gpu_order if device.type == "cuda" else cpu_order
+    return candidate_backends(op, device, backend, priority=priority, dtype=dtype)
+
+
+def select_op_backend(
+    op: str, device: torch.device, dtype: torch.dtype, backend: str | None, gpu_order: tuple[str, ...]
+) -> str:
+    """The first of ``op_backend_candidates`` (see there): the backend an op call starts with."""
+    return op_backend_candidates(op, device, dtype, backend, gpu_order)[0][0]
 
 
 def check_backend_dtype(op: str, name: str, arg: str, dtype: torch.dtype) -> None:

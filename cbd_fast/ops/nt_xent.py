@@ -20,9 +20,16 @@ Backends (``cbd_fast.ops.backends``): ``cuda`` and ``cpp`` are ``torch.ops.cbd_f
 from the compiled extension (csrc/kernels/nt_xent.cu, csrc/kernels/nt_xent_cpu.h); ``triton`` is
 ``torch.ops.cbd_fast.nt_xent_fwd_triton/bwd_triton`` (cbd_fast/kernels/triton/nt_xent.py, also on
 CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` is ``cbd_fast.ops.reference.nt_xent_reference``.
-Automatic choice: CUDA tensors try triton, cuda, torch; CPU tensors cpp, torch. float64 runs on
-cpp or torch only. All four ops have fake (meta) implementations registered here, so
-``torch.compile(fullgraph=True)`` traces ``nt_xent`` and ``torch.library.opcheck`` passes.
+Automatic choice (``_ORDER``): CUDA tensors try triton, cuda, torch; CPU tensors cpp, torch.
+float64 runs on cpp or torch only. All four ops have fake (meta) implementations registered here,
+so ``torch.compile(fullgraph=True)`` traces ``nt_xent`` and ``torch.library.opcheck`` passes.
+
+Fallback (``cbd_fast.ops.backends.run_with_fallback``): with ``backend=None``, a backend whose
+kernel fails to compile or launch (forward or backward) is recorded, warned about once, and the
+call runs on the next backend of the order; a backward that fails falls back on the same saved
+``za, zb, lse`` (every backend shares that contract; past the compiled backends,
+``cbd_fast.ops.reference.nt_xent_bwd_reference``). Under ``torch.compile`` the backend is fixed
+when tracing (backends that failed before are skipped) and errors propagate.
 
 The loss is returned as float32 for float32/bfloat16/float16 inputs (float64 for float64 inputs).
 A NaN or Inf anywhere in the inputs gives a NaN loss (and NaN gradients); nothing crashes.
@@ -36,14 +43,15 @@ import torch
 import torch.nn.functional as F
 
 from cbd_fast.ops import _ext
+from cbd_fast.ops.backends import run_with_fallback
 from cbd_fast.ops.dispatch import (
     check_backend_dtype,
     check_float_tensor,
     check_real,
+    op_backend_candidates,
     register_fake_once,
-    select_op_backend,
 )
-from cbd_fast.ops.reference import NORM_EPS, nt_xent_reference, opmath_dtype
+from cbd_fast.ops.reference import NORM_EPS, nt_xent_bwd_reference, nt_xent_reference, opmath_dtype
 
 __all__ = ["nt_xent", "nt_xent_value_and_grad", "check_nt_xent_args"]
 
@@ -117,24 +125,66 @@ def _bwd_op(backend: str):
 # ---- autograd ----------------------------------------------------------------------------------------
 
 
+def _bwd_call(
+    name: str,
+    grad: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temp: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused backward on backend ``name`` ("torch": the chunked PyTorch contract)."""
+    if name == "torch":
+        return nt_xent_bwd_reference(grad, za, zb, lse, inv_temp, need_a, need_b)
+    return _bwd_op(name)(grad, za, zb, lse, inv_temp, need_a, need_b)
+
+
 class _NTXentFunction(torch.autograd.Function):
-    """loss = NT-Xent of the already-normalised views; d loss / d(za, zb) from the fused backward."""
+    """loss = NT-Xent of the already-normalised views; d loss / d(za, zb) from the fused backward.
+
+    ``chain`` is the comma-joined list of backends, starting with ``backend``, that the backward may
+    fall back on (``named``: no fallback); ``dtype`` is the caller's input dtype (the failure key).
+    """
 
     @staticmethod
-    def forward(ctx, za: torch.Tensor, zb: torch.Tensor, inv_temp: float, backend: str) -> torch.Tensor:
+    def forward(
+        ctx,
+        za: torch.Tensor,
+        zb: torch.Tensor,
+        inv_temp: float,
+        backend: str,
+        chain: str = "",
+        named: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         loss, lse = _fwd_op(backend)(za, zb, inv_temp)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             ctx.save_for_backward(za, zb, lse)
         ctx.inv_temp = inv_temp
-        ctx.backend = backend
+        ctx.chain = [n for n in chain.split(",") if n] or [backend]
+        ctx.named = named
+        ctx.dtype = dtype or za.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         za, zb, lse = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ga, gb = _bwd_op(ctx.backend)(grad.float().contiguous(), za, zb, lse, ctx.inv_temp, need_a, need_b)
-        return (ga if need_a else None), (gb if need_b else None), None, None
+        args = (grad.float().contiguous(), za, zb, lse, ctx.inv_temp, need_a, need_b)
+        if torch.compiler.is_compiling():
+            ga, gb = _bwd_call(ctx.chain[0], *args)
+        else:
+            ga, gb = run_with_fallback(
+                "nt_xent",
+                za.device,
+                ctx.dtype,
+                ctx.chain,
+                lambda name: _bwd_call(name, *args),
+                named=ctx.named,
+            )
+        return (ga if need_a else None), (gb if need_b else None), None, None, None, None, None
 
 
 # ---- validation and dispatch -------------------------------------------------------------------------
@@ -169,17 +219,34 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
     return tau
 
 
+#: Automatic order of backends per device type (float64 aside: cpp, torch on CPU; torch on CUDA).
+_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
 @torch.compiler.assume_constant_result
-def _select(device: str, is_f64: bool, backend: str | None) -> str:
-    """Backend choice for (device, dtype class, request); a constant while torch.compile traces."""
-    dtype = torch.float64 if is_f64 else torch.float32  # only the dtype class matters here
-    return select_op_backend("nt_xent", torch.device(device), dtype, backend, ("triton", "cuda", "torch"))
+def _select(device: str, dtype: str, backend: str | None) -> str:
+    """The backends to try for (device, dtype, request), comma-joined, ``=``-prefixed when named.
+
+    A string so that it is a constant while torch.compile traces (resolved once, not traced).
+    """
+    names, named = op_backend_candidates(
+        "nt_xent", torch.device(device), getattr(torch, dtype), backend, _ORDER["cuda"], _ORDER["cpu"]
+    )
+    return ("=" if named else "") + ",".join(names)
+
+
+def _candidates(a: torch.Tensor, backend: str | None) -> tuple[list[str], bool]:
+    """``(names, named)``: the backends to try in order, and whether the caller named the backend."""
+    text = _select(str(a.device), str(a.dtype).removeprefix("torch."), backend)
+    named = text.startswith("=")
+    names = text.removeprefix("=").split(",")
+    check_backend_dtype("nt_xent", names[0], "a", a.dtype)
+    return names, named
 
 
 def _resolve_backend(a: torch.Tensor, backend: str | None) -> str:
-    name = _select(str(a.device), a.dtype == torch.float64, backend)
-    check_backend_dtype("nt_xent", name, "a", a.dtype)
-    return name
+    """The backend a call starts with (see ``_candidates``)."""
+    return _candidates(a, backend)[0][0]
 
 
 def _normalized(x: torch.Tensor, backend: str) -> torch.Tensor:
@@ -214,7 +281,9 @@ def nt_xent(
             positive of row ``i`` of ``a``.
         temperature: tau, finite and > 0 (0.5 is SimCLR's and CBD's default).
         backend: "cuda", "triton", "cpp", "torch" or None (automatic; ``CBD_FAST_BACKEND``
-            overrides). A named backend that cannot serve these tensors raises RuntimeError.
+            overrides; a backend that fails to compile or launch is skipped with a
+            ``BackendFallbackWarning``, once). A named backend that cannot serve these tensors
+            raises RuntimeError, and its compile or launch errors are raised too.
 
     Returns:
         0-dim tensor, float32 (float64 for float64 inputs), on ``a``'s device. NaN when any input
@@ -231,11 +300,29 @@ def nt_xent(
         True
     """
     tau = check_nt_xent_args(a, b, temperature)
-    name = _resolve_backend(a, backend)
+    names, named = _candidates(a, backend)
+    if torch.compiler.is_compiling():  # the backend is fixed at trace time; no try/except traced
+        return _nt_xent_on(names[0], names, True, a, b, tau)
+    return run_with_fallback(
+        "nt_xent",
+        a.device,
+        a.dtype,
+        names,
+        lambda name: _nt_xent_on(name, names, named, a, b, tau),
+        named=named,
+    )
+
+
+def _nt_xent_on(
+    name: str, names: list[str], named: bool, a: torch.Tensor, b: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """``nt_xent`` on backend ``name``; its backward may fall back on the backends after it."""
+    check_backend_dtype("nt_xent", name, "a", a.dtype)
     if name == "torch":
         return nt_xent_reference(a, b, tau)
     za, zb = _normalized(a, name), _normalized(b, name)
-    return _NTXentFunction.apply(za, zb, 1.0 / tau, name)
+    chain = ",".join(names[names.index(name) :]) if name in names else name
+    return _NTXentFunction.apply(za, zb, 1.0 / tau, name, chain, named, a.dtype)
 
 
 def nt_xent_value_and_grad(
@@ -269,7 +356,19 @@ def nt_xent_value_and_grad(
         torch.Size([8, 16])
     """
     tau = check_nt_xent_args(a, b, temperature)
-    name = _resolve_backend(a, backend)
+    names, named = _candidates(a, backend)
+    if torch.compiler.is_compiling():
+        return _value_and_grad_on(names[0], a, b, tau)
+    return run_with_fallback(
+        "nt_xent", a.device, a.dtype, names, lambda name: _value_and_grad_on(name, a, b, tau), named=named
+    )
+
+
+def _value_and_grad_on(
+    name: str, a: torch.Tensor, b: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nt_xent_value_and_grad`` on backend ``name``."""
+    check_backend_dtype("nt_xent", name, "a", a.dtype)
     with torch.no_grad():
         if name == "torch":
             with torch.enable_grad():

@@ -11,8 +11,11 @@ ball, two against the box) with one pass over memory. Backends (``cbd_fast.ops.b
               parallel over chunks; also float64.
 - ``torch``:  ``cbd_fast.ops.reference.pgd_step_reference``, the executable specification.
 
-Automatic choice: CUDA tensors try cuda, triton, torch; CPU tensors cpp, torch. float64 tensors go
-to cpp (CPU) or torch (CUDA). Every backend is bit-for-bit equal to the reference (values; the sign
+Automatic choice (``_ORDER``): CUDA tensors try cuda, triton, torch; CPU tensors cpp, torch. float64
+tensors go to cpp (CPU) or torch (CUDA). With ``backend=None`` a backend whose kernel fails to
+compile or launch is recorded, warned about once and skipped (``cbd_fast.ops.backends.
+run_with_fallback``); such failures happen before the kernel runs, so ``x_adv`` is untouched when
+the next backend takes over. Every backend is bit-for-bit equal to the reference (values; the sign
 of a zero result and NaN payloads are not specified), except the Triton interpreter on CPU, whose
 float32 -> bfloat16/float16 casts may truncate (one ulp).
 
@@ -27,12 +30,13 @@ import math
 import torch
 
 from cbd_fast.ops import _ext
+from cbd_fast.ops.backends import run_with_fallback
 from cbd_fast.ops.dispatch import (
     check_backend_dtype,
     check_float_tensor,
     check_real,
+    op_backend_candidates,
     register_fake_once,
-    select_op_backend,
 )
 from cbd_fast.ops.reference import pgd_init_reference, pgd_step_reference
 
@@ -179,17 +183,39 @@ def check_pgd_step_args(
 # ---- public API -------------------------------------------------------------------------------------
 
 
+#: Automatic order of backends per device type (float64 aside: cpp, torch on CPU; torch on CUDA).
+_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
 def _resolve_backend(x: torch.Tensor, backend: str | None) -> str:
-    return _backend_for(x.device, x.dtype, backend)
+    return _candidates(x, backend)[0][0]
+
+
+def _candidates(x: torch.Tensor, backend: str | None) -> tuple[list[str], bool]:
+    """``(names, named)``: the backends to try in order, and whether the caller named the backend."""
+    text = _backend_for(x.device, x.dtype, backend)
+    return text.removeprefix("=").split(","), text.startswith("=")
 
 
 @torch.compiler.assume_constant_result  # torch.compile: resolved once at trace time, not traced
 def _backend_for(dev: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    name = select_op_backend("pgd_step", dev, dtype, backend, ("cuda", "triton", "torch"))
-    if name in ("cpp", "cuda"):
+    """The backends to try, comma-joined and ``=``-prefixed when named (a constant when traced)."""
+    names, named = op_backend_candidates("pgd_step", dev, dtype, backend, _ORDER["cuda"], _ORDER["cpu"])
+    if any(n in ("cpp", "cuda") for n in names):
         _native_op()  # registers the fake impl here: this function runs eagerly even under tracing
-    check_backend_dtype("pgd_step", name, "x_adv", dtype)
-    return name
+    check_backend_dtype("pgd_step", names[0], "x_adv", dtype)
+    return ("=" if named else "") + ",".join(names)
+
+
+def _step_on(name: str, x_adv, grad, x_clean, step: float, eps: float, lo: float, hi: float) -> None:
+    """One fused step in place on backend ``name``."""
+    check_backend_dtype("pgd_step", name, "x_adv", x_adv.dtype)
+    if name in ("cpp", "cuda"):
+        torch.ops.cbd_fast.pgd_step_(x_adv, grad, x_clean, step, eps, lo, hi)
+    elif name == "triton":
+        _pgd_step_triton_op(x_adv, grad, x_clean, step, eps, lo, hi)
+    else:
+        pgd_step_reference(x_adv, grad, x_clean, step, eps, lo, hi)
 
 
 def pgd_step(
@@ -227,7 +253,9 @@ def pgd_step(
         lower: the box's lower bound (finite, <= upper); 0.0 for images in [0, 1].
         upper: the box's upper bound (finite).
         backend: "cuda", "triton", "cpp", "torch" or None (automatic; ``CBD_FAST_BACKEND``
-            overrides). A named backend that cannot serve these tensors raises RuntimeError.
+            overrides; a backend that fails to compile or launch is skipped with a warning). A
+            named backend that cannot serve these tensors raises RuntimeError, and its compile or
+            launch errors are raised too.
 
     Returns:
         ``x_adv`` itself, updated.
@@ -245,16 +273,21 @@ def pgd_step(
         True
     """
     step, eps, lo, hi = check_pgd_step_args(x_adv, grad, x_clean, step_size, epsilon, lower, upper)
-    name = _resolve_backend(x_adv, backend)
+    names, named = _candidates(x_adv, backend)
     if x_adv.numel() == 0:
         return x_adv
     with torch.no_grad():
-        if name in ("cpp", "cuda"):
-            torch.ops.cbd_fast.pgd_step_(x_adv, grad, x_clean, step, eps, lo, hi)
-        elif name == "triton":
-            _pgd_step_triton_op(x_adv, grad, x_clean, step, eps, lo, hi)
+        if torch.compiler.is_compiling():  # the backend is fixed at trace time; no try/except traced
+            _step_on(names[0], x_adv, grad, x_clean, step, eps, lo, hi)
         else:
-            pgd_step_reference(x_adv, grad, x_clean, step, eps, lo, hi)
+            run_with_fallback(
+                "pgd_step",
+                x_adv.device,
+                x_adv.dtype,
+                names,
+                lambda name: _step_on(name, x_adv, grad, x_clean, step, eps, lo, hi),
+                named=named,
+            )
     return x_adv
 
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["nt_xent_reference", "pgd_step_reference", "pgd_init_reference", "opmath_dtype", "NORM_EPS"]
+__all__ = [
+    "nt_xent_reference",
+    "nt_xent_fwd_reference",
+    "nt_xent_bwd_reference",
+    "pgd_step_reference",
+    "pgd_init_reference",
+    "opmath_dtype",
+    "NORM_EPS",
+]
 
 #: Rows are L2-normalised as ``x / max(||x||, NORM_EPS)`` (``F.normalize``): a zero row stays zero.
 NORM_EPS = 1e-12
@@ -46,6 +54,95 @@ def nt_xent_reference(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.5
     pos_idx = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(s.device)
     pos = s.gather(1, pos_idx[:, None]).squeeze(1)
     return (torch.logsumexp(s, dim=1) - pos).mean()
+
+
+def _row_chunk(two_n: int) -> int:
+    """Rows per chunk of the contract references: about 2^26 scores (256 MiB of float32) at a time."""
+    return max(1, min(two_n, (1 << 26) // max(two_n, 1)))
+
+
+def nt_xent_fwd_reference(
+    za: torch.Tensor, zb: torch.Tensor, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward's contract (``nt_xent_fwd`` ops) in PyTorch, chunked over rows.
+
+    Args:
+        za, zb: [N, D] L2-normalised views (any float dtype; computed in float32, float64 for
+            float64).
+        inv_temp: 1 / temperature.
+
+    Returns:
+        ``(loss, lse)``: the 0-dim mean over the 2N rows of ``lse_i - s_{i,p(i)}`` and ``lse`` [2N],
+        ``lse_i = logsumexp_{j != i} s_ij``, ``s_ij = inv_temp * <u_i, u_j>``, ``u = [za; zb]``;
+        both float32 (float64 for float64 inputs). The 2N x 2N matrix is built a row chunk at a time.
+    """
+    compute = opmath_dtype(za.dtype)
+    u = torch.cat([za, zb], dim=0).to(compute)
+    two_n, n = u.shape[0], za.shape[0]
+    lse = torch.empty(two_n, dtype=compute, device=u.device)
+    term = torch.empty(two_n, dtype=compute, device=u.device)
+    step = _row_chunk(two_n)
+    for r0 in range(0, two_n, step):
+        r1 = min(r0 + step, two_n)
+        rows = torch.arange(r0, r1, device=u.device)
+        local = rows - r0
+        s = (u[r0:r1] @ u.T) * inv_temp
+        pos = s[local, (rows + n) % two_n]  # the partner p(i) = i +- N
+        s[local, rows] = float("-inf")  # j != i
+        lse[r0:r1] = torch.logsumexp(s, dim=1)
+        term[r0:r1] = lse[r0:r1] - pos
+    loss = (term.sum(dtype=torch.float64) / two_n).to(compute)
+    return loss, lse
+
+
+def nt_xent_bwd_reference(
+    grad: torch.Tensor,
+    za: torch.Tensor,
+    zb: torch.Tensor,
+    lse: torch.Tensor,
+    inv_temp: float,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused backward's contract (``nt_xent_bwd`` ops) in PyTorch, chunked over rows.
+
+    ``dL/du_k = grad * inv_temp / (2N) * (sum_{j != k} W_kj u_j - 2 u_{p(k)})`` with
+    ``W_kj = exp(s_kj - lse_k) + exp(s_kj - lse_j)`` (s is symmetric).
+
+    Args:
+        grad: one-element tensor, the loss's incoming gradient.
+        za, zb: [N, D] the forward's inputs. lse: [2N] the forward's output. inv_temp: 1 / tau.
+        need_a, need_b: which sides to compute.
+
+    Returns:
+        ``(grad_za, grad_zb)``, each [N, D] in za's dtype, or an empty tensor for a side not needed.
+    """
+    compute = opmath_dtype(za.dtype)
+    n = za.shape[0]
+    ga = torch.empty_like(za) if need_a else za.new_empty((0,))
+    gb = torch.empty_like(zb) if need_b else zb.new_empty((0,))
+    if not (need_a or need_b):
+        return ga, gb
+    u = torch.cat([za, zb], dim=0).to(compute)
+    lse = lse.to(device=u.device, dtype=compute)
+    two_n = u.shape[0]
+    coef = grad.reshape(()).to(device=u.device, dtype=compute) * (inv_temp / two_n)
+    row_start, row_end = (0 if need_a else n), (two_n if need_b else n)
+    step = _row_chunk(two_n)
+    for r0 in range(row_start, row_end, step):
+        r1 = min(r0 + step, row_end)
+        rows = torch.arange(r0, r1, device=u.device)
+        local = rows - r0
+        s = (u[r0:r1] @ u.T) * inv_temp
+        w = torch.exp(s - lse[r0:r1, None]) + torch.exp(s - lse[None, :])
+        w[local, rows] = 0.0  # j != k
+        out = coef * (w @ u - 2.0 * u[(rows + n) % two_n])
+        if r0 < n:  # rows of za
+            ga[r0 : min(r1, n)] = out[: min(r1, n) - r0].to(za.dtype)
+        if r1 > n:  # rows of zb
+            lo = max(r0, n)
+            gb[lo - n : r1 - n] = out[lo - r0 :].to(zb.dtype)
+    return ga, gb
 
 
 def pgd_step_reference(

@@ -85,23 +85,32 @@ def test_write_report_files_and_json(tmp_path):
     before = stats["before"]["mean_cos_to_triggered_centroid"]
     assert before["adversarial"] > before["clean"]  # the fixture's adversaries sit near the trigger
     assert stats["before"]["count"] == {"clean": 40, "adversarial": 40, "triggered": 30}
-    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted([*doc["figures"], "report.json"])
+    assert doc["html"] == "report.html"
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(
+        [*doc["figures"], "report.json", "report.html"]
+    )
 
 
-def test_report_without_matplotlib_writes_json_with_note(tmp_path, monkeypatch):
+def test_report_without_matplotlib_writes_json_and_html_and_warns_once(tmp_path, monkeypatch, capsys):
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)
-    out = report.write_report(tmp_path, config={}, history=HISTORY, projections=_projections())
+    monkeypatch.setattr(report, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="matplotlib is not installed") as seen:
+        out = report.write_report(tmp_path, config={}, history=HISTORY, projections=_projections())
+        report.write_report(tmp_path / "again", config={}, history=HISTORY)
+    assert len([w for w in seen if "matplotlib" in str(w.message)]) == 1  # once per process
     doc = json.loads(out.read_text())
     assert doc["figures"] == [] and "matplotlib is not installed" in doc["notes"][0]
     assert doc["projection"]["explained_variance"][0] > 0
-    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "report.html", "report.json"]
+    assert "<svg" in (tmp_path / "report.html").read_text()  # the HTML figures need no matplotlib
 
 
 def test_report_empty_history_and_dataclass_config(tmp_path):
     from cbd_fast.core.config import PurifyConfig
 
-    out = report.write_report(tmp_path / "r", config=PurifyConfig(), history=[])
+    out = report.write_report(tmp_path / "r", config=PurifyConfig(), history=[], html=False)
+    assert not (tmp_path / "r" / "report.html").exists()
     doc = json.loads(out.read_text())
     assert doc["config"]["epsilon"] == pytest.approx(PurifyConfig().epsilon) and doc["history"] == []
     assert any("empty history" in n for n in doc["notes"]) and doc["projection"] is None

@@ -179,8 +179,8 @@ def mode_errors(outdir: Path) -> None:
     # A backend only one rank cannot run (rank 1 pretends its extension is missing).
     real_status = backends.backend_status
 
-    def fake_status(device: Any = "cpu") -> dict[str, str | None]:
-        status = real_status(device)
+    def fake_status(device: Any = "cpu", op: str | None = None) -> dict[str, str | None]:
+        status = real_status(device, op)
         if ctx.rank == 1:
             status["torch"] = "pretend: unavailable on rank 1"
         return status
@@ -259,9 +259,8 @@ def _crash_in_purify(outdir: Path) -> None:
 #: The purify runs compared across 1 and 2 processes (global batch 8 of 16 images, BN in train mode
 #: so the global statistics matter, a learning rate that moves the weights visibly).
 PURIFY = {
-    # "pgd", not the default "pgd_patch_warp": the default's patch and warp thirds are rank-local (each
-    # rank splits its own slice in thirds, scans and refines its own universal patch and warp field),
-    # so only the plain per-sample PGD (global negatives) reproduces a one-process run bit for bit.
+    # the plain per-sample PGD here; ``purify_settings("default")`` drops it for the default adversary,
+    # whose batch split and universal searches are decided on the global batch as well.
     "adversary": "pgd",
     "epochs": 2,
     "batch_size": 8,
@@ -285,11 +284,24 @@ def purify_data() -> torch.Tensor:
     return make_data(PURIFY_N, seed=5)
 
 
+def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
+    """``PURIFY`` with ``adversary`` (``"default"``: the library's default adversary and options)."""
+    out = dict(PURIFY)
+    if adversary == "default":
+        del out["adversary"]
+    else:
+        out["adversary"] = adversary
+    return out
+
+
 def mode_purify(outdir: Path, *args: str) -> None:
     """Distributed purify: (A) a 2-epoch run with checkpoints, (B) a resume from A's epoch-1
     checkpoint (as after a crash in epoch 2); rank 0 saves both results; every rank records how
-    many checkpoints it wrote (must be 0 except on rank 0)."""
+    many checkpoints it wrote (must be 0 except on rank 0). ``args[0]``: the adversary (default
+    ``"pgd"``; ``"default"``: the library's default adversary)."""
     import shutil
+
+    settings = purify_settings(args[0] if args else "pgd")
 
     import cbd_fast
     from cbd_fast.core import checkpoint as ckpt
@@ -304,7 +316,7 @@ def mode_purify(outdir: Path, *args: str) -> None:
 
     ckpt.save_checkpoint = counting_save
     try:
-        run_a = cbd_fast.purify(tiny_encoder(), purify_data(), **PURIFY, checkpoint_dir=str(outdir / "ckA"))
+        run_a = cbd_fast.purify(tiny_encoder(), purify_data(), **settings, checkpoint_dir=str(outdir / "ckA"))
         ctx = cd.init_context({"distributed": "auto", "device": "cpu"})
         assert ctx.enabled and ctx.world_size == 2
         cd.dist.barrier()
@@ -313,7 +325,7 @@ def mode_purify(outdir: Path, *args: str) -> None:
             shutil.copy(ckpt.checkpoint_path(outdir / "ckA", 1), ckpt.checkpoint_path(outdir / "ckB", 1))
         cd.dist.barrier()
         run_b = cbd_fast.purify(
-            tiny_encoder(), purify_data(), **PURIFY, checkpoint_dir=str(outdir / "ckB"), resume=True
+            tiny_encoder(), purify_data(), **settings, checkpoint_dir=str(outdir / "ckB"), resume=True
         )
     finally:
         ckpt.save_checkpoint = real_save

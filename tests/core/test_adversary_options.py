@@ -11,8 +11,11 @@ from cbd_fast.app.cli import parse_set_options
 from cbd_fast.core.adversaries import ADVERSARIES, Adversary, make_adversary
 
 
+PW = "pgd_patch_warp"  # most tests here exercise this adversary's options (the previous default)
+
+
 def test_defaults_fill_in_and_are_declared() -> None:
-    adv = make_adversary(PurifyConfig().validate())
+    adv = make_adversary(PurifyConfig(adversary=PW).validate())
     assert adv.options == {k: o.default for k, o in type(adv).OPTIONS.items()}
     assert adv.options["warp_pixels"] == 1.5 and adv.options["warp_restarts"] == 4
     for cls in ADVERSARIES.values():  # every declared option has a doc line for the error messages
@@ -21,7 +24,7 @@ def test_defaults_fill_in_and_are_declared() -> None:
 
 def test_user_values_reach_the_adversary_and_the_dict_is_not_touched() -> None:
     opts = {"warp_pixels": 2, "patch_candidates": 2.0}
-    cfg = PurifyConfig(adversary_options=opts).validate()
+    cfg = PurifyConfig(adversary=PW, adversary_options=opts).validate()
     adv = make_adversary(cfg)
     assert adv.options["warp_pixels"] == 2.0 and isinstance(adv.options["warp_pixels"], float)
     assert adv.options["patch_candidates"] == 2 and isinstance(adv.options["patch_candidates"], int)
@@ -59,7 +62,7 @@ def test_bad_options_name_the_key_and_value(adversary, options, exc, words) -> N
 
 
 def test_none_for_a_derived_option_is_accepted() -> None:
-    cfg = PurifyConfig(adversary_options={"patch_size": None, "warp_steps": None}).validate()
+    cfg = PurifyConfig(adversary=PW, adversary_options={"patch_size": None, "warp_steps": None}).validate()
     assert make_adversary(cfg).options["patch_size"] is None
 
 
@@ -67,7 +70,7 @@ def test_options_change_the_run() -> None:
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     x = torch.rand(24, 1, 12, 12)
-    kw = dict(epochs=1, batch_size=12, progress=False, seed=3)
+    kw = dict(epochs=1, batch_size=12, progress=False, seed=3, adversary=PW)
     a = Purifier(**kw).fit(enc, x)
     b = Purifier(**kw, adversary_options={"warp_pixels": 1.5}).fit(enc, x)  # = the default
     c = Purifier(**kw, adversary_options={"warp_pixels": 3.0, "warp_restarts": 1}).fit(enc, x)
@@ -87,13 +90,13 @@ def test_custom_adversary_without_options_rejects_any() -> None:
 def test_cli_set_parses_a_dict() -> None:
     out = parse_set_options(['adversary_options={"warp_pixels": 2.5}'])
     assert out == {"adversary_options": {"warp_pixels": 2.5}}
-    PurifyConfig(**out).validate()
+    PurifyConfig(adversary=PW, **out).validate()
 
 
 def test_patch_and_warp_shares_must_leave_room() -> None:
     with pytest.raises(ValueError, match=r"patch_fraction \+ warp_fraction.*0.6 \+ 0.5"):
-        PurifyConfig(adversary_options={"patch_fraction": 0.6, "warp_fraction": 0.5}).validate()
-    PurifyConfig(adversary_options={"patch_fraction": 0.5, "warp_fraction": 0.5}).validate()  # no PGD: fine
+        PurifyConfig(adversary=PW, adversary_options={"patch_fraction": 0.6, "warp_fraction": 0.5}).validate()
+    PurifyConfig(adversary=PW, adversary_options={"patch_fraction": 0.5, "warp_fraction": 0.5}).validate()  # no PGD
 
 
 @pytest.mark.parametrize(
@@ -111,7 +114,7 @@ def test_patch_and_warp_shares_must_leave_room() -> None:
 def test_small_batches_and_extreme_shares_run(n, batch, options) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     x = torch.rand(n, 1, 12, 12)
-    res = Purifier(batch_size=batch, epochs=1, progress=False, adversary_options=options).fit(enc, x)
+    res = Purifier(batch_size=batch, epochs=1, progress=False, adversary=PW, adversary_options=options).fit(enc, x)
     assert res.history[0]["batches"] >= 1
 
 
@@ -122,7 +125,7 @@ def test_default_split_of_a_batch() -> None:
 
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-    cfg = PurifyConfig(steps=1).validate()
+    cfg = PurifyConfig(steps=1, adversary=PW).validate()
     x = torch.rand(128, 1, 12, 12)
     with torch.no_grad():
         anchors = enc(x)
@@ -131,3 +134,11 @@ def test_default_split_of_a_batch() -> None:
     diff = (out - x).abs().flatten(1).amax(1)
     assert (diff[:43] <= cfg.epsilon + 1e-6).all()
     assert (diff[43:64] > cfg.epsilon).any()  # pasted patches: unbounded amplitude
+
+
+@pytest.mark.parametrize(("n", "batch"), [(2, 2), (3, 3), (5, 2), (7, 4)])
+def test_default_adversary_runs_on_small_batches(n: int, batch: int) -> None:
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    x = torch.rand(n, 1, 12, 12)
+    res = Purifier(batch_size=batch, epochs=1, progress=False).fit(enc, x)
+    assert res.config.adversary == "trigger_search" and res.history[0]["batches"] >= 1

@@ -19,7 +19,8 @@ def test_documented_defaults() -> None:
     assert cfg.step_size == pytest.approx(8 / 255)
     assert cfg.steps == 5
     assert cfg.temperature == 0.5
-    assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 20.0
+    assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 50.0
+    assert cfg.adversary == "trigger_search"
     assert cfg.health == "stop" and cfg.health_images == 256
     assert cfg.nonfinite == "stop" and cfg.amp_dtype == "auto" and cfg.device == "auto"
     assert cfg.clean_term in CLEAN_TERMS and cfg.adversary in ADVERSARIES
@@ -108,3 +109,18 @@ def test_to_dict_round_trips_through_json(tmp_path) -> None:
     assert d["checkpoint_dir"] == str(tmp_path)
     assert PurifyConfig.from_dict(d) == PurifyConfig(checkpoint_dir=str(tmp_path), epochs=2).validate()
     assert set(d) == set(PurifyConfig.field_names())
+
+
+def test_paper_preset_is_the_published_method() -> None:
+    cfg = PurifyConfig.paper()
+    assert cfg.adversary == "pgd" and cfg.adversary_options is None
+    assert cfg.epsilon == pytest.approx(8 / 255) and cfg.step_size == pytest.approx(2 / 255)
+    assert (cfg.steps, cfg.temperature, cfg.optimizer, cfg.lr, cfg.momentum) == (5, 0.5, "sgd", 0.01, 0.9)
+    assert (cfg.clean_term, cfg.lr_schedule, cfg.grad_spike_factor, cfg.bn_policy) == ("none", "constant", None, "train")
+    assert cfg.health == "stop"  # the safety check stays on
+    over = PurifyConfig.paper(epochs=2, seed=3)
+    assert (over.epochs, over.seed, over.adversary) == (2, 3, "pgd")
+    with pytest.raises(TypeError, match="unknown PurifyConfig field"):
+        PurifyConfig.paper(epoch=2)
+    assert PurifyConfig.PAPER["adversary"] == "pgd"  # a class constant, not a field
+    assert "PAPER" not in PurifyConfig.field_names()

@@ -307,14 +307,17 @@ def test_failing_rank_stops_the_whole_run(tmp_path: Path, where: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_purify_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("adversary", ["pgd", "default"])
+def test_purify_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path, adversary: str) -> None:
     """A short 2-process purify == the 1-process run (same seed, same global batch); only rank 0
-    writes checkpoints; a distributed resume from the epoch-1 checkpoint ends with the same weights."""
+    writes checkpoints; a distributed resume from the epoch-1 checkpoint ends with the same weights.
+    ``"default"``: the library's default adversary, whose batch split and universal searches are
+    decided on the global batch."""
     import cbd_fast
 
-    res = torchrun("purify", tmp_path)
+    res = torchrun("purify", tmp_path, adversary)
     _ok(res)
-    single = cbd_fast.purify(dw.tiny_encoder(), dw.purify_data(), **dw.PURIFY).state_dict()
+    single = cbd_fast.purify(dw.tiny_encoder(), dw.purify_data(), **dw.purify_settings(adversary)).state_dict()
     orig = dw.tiny_encoder().state_dict()
     moved = max(float((single[k] - orig[k]).abs().max()) for k in single if single[k].is_floating_point())
     assert moved > 0.05  # the comparison below is not between two barely-trained models

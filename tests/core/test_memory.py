@@ -152,7 +152,7 @@ _RSS_WORKER = textwrap.dedent(
 
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten())
-    # adversary="pgd": the default "pgd_patch_warp" makes a fixed ~20 MB one-time allocation in its first
+    # adversary="pgd": a universal adversary's first batch (a patch scan) makes a fixed ~20 MB one-time allocation in its first
     # real run (not data-proportional: 19.6 MB at 10 batches, 20.9 MB at 100) that varies by a few MB
     # between runs; the tensor-size tests above cover the defaults.
     kw = dict(

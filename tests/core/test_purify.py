@@ -125,9 +125,8 @@ def backdoor() -> Backdoor:
 def test_purify_removes_a_backdoor_and_keeps_clean_behaviour(backdoor: Backdoor) -> None:
     before = backdoor.measure(backdoor.model.backbone)
     assert before["acc"] > 0.95 and before["asr"] > 0.9, before  # the backdoor is real
-    # The package DEFAULTS (measured on Fashion-MNIST: eps 40/255 covers the 0.1 trigger, adversary
-    # pgd_patch_warp, clean term anchor x 50, lr 1e-3), only the batch and epochs sized for 192 images
-    # (36 steps). Seeds 0/1 measured: ASR 0.005/0.013, shift 0.38/0.40, drift 0.16/0.15, ACC 1.0.
+    # The package DEFAULTS (docs/method.md section 6), only the batch and epochs sized for 192
+    # images (36 steps).
     cfg = PurifyConfig(batch_size=32, epochs=6, progress=False)
     unlabeled = backdoor.x[:192]  # no labels are passed
     purified = purify(backdoor.model.backbone, unlabeled, cfg)
@@ -275,18 +274,22 @@ def test_stateful_adversary_state_is_checkpointed(tmp_path) -> None:
     from cbd_fast.core.adversaries import make_adversary
 
     cfg = PurifyConfig(**FAST, checkpoint_dir=str(tmp_path))
-    assert cfg.adversary == "pgd_patch_warp"  # the default is the stateful one
+    assert cfg.adversary == "trigger_search"  # the default is a stateful one
     Purifier(cfg).fit(_encoder(), _images(16))
     (path,) = [p for _, p in ckpt.list_checkpoints(tmp_path)]
     state = ckpt.load_checkpoint(path)["adversary"]
-    assert state["calls"] == 2 and state["k"] == 3 and len(state["patches"]) == 4
-    assert state["flow"].shape == (4, 2, 4, 4) and state["scan_scores"]  # warp_restarts fields
+    assert state["calls"] == 2 and state["scan_scores"]
+    assert sorted(state["params"]) == ["additive", "mask", "tone", "warp"]
+    assert [t.shape[-1] for t in state["params"]["warp"][0]] == [2, 4, 8]  # the warp pyramid
+    assert set(state["strength"]) == {"pgd", "mask", "warp", "tone", "additive"}
     adv = make_adversary(cfg)
     adv.load_state_dict(state)
     again = adv.state_dict()
     assert again.keys() == state.keys() and again["scan_scores"] == state["scan_scores"]
-    assert torch.equal(again["flow"], state["flow"])
-    assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(again["patches"], state["patches"]))
+    assert again["strength"] == state["strength"]
+    for fam, sets in state["params"].items():
+        for ps, qs in zip(sets, again["params"][fam]):
+            assert all(torch.equal(p, q) for p, q in zip(ps, qs)), fam
     stateless = make_adversary(cfg.replace(adversary="pgd"))
     assert stateless.state_dict() == {}
     with pytest.raises(ValueError, match="keeps no state"):

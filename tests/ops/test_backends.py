@@ -143,6 +143,72 @@ def test_cuda_tensors_without_gpu() -> None:
     assert select_backend("nt_xent", "cuda") == "torch"
 
 
+# ---- has_cuda asks the dispatcher, not the build record ------------------------------------------------
+
+needs_ext = pytest.mark.skipif(_ext.load() is None, reason=f"extension not loaded: {_ext.load_error()}")
+
+
+@pytest.fixture
+def fresh_cuda_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    _ext.load()
+    monkeypatch.setitem(_ext._state, "cuda_ops", {})
+
+
+def _register_cuda_kernels(qualnames: list[str]) -> torch.library.Library:
+    """Python kernels for the CUDA key of existing cbd_fast ops (the dispatcher cannot tell them apart
+    from compiled ones); ``lib._destroy()`` removes them again."""
+    lib = torch.library.Library("cbd_fast", "IMPL")
+    for q in qualnames:
+        lib.impl(q.split("::")[1], lambda *args: None, "CUDA")
+    return lib
+
+
+@needs_ext
+def test_has_cuda_follows_the_dispatcher(fresh_cuda_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    if _ext.has_cuda():
+        pytest.skip("this build registered its CUDA kernels already")
+    assert _ext.has_kernel("cbd_fast::nt_xent_fwd", "CPU")
+    assert not _ext.has_kernel("cbd_fast::no_such_op", "CUDA")  # no exception
+    lib = _register_cuda_kernels(list(_ext.NATIVE_OPS["nt_xent"]))
+    try:
+        monkeypatch.setitem(_ext._state, "cuda_ops", {})
+        assert _ext.has_cuda("nt_xent")  # although the build record says cuda_compiled False
+        assert not _ext.has_cuda("pgd_step") and not _ext.has_cuda()
+        assert backend_status("cpu", "nt_xent")["cuda"] == "serves CUDA tensors only, not 'cpu' tensors"
+        assert "built without CUDA" in backend_status("cpu", "pgd_step")["cuda"]
+    finally:
+        lib._destroy()
+    monkeypatch.setitem(_ext._state, "cuda_ops", {})
+    assert not _ext.has_cuda("nt_xent")
+    with pytest.raises(ValueError, match="op must be one of"):
+        _ext.has_cuda("conv")
+
+
+@needs_ext
+def test_record_claiming_cuda_without_registered_kernels(
+    fresh_cuda_cache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cbd_fast.ops import build_info as build_info_module
+
+    record = dict(build_info_module.build_info(), cuda_compiled=True, backends_compiled=["cpp", "cuda"])
+    monkeypatch.setattr(build_info_module, "build_info", lambda: dict(record))
+    monkeypatch.setattr(_ext, "has_kernel", lambda qualname, key="CUDA": key != "CUDA")
+    assert _ext.has_cuda() is False
+    reason = backend_status("cuda", "nt_xent")["cuda"]
+    assert "no CUDA kernel is registered for cbd_fast::nt_xent_fwd, cbd_fast::nt_xent_bwd" in reason
+    assert "stale or mixed build" in reason
+    with pytest.raises(RuntimeError, match="no CUDA kernel is registered"):
+        select_backend("nt_xent", "cuda", "cuda")
+
+
+@needs_ext
+def test_has_cuda_is_asked_once_per_op(fresh_cuda_cache, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    monkeypatch.setattr(_ext, "has_kernel", lambda qualname, key="CUDA": asked.append(qualname) or True)
+    assert _ext.has_cuda() and _ext.has_cuda("nt_xent") and _ext.has_cuda()
+    assert sorted(asked) == sorted(q for qs in _ext.NATIVE_OPS.values() for q in qs)
+
+
 @pytest.mark.gpu
 def test_cuda_device_prefers_native_kernels() -> None:
     expected = "cuda" if _ext.has_cuda() else ("triton" if HAS_TRITON else "torch")

@@ -22,7 +22,9 @@ the same sample gets the same random start whatever the batch composition, the n
 the device, so distributed runs and resumed runs reproduce single-process ones.
 
 Modules: ``base`` (the interface and the registry), ``pgd`` (the paper's per-sample PGD, and none),
-``patch`` (a universal patch search), ``warp`` (universal smooth warps; the default adversary).
+``patch`` (a universal patch search), ``warp`` (universal smooth warps), ``search`` (the
+label-free trigger search over five transform families), ``transforms`` (their differentiable
+transforms).
 """
 
 from cbd_fast.core.adversaries.base import (
@@ -35,6 +37,7 @@ from cbd_fast.core.adversaries.base import (
 )
 from cbd_fast.core.adversaries.patch import PGDAndPatch
 from cbd_fast.core.adversaries.pgd import ContrastivePGD, NoAdversary
+from cbd_fast.core.adversaries.search import TriggerSearch
 from cbd_fast.core.adversaries.warp import PGDPatchWarp
 
 __all__ = [
@@ -48,4 +51,5 @@ __all__ = [
     "NoAdversary",
     "PGDAndPatch",
     "PGDPatchWarp",
+    "TriggerSearch",
 ]

@@ -33,6 +33,9 @@ class AttackInputs:
         config: the run's PurifyConfig (epsilon, step_size, steps, temperature, backend, seed...).
         rank: this rank's index (0 in one process): its anchors are ``clean_features[rank*B:(rank+1)*B]``
             (every rank holds the same B), see :attr:`local_clean_features`.
+        reduce: None in one process; when distributed, a sum over ranks of a tensor (a new tensor,
+            the same on every rank), for decisions an adversary must take on the global batch
+            (universal parameters' gradients, statistics).
     """
 
     encoder: nn.Module
@@ -43,6 +46,7 @@ class AttackInputs:
     gather: Callable[[torch.Tensor], torch.Tensor] | None
     config: Any  # the run's PurifyConfig
     rank: int = 0
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def local_clean_features(self) -> torch.Tensor:
@@ -76,6 +80,7 @@ class AttackInputs:
             gather=gather,
             config=self.config,
             rank=self.rank if gather is not None else 0,
+            reduce=self.reduce if gather is not None else None,
         )
 
 

@@ -9,6 +9,7 @@ import torch
 
 from cbd_fast.core.adversaries.base import AttackInputs, Option, register_adversary
 from cbd_fast.core.adversaries.patch import PATCH_OPTIONS, PGDAndPatch
+from cbd_fast.core.adversaries.transforms import upsample, warp_images
 from cbd_fast.core.modes import attack_mode
 from cbd_fast.ops.nt_xent import nt_xent
 
@@ -74,21 +75,7 @@ class PGDPatchWarp(PGDAndPatch):
 
     def _warp_apply(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         """Warp ``x`` [n, C, H, W] with ``flow`` [1, 2, g, g] (displacements in pixels, x then y)."""
-        n, _, h, w = x.shape
-        ys, xs = torch.meshgrid(
-            torch.linspace(-1, 1, h, device=x.device),
-            torch.linspace(-1, 1, w, device=x.device),
-            indexing="ij",
-        )
-        ident = torch.stack([xs, ys], -1)[None]
-        scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device)
-        # 1. control displacements (pixels) -> dense field, 2. pixels -> normalised grid offsets.
-        up = torch.nn.functional.interpolate(flow, size=(h, w), mode="bicubic", align_corners=True)
-        grid = (ident + up.permute(0, 2, 3, 1) * scale).clamp(-1, 1).expand(n, h, w, 2)
-        # 3. bilinear resampling of every image with the same field.
-        return torch.nn.functional.grid_sample(
-            x.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=True
-        ).to(x.dtype)
+        return warp_images(x, upsample(flow, x.shape[-2], x.shape[-1]))
 
     def _warp_attack(self, inp: AttackInputs, x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         cfg, opt = self.config, self.options

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cbd_fast.kernels.triton._utils import TL_DTYPE, dtype_name, pointer_type
+from cbd_fast.kernels.triton._utils import TL_DTYPE, device_guard, dtype_name, pointer_type
 
 __all__ = ["pgd_step_triton", "hopper_compile_specs", "BLOCK"]
 
@@ -73,23 +73,26 @@ def pgd_step_triton(
         grad: same shape, dtype, device and strides as ``x_adv``; the attack loss's input gradient.
         x_clean: same shape, dtype, device and strides; the clean images (ball centres).
         step_size, epsilon, lower, upper: Python floats (passed to the kernel as float32).
+
+    Launched under ``torch.cuda.device(x_adv.device)`` and on that device's current stream.
     """
     n = x_adv.numel()
     if n == 0:
         return
     grid = (triton.cdiv(n, BLOCK),)
-    _pgd_step_kernel[grid](
-        x_adv,
-        grad,
-        x_clean,
-        n,
-        float(step_size),
-        float(epsilon),
-        float(lower),
-        float(upper),
-        BLOCK=BLOCK,
-        num_warps=_NUM_WARPS,
-    )
+    with device_guard(x_adv):  # Triton launches on the current device: make it x_adv's
+        _pgd_step_kernel[grid](
+            x_adv,
+            grad,
+            x_clean,
+            n,
+            float(step_size),
+            float(epsilon),
+            float(lower),
+            float(upper),
+            BLOCK=BLOCK,
+            num_warps=_NUM_WARPS,
+        )
 
 
 def hopper_compile_specs() -> list[dict]:

@@ -1,4 +1,4 @@
-"""Baseline defenses run side by side with CBD on the same model and the same images (evaluation).
+"""The original four baselines (moved here unchanged from ``cbd_fast/evaluation/baselines.py``).
 
 - ``no_defense``: the backbone as downloaded.
 - ``plain_finetune``: ``cbd_fast.purify`` with the same config but no adversary (``adversary="none"``,
@@ -9,7 +9,9 @@
   cross-entropy of the true label, then cross-entropy training on clean and adversarial images
   (uses labels).
 
-Each returns new modules (deep copies); the inputs are never modified.
+Each returns new modules (deep copies); the inputs are never modified. They take ``(backbone, head)``;
+the paper baselines of this package (``fine_tuning``, ``fine_pruning``, ``nad``, ``anp``, ``i_bau``)
+take the whole classifier.
 """
 
 from __future__ import annotations

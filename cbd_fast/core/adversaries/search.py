@@ -1,0 +1,402 @@
+"""A label-free trigger search in feature space (``adversary="trigger_search"``).
+
+Backdoor triggers are shortcuts of a few kinds: additive per-pixel changes, pasted local patterns,
+smooth geometric warps, global tone/colour changes, universal additive signals (smooth or not). The search keeps
+one parameterised family for each, none shaped after a particular trigger:
+
+========  ===========================================================  ==================================
+family    transform of an image x                                      parameters and bound
+========  ===========================================================  ==================================
+pgd       ``x + delta_i`` (per sample)                                 ``|delta|_inf <= epsilon``
+mask      ``x + m * (p - x)``, shared m [H, W], p [C, H, W]            ``0 <= m <= 1``, ``sum m <= mask_area * H W``
+warp      resample at ``identity + sum_s up(flow_s)``, grids 2, 4, 8   ``|displacement| <= warp_bound * min(H, W)`` px
+tone      ``x + o_c(x)``, a piecewise-linear curve per channel          ``|o| <= tone_bound``
+additive  ``x + up(coarse) + fine``: a smooth [C, g, g] field upsampled   ``|up(coarse) + fine|_inf <= additive_epsilon``
+          bicubically plus a full-resolution [C, H, W] one (universal)
+========  ===========================================================  ==================================
+
+The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
+size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets, used in
+turn (one per batch), refined on every batch and saved in checkpoints. The mask family starts from a
+label-free scan: constant and random squares whose areas are ``mask_area`` and a quarter of it are
+pasted at every position (stride half a side) on a few images and the ``restarts`` positions that
+move the features most become the initial masks; the gradient then reshapes the mask freely within
+its area budget.
+
+One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
+``steps`` times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean anchors)``,
+one backward giving the per-sample gradients and every universal parameter's gradient; signed
+gradient ascent then projection on each family's set. Cost: ``steps`` forward+backward passes of
+the batch, the same as per-sample PGD.
+
+Budget by measurement: a family's share of the batch is ``min_share`` plus the rest split in
+proportion to ``weight_f * strength_f``, where ``strength_f`` is an exponential moving average
+(``share_momentum``) of the family's mean feature shift ``1 - cos(f(x'), f(x))`` on its images at
+the last attack step. A family that moves the features more gets more of the batch; each keeps its
+floor so a weakening family can recover. The families' weights (``*_weight``, 0 turns one off) are
+priors, equal by default.
+
+Distributed: the assignment of an image to a family is a pure function of (seed, epoch, sample
+index, shares); the NT-Xent negatives are global (``inputs.gather``); universal gradients, the
+scan's scores and the strength statistics are summed over ranks (``inputs.reduce``). Every rank
+therefore holds the same universal parameters and shares, and a run on N ranks follows the
+one-process run with the same global batch (up to the summation order of floats).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from cbd_fast.core.adversaries.base import Adversary, AttackInputs, Option, register_adversary
+from cbd_fast.core.adversaries.transforms import (
+    additive,
+    mask_blend,
+    project_area,
+    tone_map,
+    upsample,
+    warp_images,
+)
+from cbd_fast.core.modes import attack_mode
+from cbd_fast.core.rng import per_sample_uniform, random_start
+from cbd_fast.ops.nt_xent import nt_xent
+from cbd_fast.ops.pgd import pgd_step
+
+__all__ = ["TriggerSearch", "FAMILIES"]
+
+#: the search's families, in the order of their shares
+FAMILIES = ("pgd", "mask", "warp", "tone", "additive")
+#: families that need [B, C, H, W] images
+_SPATIAL = frozenset({"mask", "warp", "tone", "additive"})
+#: the warp's control grids (a dyadic pyramid: coarse to fine smooth fields)
+_WARP_GRIDS = (2, 4, 8)
+#: rng streams (``per_sample_uniform``) of the assignment and of the scan's image choice
+_ASSIGN_STREAM, _SCAN_STREAM, _START_STREAM = 11, 12, 0
+
+
+@register_adversary("trigger_search")
+class TriggerSearch(Adversary):
+    """Per-sample PGD, a free-form mask + pattern, multi-scale warps, tone curves and universal
+    additive signals, attacked together with batch shares set by how strongly each moves the features.
+
+    See the module docstring for the families, their bounds and the share rule;
+    ``docs/method.md`` for the measurements. Settings: ``OPTIONS``.
+    """
+
+    OPTIONS: ClassVar[dict[str, Option]] = {
+        **{
+            f"{f}_weight": Option(1.0, float, 0.0, doc=f"prior weight of the {f} family (0: off)")
+            for f in FAMILIES
+        },
+        "min_share": Option(0.08, float, 0.0, 0.2, doc="floor of each active family's share of a batch"),
+        "share_momentum": Option(0.9, float, 0.0, 0.999, doc="EMA momentum of the measured strengths"),
+        "restarts": Option(2, int, 1, 16, doc="persistent parameter sets per universal family, in turn"),
+        "mask_area": Option(0.04, float, 1e-4, 1.0, doc="largest mask area, a fraction of the image"),
+        "mask_step": Option(0.1, float, 0.0, 1.0, doc="signed-gradient step of the mask values"),
+        "pattern_step": Option(0.25, float, 0.0, 1.0, doc="signed-gradient step of the pattern values"),
+        "scan_images": Option(32, int, 2, doc="images (of the first global batch) the mask scan scores"),
+        "warp_bound": Option(0.06, float, 0.0, 0.5, doc="largest displacement, a fraction of min(H, W)"),
+        "tone_bound": Option(0.25, float, 0.0, 1.0, doc="largest tone-curve offset"),
+        "tone_knots": Option(8, int, 2, 256, doc="knots of the piecewise-linear tone curve"),
+        "additive_grid": Option(8, int, 1, 64, doc="control grid side of the smooth additive field"),
+        "additive_epsilon": Option(
+            None, float, 0.0, 1.0, doc="L-inf bound of the additive perturbation; None: config.epsilon"
+        ),
+    }
+
+    @classmethod
+    def check_combination(cls, options: dict[str, Any]) -> None:
+        """At least one family on; the floors of the active families must leave room (sum <= 1)."""
+        active = [f for f in FAMILIES if options[f"{f}_weight"] > 0]
+        if not active:
+            raise ValueError(
+                f"adversary {cls.name!r}: every family weight is 0 "
+                f"({', '.join(f'{f}_weight' for f in FAMILIES)}); turn at least one on"
+            )
+        if options["min_share"] * len(active) > 1.0 + 1e-9:
+            raise ValueError(
+                f"adversary_options min_share of adversary {cls.name!r} times the {len(active)} active "
+                f"families must be <= 1; got {options['min_share']} * {len(active)}"
+            )
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self._strength: dict[str, float] = {}
+        self._params: dict[str, list[list[torch.Tensor]]] | None = None
+        self._calls = 0
+        self.scan_scores: list[tuple[float, int, int, int, str]] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """``params`` (family -> restarts -> list of CPU tensors; None before the first batch),
+        ``strength`` (family -> float), ``calls`` and ``scan_scores``."""
+        params = None
+        if self._params is not None:
+            params = {f: [[t.detach().cpu().clone() for t in ps] for ps in sets] for f, sets in self._params.items()}
+        return {
+            "params": params,
+            "strength": dict(self._strength),
+            "calls": self._calls,
+            "scan_scores": [list(s) for s in self.scan_scores],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (tensors move to the images' device on use)."""
+        params = state["params"]
+        self._params = None if params is None else {f: [[t.clone() for t in ps] for ps in sets] for f, sets in params.items()}
+        self._strength = {str(k): float(v) for k, v in state["strength"].items()}
+        self._calls = int(state["calls"])
+        self.scan_scores = [(float(a), int(b), int(c), int(d), str(e)) for a, b, c, d, e in state["scan_scores"]]
+
+    # ------------------------------------------------------------------ shares
+    def active_families(self, x: torch.Tensor) -> list[str]:
+        """The families with a weight > 0 that apply to ``x`` (spatial ones need [B, C, H, W])."""
+        spatial = x.dim() == 4
+        return [f for f in FAMILIES if self.options[f"{f}_weight"] > 0 and (spatial or f not in _SPATIAL)]
+
+    def shares(self, families: list[str]) -> dict[str, float]:
+        """Each family's share of a batch: ``min_share`` + the rest in proportion to weight x
+        strength (strength 1 before it is measured), rounded to 1/1024 so that ranks agree."""
+        floor = self.options["min_share"]
+        raw = {f: self.options[f"{f}_weight"] * self._strength.get(f, 1.0) for f in families}
+        total = sum(raw.values())
+        free = 1.0 - floor * len(families)
+        out = {}
+        for f in families:
+            share = floor + free * (raw[f] / total if total > 0 else 1.0 / len(families))
+            out[f] = round(share * 1024) / 1024
+        return out
+
+    def _assign(self, inp: AttackInputs, families: list[str]) -> torch.Tensor:
+        """[B] int64 family position (into ``families``) per image, from its own uniform number."""
+        u = per_sample_uniform(inp.indices, (), seed=int(self.config.seed), epoch=inp.epoch, stream=_ASSIGN_STREAM)
+        sh = self.shares(families)
+        edges = torch.tensor([sh[f] for f in families], dtype=torch.float64).cumsum(0)
+        edges = (edges / edges[-1]).to(torch.float32).to(u.device)
+        return torch.searchsorted(edges[:-1].contiguous(), u.contiguous(), right=True)
+
+    # ------------------------------------------------------------------ initial parameters
+    def _init_params(self, inp: AttackInputs, families: list[str]) -> None:
+        x = inp.x
+        g = torch.Generator().manual_seed(int(self.config.seed) + 104729)
+        r = self.options["restarts"]
+        params: dict[str, list[list[torch.Tensor]]] = {}
+        if x.dim() == 4:
+            _, c, h, w = x.shape
+            side = min(h, w)
+            wb = self.options["warp_bound"] * side
+            te = self.options["tone_bound"]
+            le = self._additive_eps()
+            lg = self.options["additive_grid"]
+            k = self.options["tone_knots"]
+
+            def uni(shape: tuple[int, ...], bound: float) -> torch.Tensor:
+                return ((torch.rand(shape, generator=g) * 2 - 1) * bound).to(x.device)
+
+            params["warp"] = [[uni((1, 2, s, s), wb) for s in _WARP_GRIDS] for _ in range(r)]
+            params["tone"] = [[uni((c, k), te / 2)] for _ in range(r)]
+            params["additive"] = [
+                [uni((1, c, min(lg, h), min(lg, w)), le / 2), uni((1, c, h, w), le / 2)] for _ in range(r)
+            ]
+            if "mask" in families:
+                params["mask"] = self._scan(inp)
+        self._params = params
+
+    def _additive_eps(self) -> float:
+        v = self.options["additive_epsilon"]
+        return float(self.config.epsilon if v is None else v)
+
+    @torch.no_grad()
+    def _scan(self, inp: AttackInputs) -> list[list[torch.Tensor]]:
+        """Initial masks: the squares (two areas, black / white / random) that move the features most.
+
+        Images scored: those of the (global) batch whose own uniform number falls below
+        ``scan_images / B_global`` (a choice that does not depend on ranks). Score of a square:
+        the mean relative squared feature shift ``||f(x') - f(x)||^2 / mean ||f(x)||^2``, summed over
+        ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs.
+        """
+        x, opt = inp.x, self.options
+        _, c, h, w = x.shape
+        b_global = inp.clean_features.shape[0]
+        u = per_sample_uniform(inp.indices, (), seed=int(self.config.seed), epoch=0, stream=_SCAN_STREAM)
+        xs = x[u < min(1.0, opt["scan_images"] / b_global)].float()
+        area = opt["mask_area"] * h * w
+        sides = sorted({max(1, min(h, w, round(math.sqrt(a)))) for a in (area / 4, area)})
+        g = torch.Generator().manual_seed(int(self.config.seed) + 15485863)
+        squares: list[tuple[int, int, int, str, torch.Tensor]] = []  # (side, row, col, kind, pixels)
+        for k in sides:
+            stride = max(1, k // 2, math.ceil((max(h, w) - k + 1) / 16))
+            rows = sorted(set(range(0, h - k + 1, stride)) | {h - k})
+            cols = sorted(set(range(0, w - k + 1, stride)) | {w - k})
+            rand = (torch.rand((1, c, k, k), generator=g) > 0.5).float().to(x.device)
+            for kind, pix in (("black", torch.zeros(1, c, k, k, device=x.device)),
+                              ("white", torch.ones(1, c, k, k, device=x.device)), ("random", rand)):
+                squares += [(k, r, q, kind, pix) for r in rows for q in cols]
+        # sums over this rank's scan images: [len(squares)] shifts, then the normaliser and the count
+        shift = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
+        norm = torch.zeros(2, dtype=torch.float64, device=x.device)
+        if xs.shape[0] > 0:
+            with attack_mode(inp.encoder):
+                z0 = inp.encoder(xs).flatten(1).float()
+                norm[0] = z0.pow(2).sum(1).double().sum()
+                norm[1] = xs.shape[0]
+                # forwards of at most the training batch's size (the memory the run already needs)
+                chunk = max(1, x.shape[0] // xs.shape[0])
+                for s0 in range(0, len(squares), chunk):
+                    part = squares[s0 : s0 + chunk]
+                    batch = xs.unsqueeze(0).repeat(len(part), 1, 1, 1, 1)
+                    for j, (k, r, q, _, pix) in enumerate(part):
+                        batch[j, :, :, r : r + k, q : q + k] = pix
+                    z = inp.encoder(batch.flatten(0, 1)).flatten(1).float().view(len(part), xs.shape[0], -1)
+                    shift[s0 : s0 + len(part)] = (z - z0).pow(2).sum(2).double().sum(1)
+        if inp.reduce is not None:
+            shift, norm = inp.reduce(shift), inp.reduce(norm)
+        score = shift / norm[0].clamp_min(1e-12)  # sum of shifts / sum of squared norms
+        order = torch.argsort(score.cpu(), descending=True, stable=True).tolist()
+        chosen: list[tuple[int, int, int, str, torch.Tensor]] = []
+        for i in order:  # best squares that do not overlap an already chosen one
+            k, r, q, kind, pix = squares[i]
+            if all(r + k <= r2 or r2 + k2 <= r or q + k <= q2 or q2 + k2 <= q for k2, r2, q2, _, _ in chosen):
+                chosen.append(squares[i])
+            if len(chosen) == opt["restarts"]:
+                break
+        self.scan_scores = [
+            (float(score[i]), squares[i][1], squares[i][2], squares[i][0], squares[i][3]) for i in order[:16]
+        ]
+        out = []
+        for k, r, q, _, pix in chosen:
+            m = torch.zeros(1, 1, h, w, device=x.device)
+            m[..., r : r + k, q : q + k] = 1.0
+            p = torch.full((1, c, h, w), 0.5, device=x.device)
+            p[..., r : r + k, q : q + k] = pix
+            out.append([project_area(m, area), p])
+        return out
+
+    # ------------------------------------------------------------------ the transforms
+    def _apply(self, family: str, x: torch.Tensor, ps: list[torch.Tensor]) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if family == "mask":
+            return mask_blend(x, ps[0], ps[1])
+        if family == "warp":
+            bound = self.options["warp_bound"] * min(h, w)
+            disp = sum(upsample(f, h, w) for f in ps).clamp(-bound, bound)
+            return warp_images(x, disp)
+        if family == "tone":
+            return tone_map(x, ps[0])
+        if family == "additive":
+            return additive(x, ps[0], self._additive_eps(), fine=ps[1])
+        raise AssertionError(family)
+
+    @torch.no_grad()
+    def _update(self, family: str, ps: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """One signed-gradient ascent step of a universal family, then its projection."""
+        opt = self.options
+        h, w = x.shape[-2:]
+        if family == "mask":
+            m = project_area(ps[0] + opt["mask_step"] * grads[0].sign(), opt["mask_area"] * h * w)
+            p = (ps[1] + opt["pattern_step"] * grads[1].sign()).clamp(0.0, 1.0)
+            return [m, p]
+        if family == "warp":
+            b = opt["warp_bound"] * min(h, w)
+            return [(f + b / 4 * gr.sign()).clamp(-b, b) for f, gr in zip(ps, grads)]
+        if family == "tone":
+            b = opt["tone_bound"]
+            return [(ps[0] + b / 4 * grads[0].sign()).clamp(-b, b)]
+        b = self._additive_eps()
+        return [(p + b / 4 * gr.sign()).clamp(-b, b) for p, gr in zip(ps, grads)]
+
+    # ------------------------------------------------------------------ the attack
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        cfg = self.config
+        x = inp.x.detach()
+        families = self.active_families(x)
+        if self._params is None:
+            self._init_params(inp, families)
+        assert self._params is not None
+        fam = self._assign(inp, families)
+        rows = {f: (fam == i).nonzero().squeeze(1) for i, f in enumerate(families)}
+        turn = self._calls % self.options["restarts"]
+        uni = {
+            f: [t.to(x.device) for t in self._params[f][turn % len(self._params[f])]]
+            for f in families
+            if f != "pgd" and self._params.get(f)
+        }
+        # per-sample PGD rows: random start in the eps ball (per-sample randomness, as "pgd")
+        eps = float(cfg.epsilon)
+        idx_p = rows.get("pgd")
+        x_p = None
+        if idx_p is not None and idx_p.numel() > 0:
+            x_p0 = x[idx_p]
+            u = per_sample_uniform(inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch,
+                                   stream=_START_STREAM)
+            x_p = random_start(x_p0, u, eps) if eps > 0 else x_p0.clone()
+
+        def compose(x_pgd: torch.Tensor | None, params: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+            out = x.clone()
+            pieces, where = [], []
+            if x_pgd is not None:
+                pieces.append(x_pgd)
+                where.append(idx_p)
+            for f, ps in params.items():
+                r = rows[f]
+                if r.numel() > 0:
+                    pieces.append(self._apply(f, x[r], ps))
+                    where.append(r)
+            if not pieces:
+                return out
+            order = torch.cat(where)
+            # scatter the families' rows back into the batch order (differentiable in the pieces)
+            return out.index_put((order,), torch.cat([p.to(x.dtype) for p in pieces]))
+
+        stats = torch.zeros(len(families), 2, dtype=torch.float64, device=x.device)
+        steps = int(cfg.steps)
+        with attack_mode(inp.encoder), torch.enable_grad():
+            for _ in range(steps):
+                x_var = None if x_p is None else x_p.detach().requires_grad_(True)
+                pvars = {f: [t.detach().requires_grad_(True) for t in ps] for f, ps in uni.items()}
+                x_adv = compose(x_var, pvars)
+                z = inp.encoder(x_adv).flatten(1).float()
+                zg = inp.gather(z) if inp.gather is not None else z
+                loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
+                leaves = ([x_var] if x_var is not None else []) + [t for ps in pvars.values() for t in ps]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+                # the measured strength: each family's feature shift 1 - cos(f(x'), f(x)) (last step)
+                with torch.no_grad():
+                    shift = 1.0 - F.cosine_similarity(z.detach(), inp.local_clean_features.float(), dim=1)
+                    stats.zero_()
+                    stats[:, 0].index_add_(0, fam, shift.double())
+                    stats[:, 1].index_add_(0, fam, torch.ones_like(shift, dtype=torch.float64))
+                if x_var is not None:
+                    g_p, grads = grads[0], grads[1:]
+                    x_p = x_p.detach()
+                    pgd_step(x_p, g_p.contiguous(), x[idx_p].contiguous(), float(cfg.step_size), eps,
+                             backend=cfg.backend)
+                flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
+                if flat is not None and inp.reduce is not None:
+                    flat = inp.reduce(flat)  # the global gradient of the universal parameters
+                j = 0
+                for f, ps in uni.items():
+                    gs = []
+                    for t in ps:
+                        gs.append(flat[j : j + t.numel()].view_as(t))
+                        j += t.numel()
+                    uni[f] = self._update(f, ps, gs, x)
+        if inp.reduce is not None:
+            stats = inp.reduce(stats)
+        with torch.no_grad():
+            x_adv = compose(x_p, uni).detach()
+        # keep the refined parameters; update the strengths from the (global) statistics
+        for f, ps in uni.items():
+            self._params[f][turn % len(self._params[f])] = [t.detach() for t in ps]
+        mom = self.options["share_momentum"]
+        st = stats.cpu()
+        for i, f in enumerate(families):
+            if steps > 0 and st[i, 1] > 0:
+                v = float(st[i, 0] / st[i, 1])
+                self._strength[f] = v if f not in self._strength else mom * self._strength[f] + (1 - mom) * v
+        self._calls += 1
+        return x_adv

@@ -1,0 +1,335 @@
+#!/usr/bin/env python
+"""The held-out evaluation (``docs/evaluation.md``): every method on the REPORT attacks' test images.
+
+    python scripts/heldout_eval.py --attacks report --archs fmnistnet --seeds 1 --jobs 2
+    python scripts/heldout_eval.py --attacks dev --archs fmnistnet --seeds 1 --jobs 2   # dev, for reference
+    python scripts/heldout_eval.py --render                                              # table only
+    python scripts/heldout_eval.py --check fmnistnet/lf/1                                # recompute, compare
+
+For every (architecture, attack, seed) cell it loads the backdoored model from the zoo cache
+(``runs/zoo/ARCH/ATTACK_seedSEED``, trained by ``scripts/train_zoo.py`` when missing), draws the
+defender's 5% (3,000 images) independently of the poisoned indices
+(``cbd_fast.evaluation.protocol.defender_images``) and runs:
+
+- label-free: ``no_defense``, ``cbd`` (``cbd_fast.purify`` with the library defaults),
+  ``cbd_paper`` (``PurifyConfig.paper()``), ``plain_finetune`` (the defaults without an adversary);
+- with the defender's labels (the same 3,000 images, labelled): ``fine_tuning``, ``fine_pruning``,
+  ``nad``, ``anp``, ``i_bau`` with the settings chosen on the dev attacks
+  (``runs/tune/baselines.json`` by ``scripts/tune_baselines.py``; paper defaults when absent, said
+  in the JSON).
+
+ACC and ASR on the 5,000 TEST images (the validation half is for choices); ASR over non-target
+images; DER = (max(0, dACC-drop) ...) as ``cbd_fast.evaluation.metrics.defense_effectiveness_rate``.
+The trigger floor of a cell: the attack's test trigger on a CLEAN model of the same architecture and
+seed (no backdoor), the share of triggered non-target images sent to the target anyway.
+Supervised models are read through their own head; encoder attacks through a linear probe trained on
+10,000 clean labelled training images over the frozen backbone. One thread per job; results
+accumulate in ``benchmarks/results/heldout_eval.json`` (finished cells are kept; a cell computed with
+other CBD defaults is recomputed) and ``docs/heldout_results.md`` is rendered from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_JSON = ROOT / "benchmarks" / "results" / "heldout_eval.json"
+OUT_MD = ROOT / "docs" / "heldout_results.md"
+ZOO_DIR = ROOT / "runs" / "zoo"
+BASELINE_SETTINGS = ROOT / "runs" / "tune" / "baselines.json"
+LABEL_FREE = ("no_defense", "cbd", "cbd_paper", "plain_finetune")
+LABELED = ("fine_tuning", "fine_pruning", "nad", "anp", "i_bau")
+METHODS = LABEL_FREE + LABELED
+N_PROBE = 10000
+
+
+def _cbd_config(seed: int) -> dict:
+    from cbd_fast import PurifyConfig
+
+    return PurifyConfig(seed=seed, progress=False).validate().to_dict()
+
+
+def _baseline_settings() -> dict:
+    if BASELINE_SETTINGS.is_file():
+        data = json.loads(BASELINE_SETTINGS.read_text())
+        return {m: data.get("chosen", {}).get(m, {}) for m in LABELED} | {"_source": str(BASELINE_SETTINGS.name)}
+    return {m: {} for m in LABELED} | {"_source": "paper defaults (no dev tuning file)"}
+
+
+def clean_model(arch: str, seed: int, train):  # noqa: ANN001, ANN201
+    """A model of ``arch`` trained on the clean training set (cached): the floor's reference."""
+    import torch
+
+    from cbd_fast.evaluation.zoo.training import new_model, train_victim
+
+    path = ZOO_DIR / arch / f"clean_seed{seed}.pt"
+    model = new_model(arch, seed)
+    if path.is_file():
+        from cbd_fast.core.safe_load import torch_load_weights
+
+        model.load_state_dict(torch_load_weights(path))
+        return model.eval()
+    train_victim(arch, model, train, epochs=3, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()
+
+
+def load_backdoored(arch: str, attack: str, seed: int, train):  # noqa: ANN001, ANN201
+    """``(model, trigger, record)`` from the zoo cache; trained and stored first when missing."""
+    from cbd_fast.evaluation.zoo.build import build_record, load_build, save_build
+
+    stem = ZOO_DIR / arch / f"{attack}_seed{seed}"
+    try:
+        return load_build(stem)
+    except FileNotFoundError:
+        built = build_record(attack, arch, train, seed=seed)
+        save_build(built, stem)
+        return load_build(stem)
+
+
+def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHODS) -> dict:
+    """Every method of ``methods`` on one (arch, attack, seed) cell; see the module docstring."""
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(1)
+    from cbd_fast import Purifier, PurifyConfig
+    from cbd_fast.evaluation import baselines as bl
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.evaluation.metrics import defense_effectiveness_rate, evaluate_backdoor, linear_probe
+    from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
+    from cbd_fast.evaluation.zoo.registry import get_attack
+
+    spec = get_attack(attack)
+    check_purpose("report", split_of_attack="report", seed=seed, images="test") if spec.split == "report" else None
+    train = load_fashion_mnist("train")
+    test = split_test_set(load_fashion_mnist("test"), "test")
+    model, trigger, record = load_backdoored(arch, attack, seed, train)
+    encoder_kind = spec.kind == "encoder"
+    x_def, idx = defender_images(train, 0.05, seed=seed)
+    y_def = train.labels[idx]  # ONLY for the label-using baselines
+    probe_data = (train.images[:N_PROBE], train.labels[:N_PROBE])
+
+    def classifier(backbone: nn.Module, head: nn.Module | None) -> nn.Module:
+        if encoder_kind or head is None:
+            return linear_probe(backbone, *probe_data)
+        return nn.Sequential(backbone, head).eval()
+
+    def evaluate(backbone: nn.Module, head: nn.Module | None) -> dict:
+        return evaluate_backdoor(classifier(backbone, head), test.images, test.labels, trigger)
+
+    results: dict[str, dict] = {}
+    before = evaluate(model.backbone, model.head)
+    results["no_defense"] = {**before, "seconds": 0.0}
+
+    def add(name: str, backbone: nn.Module, head: nn.Module | None, secs: float, **extra: object) -> None:
+        r = evaluate(backbone, head)
+        r["der"] = defense_effectiveness_rate(before["acc"], before["asr"], r["acc"], r["asr"])
+        results[name] = {**r, "seconds": secs, **extra}
+
+    if "cbd" in methods:
+        t0 = time.perf_counter()
+        fit = Purifier(PurifyConfig(seed=seed, progress=False)).fit(model.backbone, x_def)
+        add("cbd", fit.encoder, model.head, time.perf_counter() - t0)
+    if "cbd_paper" in methods:
+        from cbd_fast.core.health import HealthError
+
+        t0 = time.perf_counter()
+        try:
+            fit = Purifier(PurifyConfig.paper(seed=seed, progress=False)).fit(model.backbone, x_def)
+            add("cbd_paper", fit.encoder, model.head, time.perf_counter() - t0)
+        except (HealthError, RuntimeError) as exc:  # a stopped run is a result, recorded as such
+            results["cbd_paper"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": time.perf_counter() - t0}
+    if "plain_finetune" in methods:
+        t0 = time.perf_counter()
+        ft = bl.plain_finetune(model.backbone, x_def, PurifyConfig(seed=seed, progress=False))
+        add("plain_finetune", ft, model.head, time.perf_counter() - t0)
+    settings = _baseline_settings()
+    # label-using baselines act on a classifier: the model itself, or (encoder attacks) the backbone
+    # with a linear probe trained on the defender's labelled images.
+    if any(m in methods for m in LABELED):
+        if encoder_kind:
+            import copy
+
+            from cbd_fast.evaluation.architectures import Classifier
+
+            probe = linear_probe(model.backbone, x_def, y_def)
+            victim = Classifier(model.backbone, probe.head.in_features)
+            victim.head = copy.deepcopy(probe.head).requires_grad_(True)
+        else:
+            victim = model
+        for name in LABELED:
+            if name not in methods:
+                continue
+            t0 = time.perf_counter()
+            try:
+                out = bl.LABELED_BASELINES[name](victim, x_def, y_def, seed=seed, **settings.get(name, {}))
+                add(name, out.backbone, None if encoder_kind else out.head, time.perf_counter() - t0,
+                    settings=settings.get(name, {}))
+            except (ValueError, TypeError, RuntimeError) as exc:
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": time.perf_counter() - t0}
+    clean = clean_model(arch, seed, train)
+    floor = evaluate_backdoor(classifier(clean.backbone, clean.head), test.images, test.labels, trigger)
+    return {
+        "arch": arch,
+        "attack": attack,
+        "split": spec.split,
+        "kind": spec.kind,
+        "seed": seed,
+        "results": results,
+        "floor_asr": floor["asr"],
+        "cbd_config": _cbd_config(seed),
+        "baseline_settings_source": settings["_source"],
+        "model_record": {k: record.get(k) for k in ("acc", "asr", "seconds", "settings", "n_poisoned") if k in record},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def _load() -> dict:
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {"cells": {}}
+
+
+def _save(data: dict) -> None:
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT_JSON.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, OUT_JSON)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def render(data: dict) -> str:
+    cells = data["cells"]
+    lines = [
+        "# Held-out evaluation",
+        "",
+        "Generated by `python scripts/heldout_eval.py` from `benchmarks/results/heldout_eval.json` "
+        f"(last run {data.get('date', '?')}, {data.get('machine', '?')}). Protocol: `docs/evaluation.md`. "
+        "Cells: ACC / ASR in % on the 5,000 test images (the validation half was used for choices), "
+        "the defender's 3,000 images drawn independently of the poisoned ones. `floor`: the trigger's "
+        "ASR on a clean model of the same architecture and seed. A method that stopped (health check, "
+        "non-finite loss) or failed shows `stopped`.",
+        "",
+    ]
+    for split in ("report", "dev"):
+        rows = sorted((c for c in cells.values() if c["split"] == split), key=lambda c: (c["arch"], c["attack"], c["seed"]))
+        if not rows:
+            continue
+        lines += [f"## {'Report' if split == 'report' else 'Dev'} attacks"
+                  + (" (never used for a choice)" if split == "report" else " (tuned on: for reference only)"), ""]
+        lines += ["| arch | attack | seed | floor | " + " | ".join(METHODS) + " |", "|" + "---|" * (4 + len(METHODS))]
+        for c in rows:
+            cols = []
+            for m in METHODS:
+                r = c["results"].get(m)
+                cols.append("" if r is None else ("stopped" if "error" in r else f"{_pct(r['acc'])} / {_pct(r['asr'])}"))
+            lines.append(f"| {c['arch']} | {c['attack']} | {c['seed']} | {_pct(c['floor_asr'])} | " + " | ".join(cols) + " |")
+        lines.append("")
+        # summary per method over the cells of this split
+        lines += ["| method | labels | mean ASR % | max ASR % | mean ACC drop | cells ASR <= 5 and drop <= 2 | mean DER | mean seconds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in METHODS[1:]:
+            rs = [(c["results"]["no_defense"], c["results"][m]) for c in rows if m in c["results"] and "error" not in c["results"][m]]
+            n_all = sum(1 for c in rows if m in c["results"])
+            if not rs:
+                continue
+            asr = [r["asr"] * 100 for _, r in rs]
+            drop = [(b["acc"] - r["acc"]) * 100 for b, r in rs]
+            ok = sum(1 for a, d in zip(asr, drop) if a <= 5 and d <= 2)
+            lines.append(
+                f"| {m} | {'yes' if m in LABELED else 'no'} | {statistics.mean(asr):.1f} | {max(asr):.1f} | "
+                f"{statistics.mean(drop):.1f} | {ok} / {n_all} | {statistics.mean(r['der'] for _, r in rs):.3f} | "
+                f"{statistics.mean(r['seconds'] for _, r in rs):.0f} |"
+            )
+        if split == "report":
+            best = []
+            for c in rows:
+                lab = [c["results"][m]["der"] for m in LABELED if m in c["results"] and "der" in c["results"][m]]
+                if lab and "der" in c["results"].get("cbd", {}):
+                    best.append(c["results"]["cbd"]["der"] >= max(lab) - 1e-9)
+            if best:
+                lines += ["", f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells."]
+        lines.append("")
+    cfg = next(iter(cells.values()))["cbd_config"] if cells else {}
+    lines += ["## CBD defaults used", "", "```"] + [f"{k} = {v!r}" for k, v in cfg.items() if k in (
+        "adversary", "adversary_options", "epsilon", "step_size", "steps", "epochs", "lr", "optimizer",
+        "clean_term", "clean_weight", "bn_policy", "batch_size")] + ["```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attacks", default="report", help="report | dev | all | a,b")
+    p.add_argument("--archs", default="fmnistnet")
+    p.add_argument("--seeds", default="1")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--render", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="recompute finished cells too")
+    args = p.parse_args(argv)
+    data = _load()
+    if not args.render:
+        from cbd_fast.evaluation.protocol import REPORT_SEEDS
+        from cbd_fast.evaluation.zoo.registry import select
+
+        seeds = [int(s) for s in args.seeds.split(",")]
+        bad = [s for s in seeds if s not in REPORT_SEEDS]
+        if bad:
+            raise SystemExit(f"--seeds {bad}: reported numbers use the report seeds {REPORT_SEEDS} only")
+        methods = tuple(m for m in args.methods.split(","))
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; choose from {METHODS}")
+        todo = []
+        for arch in args.archs.split(","):
+            for attack in select(args.attacks):
+                for s in seeds:
+                    key = f"{arch}/{attack}/{s}"
+                    cell = data["cells"].get(key)
+                    if args.fresh or cell is None or cell.get("cbd_config") != _cbd_config(s):
+                        todo.append((arch, attack, s))
+        data.update(
+            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        )
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max(1, args.jobs)) as ex:
+            futs = {ex.submit(run_cell, a, k, s, methods): (a, k, s) for a, k, s in todo}
+            for f in as_completed(futs):
+                a, k, s = futs[f]
+                try:
+                    cell = f.result()
+                except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
+                    print(f"{a}/{k}/{s}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                data["cells"][f"{a}/{k}/{s}"] = cell
+                _save(data)
+                r = cell["results"]
+                print(f"{a}/{k}/{s}: " + "  ".join(
+                    f"{m} {_pct(r[m].get('acc'))}/{_pct(r[m].get('asr'))}" for m in METHODS if m in r
+                ) + f"  floor {_pct(cell['floor_asr'])}", flush=True)
+    OUT_MD.parent.mkdir(parents=True, exist_ok=True)
+    OUT_MD.write_text(render(data))
+    print(f"wrote {OUT_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Score CBD settings on the DEV attacks only (the held-out protocol's tuning half).
+
+    python scripts/tune_defaults.py --tag search --set adversary=trigger_search --jobs 2
+    python scripts/tune_defaults.py --tag search_e6 --set adversary=trigger_search epochs=6
+
+Runs ``cbd_fast.purify`` (the library defaults, updated with ``--set``) on every dev attack's
+tuning-seed model (``cbd_fast.evaluation.protocol``: dev attacks, tuning seeds, validation
+images; anything else is refused) and appends one JSON line per (attack, seed) to
+``runs/tune/results.jsonl``: ACC / ASR before and after on the 5,000 validation images, the
+seconds, the settings and the adversary's final state summary. ``--summary`` prints a table of
+every tag tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "runs" / "tune" / "results.jsonl"
+DEV_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
+
+
+def _parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
+
+
+def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from cbd_fast import Purifier, PurifyConfig
+    from cbd_fast.app.demo import _classifier, load_or_train
+    from cbd_fast.evaluation.backdoors import trigger_for
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.evaluation.metrics import evaluate_backdoor
+    from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
+
+    check_purpose("tune", split_of_attack="dev", seed=seed, images="validation")
+    train = load_fashion_mnist("train")
+    val = split_test_set(load_fashion_mnist("test"), "validation")
+    model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
+    ssl = attack == "badencoder"
+    head = None if ssl else model.head
+    probe = (train.images[:10000], train.labels[:10000]) if ssl else None
+    x_unl, _ = defender_images(train, 0.05, seed=seed)
+
+    def evaluate(backbone):
+        return evaluate_backdoor(_classifier(backbone, head, probe), val.images, val.labels, trigger_for(attack))
+
+    before = evaluate(model.backbone)
+    cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
+    t0 = time.perf_counter()
+    fit = Purifier(cfg).fit(model.backbone, x_unl)
+    secs = time.perf_counter() - t0
+    after = evaluate(fit.encoder)
+    adv = getattr(fit, "adversary_state", None)
+    return {
+        "tag": tag,
+        "attack": attack,
+        "seed": seed,
+        "overrides": overrides,
+        "before": before,
+        "after": after,
+        "seconds": secs,
+        "history_last": {k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))},
+        "adversary_state": adv,
+    }
+
+
+def summary() -> None:
+    rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    tags: dict[str, list[dict]] = {}
+    for r in rows:
+        tags.setdefault(r["tag"], []).append(r)
+    print(f"{'tag':28s} " + " ".join(f"{a:>16s}" for a in DEV_ATTACKS) + "   meanASR  maxdACC")
+    for tag, rs in tags.items():
+        by = {r["attack"]: r for r in rs}
+        cells = []
+        for a in DEV_ATTACKS:
+            r = by.get(a)
+            cells.append(
+                f"{100 * r['after']['acc']:5.1f}/{100 * r['after']['asr']:5.1f}" if r else f"{'-':>11s}"
+            )
+        asr = [100 * r["after"]["asr"] for r in rs]
+        dacc = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in rs]
+        print(
+            f"{tag:28s} " + " ".join(f"{c:>16s}" for c in cells)
+            + f"   {statistics.mean(asr):6.1f}  {max(dacc):6.1f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", default="defaults")
+    p.add_argument("--set", nargs="*", default=[], help="PurifyConfig overrides, key=value")
+    p.add_argument("--attacks", default=",".join(DEV_ATTACKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--summary", action="store_true")
+    args = p.parse_args(argv)
+    if args.summary:
+        summary()
+        return 0
+    overrides = _parse_set(args.set)
+    attacks = args.attacks.split(",")
+    bad = [a for a in attacks if a not in DEV_ATTACKS]
+    if bad:
+        raise SystemExit(f"--attacks: {bad} are not dev attacks; tuning may use only {DEV_ATTACKS}")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
+        futs = [ex.submit(run_one, a, args.seed, overrides, args.tag) for a in attacks]
+        for f in as_completed(futs):
+            r = f.result()
+            with OUT.open("a") as fh:
+                fh.write(json.dumps(r, default=str) + "\n")
+            print(
+                f"{r['tag']} {r['attack']}: ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
+                f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

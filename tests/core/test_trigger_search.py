@@ -1,0 +1,210 @@
+"""The label-free trigger search (``adversary="trigger_search"``) and its transforms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cbd_fast import PurifyConfig
+from cbd_fast.core.adversaries import AttackInputs, TriggerSearch
+from cbd_fast.core.adversaries.search import FAMILIES
+from cbd_fast.core.adversaries.transforms import (
+    additive,
+    mask_blend,
+    project_area,
+    tone_map,
+    upsample,
+    warp_images,
+)
+
+
+def _encoder(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 16)
+    ).eval()
+
+
+class PatchDetector(nn.Module):
+    """Features that jump when a bright ``k x k`` square sits at (row, col): a planted patch backdoor."""
+
+    def __init__(self, row: int, col: int, k: int) -> None:
+        super().__init__()
+        self.base = _encoder(1)
+        self.r, self.c, self.k = row, col, k
+        self.target = nn.Parameter(torch.randn(16) * 5, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = x[:, :, self.r : self.r + self.k, self.c : self.c + self.k].mean(dim=(1, 2, 3))
+        gate = torch.sigmoid((region - 0.9) * 40)[:, None]
+        return self.base(x) + gate * self.target
+
+
+def _inputs(enc: nn.Module, x: torch.Tensor, cfg: PurifyConfig, indices: torch.Tensor | None = None) -> AttackInputs:
+    with torch.no_grad():
+        anchors = enc(x).flatten(1).float()
+    idx = torch.arange(x.shape[0]) if indices is None else indices
+    return AttackInputs(enc, x, anchors, idx, 0, None, cfg)
+
+
+def _cfg(**options: float) -> PurifyConfig:
+    return PurifyConfig(adversary="trigger_search", adversary_options=options or None, seed=3).validate()
+
+
+# ---- transforms ------------------------------------------------------------------------------------
+
+
+def test_project_area_meets_the_budget_and_is_the_clamp_form() -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(1, 1, 10, 10, generator=g) * 1.5 - 0.2
+    out = project_area(m, 7.0)
+    assert float(out.sum()) <= 7.0 + 1e-4
+    assert float(out.sum()) >= 7.0 - 1e-3  # the budget binds: not over-shrunk
+    assert out.min() >= 0 and out.max() <= 1
+    theta = (m.clamp(0, 1) - out)[out > 0]  # clamp(m - theta): one theta for every kept entry
+    assert float(theta.max() - theta.min()) < 1e-4
+    small = torch.full((1, 1, 4, 4), 0.1)
+    assert torch.equal(project_area(small, 5.0), small)  # already inside: unchanged
+
+
+def test_identity_transforms() -> None:
+    x = torch.rand(3, 2, 9, 7)
+    assert torch.allclose(warp_images(x, torch.zeros(1, 2, 9, 7)), x, atol=1e-6)
+    assert torch.equal(tone_map(x, torch.zeros(2, 5)), x)
+    assert torch.equal(mask_blend(x, torch.zeros(1, 1, 9, 7), torch.rand(1, 2, 9, 7)), x)
+    assert torch.equal(additive(x, torch.zeros(1, 2, 3, 3), 0.1), x)
+
+
+def test_transforms_respect_their_bounds_and_pass_gradients() -> None:
+    x = torch.rand(2, 1, 12, 12)
+    field = (torch.rand(1, 1, 4, 4) * 2 - 1).requires_grad_(True)
+    y = additive(x, field * 10, 0.05)
+    assert float((y - x).detach().abs().max()) <= 0.05 + 1e-6
+    y.sum().backward()
+    assert field.grad is not None and field.grad.abs().sum() > 0
+    off = torch.full((1, 4), 0.2, requires_grad=True)
+    z = tone_map(x, off)
+    assert torch.allclose(z, (x + 0.2).clamp(0, 1))
+    z.sum().backward()
+    assert off.grad is not None and off.grad.abs().sum() > 0
+    up = upsample(torch.ones(1, 2, 2, 2), 5, 6)
+    assert up.shape == (1, 2, 5, 6) and torch.allclose(up, torch.ones_like(up))
+
+
+# ---- options -------------------------------------------------------------------------------------------
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="every family weight is 0"):
+        _cfg(**{f"{f}_weight": 0.0 for f in FAMILIES})
+    with pytest.raises(ValueError, match="min_share"):
+        _cfg(min_share=0.5)
+    with pytest.raises(ValueError, match="mask_size"):
+        _cfg(mask_size=3)
+    with pytest.raises(ValueError, match="warp_bound"):
+        _cfg(warp_bound=-1.0)
+    assert TriggerSearch.check_options({"restarts": 3})["restarts"] == 3
+
+
+# ---- the attack ---------------------------------------------------------------------------------------
+
+
+def test_output_contract_and_determinism() -> None:
+    enc, x = _encoder(), torch.rand(40, 1, 16, 16)
+    keep = x.clone()
+    cfg = _cfg()
+    a = TriggerSearch(cfg)(_inputs(enc, x, cfg))
+    b = TriggerSearch(cfg)(_inputs(enc, x, cfg))
+    assert torch.equal(x, keep)  # the input is not modified
+    assert a.shape == x.shape and a.dtype == x.dtype and not a.requires_grad
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert (a - x).abs().amax(dim=(1, 2, 3)).min() > 0  # every image is attacked
+
+
+def test_assignment_depends_on_the_sample_not_the_batch() -> None:
+    enc, x = _encoder(), torch.rand(64, 1, 8, 8)
+    cfg = _cfg()
+    adv = TriggerSearch(cfg)
+    fam = adv.active_families(x)
+    full = adv._assign(_inputs(enc, x, cfg), fam)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))[:20]
+    part = adv._assign(_inputs(enc, x[perm], cfg, indices=perm), fam)
+    assert torch.equal(part, full[perm])
+    counts = torch.bincount(full, minlength=len(fam))
+    assert (counts > 0).all()  # every family gets images at equal shares
+
+
+def test_shares_follow_the_measured_strength_with_floors() -> None:
+    adv = TriggerSearch(_cfg(min_share=0.1))
+    adv._strength = {"pgd": 1.0, "mask": 3.0, "warp": 0.0, "tone": 0.0, "additive": 0.0}
+    sh = adv.shares(list(FAMILIES))
+    assert sh["warp"] == pytest.approx(0.1, abs=1e-3)
+    assert sh["mask"] == pytest.approx(0.1 + 0.5 * 0.75, abs=1e-3)
+    assert sh["pgd"] == pytest.approx(0.1 + 0.5 * 0.25, abs=1e-3)
+    assert sum(sh.values()) == pytest.approx(1.0, abs=5e-3)
+    off = TriggerSearch(_cfg(tone_weight=0.0))
+    assert "tone" not in off.active_families(torch.rand(2, 1, 4, 4))
+
+
+def test_scan_finds_a_planted_patch_of_any_size_and_place() -> None:
+    for row, col, k in ((20, 3, 3), (2, 15, 5)):
+        enc = PatchDetector(row, col, k).eval()
+        x = torch.rand(32, 1, 28, 28) * 0.6
+        cfg = _cfg()
+        adv = TriggerSearch(cfg)
+        out = adv(_inputs(enc, x, cfg))
+        assert out.shape == x.shape
+        score, r, c, side, kind = adv.scan_scores[0]
+        assert kind in ("white", "random")
+        assert r < row + k and row < r + side and c < col + k and col < c + side, adv.scan_scores[:3]
+        mask = adv._params["mask"][0][0]
+        # the first mask covers the planted trigger (the rest of its area budget may lie elsewhere)
+        assert mask[..., row : row + k, col : col + k].mean() > 0.6, mask[..., row : row + k, col : col + k]
+
+
+def test_the_strongest_family_gets_more_of_the_batch() -> None:
+    enc = PatchDetector(4, 4, 3).eval()  # 9 pixels: within the default 4% area budget (10.2)
+    x = torch.rand(64, 1, 16, 16) * 0.3  # dark images: only a pasted pattern reaches the detector's 0.9
+    cfg = _cfg(min_share=0.05)
+    adv = TriggerSearch(cfg)
+    for _ in range(6):
+        adv(_inputs(enc, x, cfg))
+    sh = adv.shares(adv.active_families(x))
+    assert max(sh, key=sh.get) == "mask", sh
+
+
+def test_non_image_inputs_use_per_sample_pgd_only() -> None:
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(10, 6)).eval()
+    x = torch.rand(16, 10)
+    cfg = _cfg()
+    adv = TriggerSearch(cfg)
+    assert adv.active_families(x) == ["pgd"]
+    out = adv(_inputs(enc, x, cfg))
+    assert float((out - x).abs().max()) <= cfg.epsilon + 1e-6
+
+
+def test_state_dict_resumes_exactly() -> None:
+    enc, x = _encoder(), torch.rand(24, 1, 12, 12)
+    cfg = _cfg()
+    full = TriggerSearch(cfg)
+    outs = [full(_inputs(enc, x, cfg)) for _ in range(3)]
+    first = TriggerSearch(cfg)
+    for _ in range(2):
+        first(_inputs(enc, x, cfg))
+    resumed = TriggerSearch(cfg)
+    resumed.load_state_dict(first.state_dict())
+    assert torch.equal(resumed(_inputs(enc, x, cfg)), outs[2])
+
+
+def test_only_the_mask_family_changes_pixels_inside_the_mask() -> None:
+    enc, x = _encoder(), torch.rand(16, 1, 12, 12)
+    cfg = _cfg(**{f"{f}_weight": 0.0 for f in FAMILIES if f != "mask"}, min_share=0.0)
+    adv = TriggerSearch(cfg)
+    out = adv(_inputs(enc, x, cfg))
+    mask = adv._params["mask"][0][0]
+    changed = (out - x).abs().amax(dim=(0, 1))
+    assert (changed[mask[0, 0] == 0] == 0).all()
+    assert float(mask.sum()) <= 0.04 * 144 + 1e-4  # the default area budget
