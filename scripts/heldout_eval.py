@@ -60,7 +60,9 @@ def _cbd_config(seed: int) -> dict:
 def _baseline_settings() -> dict:
     if BASELINE_SETTINGS.is_file():
         data = json.loads(BASELINE_SETTINGS.read_text())
-        return {m: data.get("chosen", {}).get(m, {}) for m in LABELED} | {"_source": str(BASELINE_SETTINGS.name)}
+        return {m: data.get("chosen", {}).get(m, {}) for m in LABELED} | {
+            "_source": str(BASELINE_SETTINGS.name)
+        }
     return {m: {} for m in LABELED} | {"_source": "paper defaults (no dev tuning file)"}
 
 
@@ -112,7 +114,9 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
     from cbd_fast.evaluation.zoo.registry import get_attack
 
     spec = get_attack(attack)
-    check_purpose("report", split_of_attack="report", seed=seed, images="test") if spec.split == "report" else None
+    check_purpose(
+        "report", split_of_attack="report", seed=seed, images="test"
+    ) if spec.split == "report" else None
     train = load_fashion_mnist("train")
     test = split_test_set(load_fashion_mnist("test"), "test")
     model, trigger, record = load_backdoored(arch, attack, seed, train)
@@ -150,7 +154,10 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
             fit = Purifier(PurifyConfig.paper(seed=seed, progress=False)).fit(model.backbone, x_def)
             add("cbd_paper", fit.encoder, model.head, time.perf_counter() - t0)
         except (HealthError, RuntimeError) as exc:  # a stopped run is a result, recorded as such
-            results["cbd_paper"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": time.perf_counter() - t0}
+            results["cbd_paper"] = {
+                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                "seconds": time.perf_counter() - t0,
+            }
     if "plain_finetune" in methods:
         t0 = time.perf_counter()
         ft = bl.plain_finetune(model.backbone, x_def, PurifyConfig(seed=seed, progress=False))
@@ -175,10 +182,18 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
             t0 = time.perf_counter()
             try:
                 out = bl.LABELED_BASELINES[name](victim, x_def, y_def, seed=seed, **settings.get(name, {}))
-                add(name, out.backbone, None if encoder_kind else out.head, time.perf_counter() - t0,
-                    settings=settings.get(name, {}))
+                add(
+                    name,
+                    out.backbone,
+                    None if encoder_kind else out.head,
+                    time.perf_counter() - t0,
+                    settings=settings.get(name, {}),
+                )
             except (ValueError, TypeError, RuntimeError) as exc:
-                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "seconds": time.perf_counter() - t0}
+                results[name] = {
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                    "seconds": time.perf_counter() - t0,
+                }
     clean = clean_model(arch, seed, train)
     floor = evaluate_backdoor(classifier(clean.backbone, clean.head), test.images, test.labels, trigger)
     return {
@@ -191,7 +206,9 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
         "floor_asr": floor["asr"],
         "cbd_config": _cbd_config(seed),
         "baseline_settings_source": settings["_source"],
-        "model_record": {k: record.get(k) for k in ("acc", "asr", "seconds", "settings", "n_poisoned") if k in record},
+        "model_record": {
+            k: record.get(k) for k in ("acc", "asr", "seconds", "settings", "n_poisoned") if k in record
+        },
     }
 
 
@@ -227,24 +244,48 @@ def render(data: dict) -> str:
         "",
     ]
     for split in ("report", "dev"):
-        rows = sorted((c for c in cells.values() if c["split"] == split), key=lambda c: (c["arch"], c["attack"], c["seed"]))
+        rows = sorted(
+            (c for c in cells.values() if c["split"] == split),
+            key=lambda c: (c["arch"], c["attack"], c["seed"]),
+        )
         if not rows:
             continue
-        lines += [f"## {'Report' if split == 'report' else 'Dev'} attacks"
-                  + (" (never used for a choice)" if split == "report" else " (tuned on: for reference only)"), ""]
-        lines += ["| arch | attack | seed | floor | " + " | ".join(METHODS) + " |", "|" + "---|" * (4 + len(METHODS))]
+        lines += [
+            f"## {'Report' if split == 'report' else 'Dev'} attacks"
+            + (" (never used for a choice)" if split == "report" else " (tuned on: for reference only)"),
+            "",
+        ]
+        lines += [
+            "| arch | attack | seed | floor | " + " | ".join(METHODS) + " |",
+            "|" + "---|" * (4 + len(METHODS)),
+        ]
         for c in rows:
             cols = []
             for m in METHODS:
                 r = c["results"].get(m)
-                cols.append("" if r is None else ("stopped" if "error" in r else f"{_pct(r['acc'])} / {_pct(r['asr'])}"))
-            lines.append(f"| {c['arch']} | {c['attack']} | {c['seed']} | {_pct(c['floor_asr'])} | " + " | ".join(cols) + " |")
+                cols.append(
+                    "not run"
+                    if r is None
+                    else ("stopped" if "error" in r else f"{_pct(r['acc'])} / {_pct(r['asr'])}")
+                )
+            lines.append(
+                f"| {c['arch']} | {c['attack']} | {c['seed']} | {_pct(c['floor_asr'])} | "
+                + " | ".join(cols)
+                + " |"
+            )
         lines.append("")
         # summary per method over the cells of this split
-        lines += ["| method | labels | mean ASR % | max ASR % | mean ACC drop | cells ASR <= 5 and drop <= 2 | mean DER | mean seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| method | labels | mean ASR % | max ASR % | mean ACC drop | cells ASR <= 5 and drop <= 2 "
+            "| mean DER | mean seconds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for m in METHODS[1:]:
-            rs = [(c["results"]["no_defense"], c["results"][m]) for c in rows if m in c["results"] and "error" not in c["results"][m]]
+            rs = [
+                (c["results"]["no_defense"], c["results"][m])
+                for c in rows
+                if m in c["results"] and "error" not in c["results"][m]
+            ]
             n_all = sum(1 for c in rows if m in c["results"])
             if not rs:
                 continue
@@ -253,22 +294,48 @@ def render(data: dict) -> str:
             ok = sum(1 for a, d in zip(asr, drop) if a <= 5 and d <= 2)
             lines.append(
                 f"| {m} | {'yes' if m in LABELED else 'no'} | {statistics.mean(asr):.1f} | {max(asr):.1f} | "
-                f"{statistics.mean(drop):.1f} | {ok} / {n_all} | {statistics.mean(r['der'] for _, r in rs):.3f} | "
+                f"{statistics.mean(drop):.1f} | {ok} / {n_all} | "
+                f"{statistics.mean(r['der'] for _, r in rs):.3f} | "
                 f"{statistics.mean(r['seconds'] for _, r in rs):.0f} |"
             )
         if split == "report":
             best = []
             for c in rows:
-                lab = [c["results"][m]["der"] for m in LABELED if m in c["results"] and "der" in c["results"][m]]
+                lab = [
+                    c["results"][m]["der"] for m in LABELED if m in c["results"] and "der" in c["results"][m]
+                ]
                 if lab and "der" in c["results"].get("cbd", {}):
                     best.append(c["results"]["cbd"]["der"] >= max(lab) - 1e-9)
             if best:
-                lines += ["", f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells."]
+                lines += [
+                    "",
+                    f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells.",
+                ]
         lines.append("")
     cfg = next(iter(cells.values()))["cbd_config"] if cells else {}
-    lines += ["## CBD defaults used", "", "```"] + [f"{k} = {v!r}" for k, v in cfg.items() if k in (
-        "adversary", "adversary_options", "epsilon", "step_size", "steps", "epochs", "lr", "optimizer",
-        "clean_term", "clean_weight", "bn_policy", "batch_size")] + ["```", ""]
+    lines += (
+        ["## CBD defaults used", "", "```"]
+        + [
+            f"{k} = {v!r}"
+            for k, v in cfg.items()
+            if k
+            in (
+                "adversary",
+                "adversary_options",
+                "epsilon",
+                "step_size",
+                "steps",
+                "epochs",
+                "lr",
+                "optimizer",
+                "clean_term",
+                "clean_weight",
+                "bn_policy",
+                "batch_size",
+            )
+        ]
+        + ["```", ""]
+    )
     return "\n".join(lines)
 
 
@@ -321,9 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                 data["cells"][f"{a}/{k}/{s}"] = cell
                 _save(data)
                 r = cell["results"]
-                print(f"{a}/{k}/{s}: " + "  ".join(
-                    f"{m} {_pct(r[m].get('acc'))}/{_pct(r[m].get('asr'))}" for m in METHODS if m in r
-                ) + f"  floor {_pct(cell['floor_asr'])}", flush=True)
+                print(
+                    f"{a}/{k}/{s}: "
+                    + "  ".join(
+                        f"{m} {_pct(r[m].get('acc'))}/{_pct(r[m].get('asr'))}" for m in METHODS if m in r
+                    )
+                    + f"  floor {_pct(cell['floor_asr'])}",
+                    flush=True,
+                )
     OUT_MD.parent.mkdir(parents=True, exist_ok=True)
     OUT_MD.write_text(render(data))
     print(f"wrote {OUT_MD}")

@@ -60,7 +60,9 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     x_unl, _ = defender_images(train, 0.05, seed=seed)
 
     def evaluate(backbone):
-        return evaluate_backdoor(_classifier(backbone, head, probe), val.images, val.labels, trigger_for(attack))
+        return evaluate_backdoor(
+            _classifier(backbone, head, probe), val.images, val.labels, trigger_for(attack)
+        )
 
     before = evaluate(model.backbone)
     cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
@@ -77,7 +79,9 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
         "before": before,
         "after": after,
         "seconds": secs,
-        "history_last": {k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))},
+        "history_last": {
+            k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))
+        },
         "adversary_state": adv,
     }
 
@@ -99,7 +103,8 @@ def summary() -> None:
         asr = [100 * r["after"]["asr"] for r in rs]
         dacc = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in rs]
         print(
-            f"{tag:28s} " + " ".join(f"{c:>16s}" for c in cells)
+            f"{tag:28s} "
+            + " ".join(f"{c:>16s}" for c in cells)
             + f"   {statistics.mean(asr):6.1f}  {max(dacc):6.1f}"
         )
 
@@ -131,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             with OUT.open("a") as fh:
                 fh.write(json.dumps(r, default=str) + "\n")
             print(
-                f"{r['tag']} {r['attack']}: ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
-                f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  ({r['seconds']:.0f} s)",
+                f"{r['tag']} {r['attack']}: "
+                f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
+                f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  "
+                f"({r['seconds']:.0f} s)",
                 flush=True,
             )
     return 0

@@ -10,7 +10,6 @@ from cbd_fast import Purifier, PurifyConfig
 from cbd_fast.app.cli import parse_set_options
 from cbd_fast.core.adversaries import ADVERSARIES, Adversary, make_adversary
 
-
 PW = "pgd_patch_warp"  # most tests here exercise this adversary's options (the previous default)
 
 
@@ -96,7 +95,9 @@ def test_cli_set_parses_a_dict() -> None:
 def test_patch_and_warp_shares_must_leave_room() -> None:
     with pytest.raises(ValueError, match=r"patch_fraction \+ warp_fraction.*0.6 \+ 0.5"):
         PurifyConfig(adversary=PW, adversary_options={"patch_fraction": 0.6, "warp_fraction": 0.5}).validate()
-    PurifyConfig(adversary=PW, adversary_options={"patch_fraction": 0.5, "warp_fraction": 0.5}).validate()  # no PGD
+    PurifyConfig(
+        adversary=PW, adversary_options={"patch_fraction": 0.5, "warp_fraction": 0.5}
+    ).validate()  # no PGD
 
 
 @pytest.mark.parametrize(
@@ -114,7 +115,9 @@ def test_patch_and_warp_shares_must_leave_room() -> None:
 def test_small_batches_and_extreme_shares_run(n, batch, options) -> None:
     enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
     x = torch.rand(n, 1, 12, 12)
-    res = Purifier(batch_size=batch, epochs=1, progress=False, adversary=PW, adversary_options=options).fit(enc, x)
+    res = Purifier(batch_size=batch, epochs=1, progress=False, adversary=PW, adversary_options=options).fit(
+        enc, x
+    )
     assert res.history[0]["batches"] >= 1
 
 

@@ -116,7 +116,12 @@ def test_paper_preset_is_the_published_method() -> None:
     assert cfg.adversary == "pgd" and cfg.adversary_options is None
     assert cfg.epsilon == pytest.approx(8 / 255) and cfg.step_size == pytest.approx(2 / 255)
     assert (cfg.steps, cfg.temperature, cfg.optimizer, cfg.lr, cfg.momentum) == (5, 0.5, "sgd", 0.01, 0.9)
-    assert (cfg.clean_term, cfg.lr_schedule, cfg.grad_spike_factor, cfg.bn_policy) == ("none", "constant", None, "train")
+    assert (cfg.clean_term, cfg.lr_schedule, cfg.grad_spike_factor, cfg.bn_policy) == (
+        "none",
+        "constant",
+        None,
+        "train",
+    )
     assert cfg.health == "stop"  # the safety check stays on
     over = PurifyConfig.paper(epochs=2, seed=3)
     assert (over.epochs, over.seed, over.adversary) == (2, 3, "pgd")

@@ -317,7 +317,9 @@ def test_purify_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path, adve
 
     res = torchrun("purify", tmp_path, adversary)
     _ok(res)
-    single = cbd_fast.purify(dw.tiny_encoder(), dw.purify_data(), **dw.purify_settings(adversary)).state_dict()
+    single = cbd_fast.purify(
+        dw.tiny_encoder(), dw.purify_data(), **dw.purify_settings(adversary)
+    ).state_dict()
     orig = dw.tiny_encoder().state_dict()
     moved = max(float((single[k] - orig[k]).abs().max()) for k in single if single[k].is_floating_point())
     assert moved > 0.05  # the comparison below is not between two barely-trained models

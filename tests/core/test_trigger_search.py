@@ -41,7 +41,9 @@ class PatchDetector(nn.Module):
         return self.base(x) + gate * self.target
 
 
-def _inputs(enc: nn.Module, x: torch.Tensor, cfg: PurifyConfig, indices: torch.Tensor | None = None) -> AttackInputs:
+def _inputs(
+    enc: nn.Module, x: torch.Tensor, cfg: PurifyConfig, indices: torch.Tensor | None = None
+) -> AttackInputs:
     with torch.no_grad():
         anchors = enc(x).flatten(1).float()
     idx = torch.arange(x.shape[0]) if indices is None else indices

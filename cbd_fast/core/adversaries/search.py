@@ -1,19 +1,17 @@
 """A label-free trigger search in feature space (``adversary="trigger_search"``).
 
 Backdoor triggers are shortcuts of a few kinds: additive per-pixel changes, pasted local patterns,
-smooth geometric warps, global tone/colour changes, universal additive signals (smooth or not). The search keeps
-one parameterised family for each, none shaped after a particular trigger:
+smooth geometric warps, global tone/colour changes, universal additive signals (smooth or not).
+The search keeps one parameterised family for each, none shaped after a particular trigger:
 
-========  ===========================================================  ==================================
-family    transform of an image x                                      parameters and bound
-========  ===========================================================  ==================================
-pgd       ``x + delta_i`` (per sample)                                 ``|delta|_inf <= epsilon``
-mask      ``x + m * (p - x)``, shared m [H, W], p [C, H, W]            ``0 <= m <= 1``, ``sum m <= mask_area * H W``
-warp      resample at ``identity + sum_s up(flow_s)``, grids 2, 4, 8   ``|displacement| <= warp_bound * min(H, W)`` px
-tone      ``x + o_c(x)``, a piecewise-linear curve per channel          ``|o| <= tone_bound``
-additive  ``x + up(coarse) + fine``: a smooth [C, g, g] field upsampled   ``|up(coarse) + fine|_inf <= additive_epsilon``
-          bicubically plus a full-resolution [C, H, W] one (universal)
-========  ===========================================================  ==================================
+- ``pgd``: ``x + delta_i`` per sample, ``|delta|_inf <= epsilon``;
+- ``mask``: ``x + m * (p - x)`` with one mask m [H, W] and pattern p [C, H, W] for all images,
+  ``0 <= m <= 1`` and ``sum m <= mask_area * H * W``;
+- ``warp``: resampling at ``identity + sum_s up(flow_s)`` over control grids 2, 4 and 8, the
+  displacement at most ``warp_bound * min(H, W)`` pixels;
+- ``tone``: ``x + o_c(x)``, a piecewise-linear curve per channel, ``|o| <= tone_bound``;
+- ``additive``: ``x + up(coarse) + fine``, a smooth [C, g, g] field upsampled bicubically plus a
+  full-resolution [C, H, W] one (universal), ``|.|_inf <= additive_epsilon``.
 
 The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
 size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets, used in
@@ -135,7 +133,9 @@ class TriggerSearch(Adversary):
         ``strength`` (family -> float), ``calls`` and ``scan_scores``."""
         params = None
         if self._params is not None:
-            params = {f: [[t.detach().cpu().clone() for t in ps] for ps in sets] for f, sets in self._params.items()}
+            params = {
+                f: [[t.detach().cpu().clone() for t in ps] for ps in sets] for f, sets in self._params.items()
+            }
         return {
             "params": params,
             "strength": dict(self._strength),
@@ -146,10 +146,16 @@ class TriggerSearch(Adversary):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output (tensors move to the images' device on use)."""
         params = state["params"]
-        self._params = None if params is None else {f: [[t.clone() for t in ps] for ps in sets] for f, sets in params.items()}
+        self._params = (
+            None
+            if params is None
+            else {f: [[t.clone() for t in ps] for ps in sets] for f, sets in params.items()}
+        )
         self._strength = {str(k): float(v) for k, v in state["strength"].items()}
         self._calls = int(state["calls"])
-        self.scan_scores = [(float(a), int(b), int(c), int(d), str(e)) for a, b, c, d, e in state["scan_scores"]]
+        self.scan_scores = [
+            (float(a), int(b), int(c), int(d), str(e)) for a, b, c, d, e in state["scan_scores"]
+        ]
 
     # ------------------------------------------------------------------ shares
     def active_families(self, x: torch.Tensor) -> list[str]:
@@ -172,7 +178,9 @@ class TriggerSearch(Adversary):
 
     def _assign(self, inp: AttackInputs, families: list[str]) -> torch.Tensor:
         """[B] int64 family position (into ``families``) per image, from its own uniform number."""
-        u = per_sample_uniform(inp.indices, (), seed=int(self.config.seed), epoch=inp.epoch, stream=_ASSIGN_STREAM)
+        u = per_sample_uniform(
+            inp.indices, (), seed=int(self.config.seed), epoch=inp.epoch, stream=_ASSIGN_STREAM
+        )
         sh = self.shares(families)
         edges = torch.tensor([sh[f] for f in families], dtype=torch.float64).cumsum(0)
         edges = (edges / edges[-1]).to(torch.float32).to(u.device)
@@ -232,8 +240,11 @@ class TriggerSearch(Adversary):
             rows = sorted(set(range(0, h - k + 1, stride)) | {h - k})
             cols = sorted(set(range(0, w - k + 1, stride)) | {w - k})
             rand = (torch.rand((1, c, k, k), generator=g) > 0.5).float().to(x.device)
-            for kind, pix in (("black", torch.zeros(1, c, k, k, device=x.device)),
-                              ("white", torch.ones(1, c, k, k, device=x.device)), ("random", rand)):
+            for kind, pix in (
+                ("black", torch.zeros(1, c, k, k, device=x.device)),
+                ("white", torch.ones(1, c, k, k, device=x.device)),
+                ("random", rand),
+            ):
                 squares += [(k, r, q, kind, pix) for r in rows for q in cols]
         # sums over this rank's scan images: [len(squares)] shifts, then the normaliser and the count
         shift = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
@@ -291,7 +302,9 @@ class TriggerSearch(Adversary):
         raise AssertionError(family)
 
     @torch.no_grad()
-    def _update(self, family: str, ps: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    def _update(
+        self, family: str, ps: list[torch.Tensor], grads: list[torch.Tensor], x: torch.Tensor
+    ) -> list[torch.Tensor]:
         """One signed-gradient ascent step of a universal family, then its projection."""
         opt = self.options
         h, w = x.shape[-2:]
@@ -330,8 +343,9 @@ class TriggerSearch(Adversary):
         x_p = None
         if idx_p is not None and idx_p.numel() > 0:
             x_p0 = x[idx_p]
-            u = per_sample_uniform(inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch,
-                                   stream=_START_STREAM)
+            u = per_sample_uniform(
+                inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch, stream=_START_STREAM
+            )
             x_p = random_start(x_p0, u, eps) if eps > 0 else x_p0.clone()
 
         def compose(x_pgd: torch.Tensor | None, params: dict[str, list[torch.Tensor]]) -> torch.Tensor:
@@ -373,8 +387,14 @@ class TriggerSearch(Adversary):
                 if x_var is not None:
                     g_p, grads = grads[0], grads[1:]
                     x_p = x_p.detach()
-                    pgd_step(x_p, g_p.contiguous(), x[idx_p].contiguous(), float(cfg.step_size), eps,
-                             backend=cfg.backend)
+                    pgd_step(
+                        x_p,
+                        g_p.contiguous(),
+                        x[idx_p].contiguous(),
+                        float(cfg.step_size),
+                        eps,
+                        backend=cfg.backend,
+                    )
                 flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
                 if flat is not None and inp.reduce is not None:
                     flat = inp.reduce(flat)  # the global gradient of the universal parameters

@@ -106,9 +106,10 @@ def tone_map(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     pos = xf * (k - 1)
     i0 = pos.detach().floor().clamp(0, k - 2).long()
     frac = pos - i0
-    table = off.view(1, c, 1, 1, k).expand(n, c, h, w, k)
-    lo = table.gather(-1, i0.unsqueeze(-1)).squeeze(-1)
-    hi = table.gather(-1, (i0 + 1).unsqueeze(-1)).squeeze(-1)
+    # look-ups off[c, i0] and off[c, i0 + 1]: the gradient accumulates into a [C, K] tensor only
+    ch = torch.arange(c, device=x.device).view(1, c, 1, 1).expand_as(i0)
+    lo = off[ch, i0]
+    hi = off[ch, i0 + 1]
     return (xf + lo + frac * (hi - lo)).clamp(0.0, 1.0).to(x.dtype)
 
 
