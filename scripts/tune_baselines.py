@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from cbd_fast.evaluation.baselines import LABELED_BASELINES
     from cbd_fast.evaluation.baselines.neuron_pruning import prune_neurons
     from cbd_fast.evaluation.fmnist import load_fashion_mnist
-    from cbd_fast.evaluation.protocol import defender_images, split_test_set
     from cbd_fast.evaluation.metrics import defense_effectiveness_rate, evaluate_backdoor
     from cbd_fast.evaluation.models import load_model
+    from cbd_fast.evaluation.protocol import defender_images, split_test_set
 
     t_start = time.perf_counter()
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")

@@ -131,8 +131,8 @@ def run_demo(
     from cbd_fast.evaluation.backdoors import trigger_for
     from cbd_fast.evaluation.baselines import adversarial_unlearning, plain_finetune, supervised_finetune
     from cbd_fast.evaluation.fmnist import load_fashion_mnist
-    from cbd_fast.evaluation.protocol import defender_images
     from cbd_fast.evaluation.metrics import defense_effectiveness_rate, evaluate_backdoor
+    from cbd_fast.evaluation.protocol import defender_images
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))

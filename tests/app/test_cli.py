@@ -417,7 +417,13 @@ def test_config_files_and_set_parsing(tmp_path):
 
     # the paper preset is the base; the file and --set still apply on top
     paper = cli.merge_config({"epochs": 2}, {"lr": 0.02}, preset="paper")
-    assert (paper.adversary, paper.clean_term, paper.optimizer, paper.epochs, paper.lr) == ("pgd", "none", "sgd", 2, 0.02)
+    assert (paper.adversary, paper.clean_term, paper.optimizer, paper.epochs, paper.lr) == (
+        "pgd",
+        "none",
+        "sgd",
+        2,
+        0.02,
+    )
     assert paper.epsilon == pytest.approx(8 / 255) and paper.step_size == pytest.approx(2 / 255)
     with pytest.raises(cli.CLIError, match="--preset must be 'defaults' or 'paper'; got 'papr'"):
         cli.merge_config({}, {}, preset="papr")

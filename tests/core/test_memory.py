@@ -152,9 +152,9 @@ _RSS_WORKER = textwrap.dedent(
 
     torch.manual_seed(0)
     enc = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten())
-    # adversary="pgd": a universal adversary's first batch (a patch scan) makes a fixed ~20 MB one-time allocation in its first
-    # real run (not data-proportional: 19.6 MB at 10 batches, 20.9 MB at 100) that varies by a few MB
-    # between runs; the tensor-size tests above cover the defaults.
+    # adversary="pgd": a universal adversary's first batch (a patch scan) makes a fixed ~20 MB one-time
+    # allocation in its first real run (not data-proportional: 19.6 MB at 10 batches, 20.9 MB at 100)
+    # that varies by a few MB between runs; the tensor-size tests above cover the defaults.
     kw = dict(
         epochs=1, batch_size=16, steps=1, progress=False, clean_term="none", adversary="pgd", health="off"
     )

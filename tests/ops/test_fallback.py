@@ -127,7 +127,9 @@ def test_errors_raised_inside_triton_compiler_count() -> None:
     build = _raise_from("/site-packages/triton/runtime/build.py", subprocess.CalledProcessError(1, ["cc"]))
     assert launch_failure_reason("triton", build).startswith("compile: CalledProcessError")
     # the same error from anywhere else (e.g. our own launcher code) is not a compile failure
-    outside = _raise_from("/opt/elsewhere/cbd_fast/kernels/triton/nt_xent.py", RuntimeError("PassManager::run failed"))
+    outside = _raise_from(
+        "/opt/elsewhere/cbd_fast/kernels/triton/nt_xent.py", RuntimeError("PassManager::run failed")
+    )
     assert launch_failure_reason("triton", outside) is None
     # a driver module is not the compiler: only its pre-launch refusals count (below)
     driver = _raise_from("/site-packages/triton/backends/nvidia/driver.py", RuntimeError("boom"))
