@@ -8,7 +8,7 @@ Runs ``cbd_fast.purify`` (the library defaults, updated with ``--set``) on every
 tuning-seed model (``cbd_fast.evaluation.protocol``: dev attacks, tuning seeds, validation
 images; anything else is refused) and appends one JSON line per (attack, seed) to
 ``runs/tune/results.jsonl``: ACC / ASR before and after on the 5,000 validation images, the
-seconds, the settings and the adversary's final state summary. ``--summary`` prints a table of
+seconds and the settings. ``--summary`` prints a table of
 every tag tried.
 """
 
@@ -70,7 +70,6 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     fit = Purifier(cfg).fit(model.backbone, x_unl)
     secs = time.perf_counter() - t0
     after = evaluate(fit.encoder)
-    adv = getattr(fit, "adversary_state", None)
     return {
         "tag": tag,
         "attack": attack,
@@ -82,7 +81,6 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
         "history_last": {
             k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))
         },
-        "adversary_state": adv,
     }
 
 
