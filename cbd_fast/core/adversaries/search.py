@@ -342,11 +342,13 @@ class TriggerSearch(Adversary):
         idx_p = rows.get("pgd")
         x_p = None
         if idx_p is not None and idx_p.numel() > 0:
-            x_p0 = x[idx_p]
+            x_p0 = x[idx_p].contiguous()  # the PGD rows' ball centres, gathered once per batch
             u = per_sample_uniform(
                 inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch, stream=_START_STREAM
             )
             x_p = random_start(x_p0, u, eps) if eps > 0 else x_p0.clone()
+
+        x_rows = {f: x[r] for f, r in rows.items() if f in uni}  # each family's clean rows, once per batch
 
         def compose(x_pgd: torch.Tensor | None, params: dict[str, list[torch.Tensor]]) -> torch.Tensor:
             out = x.clone()
@@ -357,7 +359,7 @@ class TriggerSearch(Adversary):
             for f, ps in params.items():
                 r = rows[f]
                 if r.numel() > 0:
-                    pieces.append(self._apply(f, x[r], ps))
+                    pieces.append(self._apply(f, x_rows[f], ps))
                     where.append(r)
             if not pieces:
                 return out
@@ -390,7 +392,7 @@ class TriggerSearch(Adversary):
                     pgd_step(
                         x_p,
                         g_p.contiguous(),
-                        x[idx_p].contiguous(),
+                        x_p0,
                         float(cfg.step_size),
                         eps,
                         backend=cfg.backend,
