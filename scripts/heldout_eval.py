@@ -220,9 +220,39 @@ def _load() -> dict:
 
 def _save(data: dict) -> None:
     OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT_JSON.with_suffix(".tmp")
+    tmp = OUT_JSON.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     os.replace(tmp, OUT_JSON)
+
+
+#: methods whose result depends on the library's CBD defaults (recomputed when they change)
+_DEPENDS_ON_DEFAULTS = ("cbd", "plain_finetune")
+
+
+def merge_cell(old: dict | None, new: dict) -> dict:
+    """``new`` plus the results of ``old`` for methods ``new`` did not run; results that depend on
+    the CBD defaults are dropped when ``old`` was computed with other defaults."""
+    if old is None:
+        return new
+    kept = dict(old.get("results", {}))
+    if old.get("cbd_config") != new.get("cbd_config"):
+        for m in _DEPENDS_ON_DEFAULTS:
+            kept.pop(m, None)
+    return {**new, "results": {**kept, **new["results"]}}
+
+
+def _store_cell(key: str, cell: dict, stamp: dict) -> dict:
+    """Merge one finished cell into the JSON on disk under a lock (several runs may write it)."""
+    import fcntl
+
+    OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+    with open(OUT_JSON.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _load()
+        data.update(stamp)
+        data["cells"][key] = merge_cell(data["cells"].get(key), cell)
+        _save(data)
+    return data
 
 
 def _pct(v: float | None) -> str:
@@ -324,6 +354,8 @@ def render(data: dict) -> str:
                 "epsilon",
                 "step_size",
                 "steps",
+                "adv_fraction",
+                "attack_anchors",
                 "epochs",
                 "lr",
                 "optimizer",
@@ -338,6 +370,34 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_table(data: dict, arch: str = "fmnistnet", split: str = "report") -> str:
+    """The README's table: per attack, ACC / ASR (%) of each method that ran on every listed seed,
+    averaged over those seeds; bold where the mean misses ASR <= 5 or ACC drop <= 2 (CBD columns)."""
+    cells = [c for c in data["cells"].values() if c["arch"] == arch and c["split"] == split]
+    attacks = sorted({c["attack"] for c in cells})
+    seeds = sorted({c["seed"] for c in cells})
+    cols = [m for m in METHODS if all(m in c["results"] for c in cells if c["seed"] == seeds[0])]
+    head = "| attack | " + " | ".join(cols) + " | floor |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    for a in attacks:
+        mine = [c for c in cells if c["attack"] == a]
+        row = [a]
+        before = statistics.mean(c["results"]["no_defense"]["acc"] for c in mine)
+        for m in cols:
+            rs = [c["results"][m] for c in mine if m in c["results"] and "error" not in c["results"][m]]
+            if not rs:
+                row.append("-")
+                continue
+            acc, asr = statistics.mean(r["acc"] for r in rs), statistics.mean(r["asr"] for r in rs)
+            text = f"{100 * acc:.1f} / {100 * asr:.1f}"
+            miss = m in ("cbd", "cbd_paper") and (asr > 0.05 or before - acc > 0.02)
+            n = f" ({len(rs)})" if len(rs) != len(mine) else ""
+            row.append((f"**{text}**" if miss else text) + n)
+        row.append(f"{100 * statistics.mean(c['floor_asr'] for c in mine):.1f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + f"\n\nseeds: {', '.join(map(str, seeds))}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--attacks", default="report", help="report | dev | all | a,b")
@@ -346,9 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--render", action="store_true")
+    p.add_argument("--readme", action="store_true", help="print the README's table (means over seeds)")
     p.add_argument("--fresh", action="store_true", help="recompute finished cells too")
     args = p.parse_args(argv)
     data = _load()
+    if args.readme:
+        print(readme_table(data))
+        return 0
     if not args.render:
         from cbd_fast.evaluation.protocol import REPORT_SEEDS
         from cbd_fast.evaluation.zoo.registry import select
@@ -367,12 +431,14 @@ def main(argv: list[str] | None = None) -> int:
                 for s in seeds:
                     key = f"{arch}/{attack}/{s}"
                     cell = data["cells"].get(key)
-                    if args.fresh or cell is None or cell.get("cbd_config") != _cbd_config(s):
+                    stale = cell is not None and cell.get("cbd_config") != _cbd_config(s)
+                    missing = cell is None or any(
+                        m not in cell["results"] or (stale and m in _DEPENDS_ON_DEFAULTS) for m in methods
+                    )
+                    if args.fresh or missing:
                         todo.append((arch, attack, s))
-        data.update(
-            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-        )
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+        stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine}
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max(1, args.jobs)) as ex:
@@ -384,8 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the others
                     print(f"{a}/{k}/{s}: FAILED {type(exc).__name__}: {exc}", flush=True)
                     continue
-                data["cells"][f"{a}/{k}/{s}"] = cell
-                _save(data)
+                data = _store_cell(f"{a}/{k}/{s}", cell, stamp)
                 r = cell["results"]
                 print(
                     f"{a}/{k}/{s}: "

@@ -62,3 +62,20 @@ def test_install_script_rejects_unknown_argument() -> None:
         ["bash", str(ROOT / "scripts" / "install.sh"), "--bogus"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "--bogus" in proc.stderr
+
+
+def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
+    """Adding methods to a cell keeps the others; a change of CBD defaults drops only the results
+    that depend on them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("heldout_eval", ROOT / "scripts" / "heldout_eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    old = {"cbd_config": {"steps": 5}, "results": {"cbd": 1, "plain_finetune": 2, "nad": 3, "no_defense": 0}}
+    same = mod.merge_cell(old, {"cbd_config": {"steps": 5}, "results": {"i_bau": 4, "no_defense": 0}})
+    assert same["results"] == {"cbd": 1, "plain_finetune": 2, "nad": 3, "no_defense": 0, "i_bau": 4}
+    other = mod.merge_cell(old, {"cbd_config": {"steps": 2}, "results": {"no_defense": 0}})
+    assert other["results"] == {"nad": 3, "no_defense": 0} and other["cbd_config"] == {"steps": 2}
+    assert mod.merge_cell(None, {"results": {"x": 1}}) == {"results": {"x": 1}}

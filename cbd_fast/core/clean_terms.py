@@ -60,6 +60,11 @@ class CleanTermInputs:
             process): apply it to features with gradient before a batch-wide loss.
         gather_no_grad: the same for constants (no gradient path).
         config: the run's PurifyConfig.
+        adv_rows: [M] int64 positions of ``x`` whose adversarial features ``z_adv`` holds, in order
+            (``adv_fraction < 1``); None: every image, ``z_adv`` [B, D] row-aligned with ``x``.
+        gather_adv: all-gather of [M, D] rows of the attacked images (ranks may hold different M),
+            gradient summed over ranks like ``gather``; None: ``gather``.
+        gather_adv_no_grad: the same for constants; None: ``gather_no_grad``.
     """
 
     x: torch.Tensor
@@ -73,6 +78,17 @@ class CleanTermInputs:
     gather: Callable[[torch.Tensor], torch.Tensor]
     gather_no_grad: Callable[[torch.Tensor], torch.Tensor]
     config: Any  # the run's PurifyConfig
+    adv_rows: torch.Tensor | None = None
+    gather_adv: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gather_adv_no_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def adversarial_pairs(self, z0_local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global adversarial features [M_g, D] with gradient, the same rows of ``z0_local`` [B, D]
+        gathered as constants): the attacked images' rows, whatever ``adv_fraction``."""
+        g = self.gather_adv or self.gather
+        g0 = self.gather_adv_no_grad or self.gather_no_grad
+        z0 = z0_local if self.adv_rows is None else z0_local.index_select(0, self.adv_rows)
+        return g(self.z_adv), g0(z0)
 
 
 class CleanTerm:
@@ -212,10 +228,11 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 class OriginalAnchor(CleanTerm):
     """Pull both views to the FROZEN original encoder's clean features, in squared distance.
 
-    ``L = (||z - z0||^2 + pull_ratio * ||z_adv - z0||^2) / ||z0||^2`` summed over the batch, with
-    ``z0 = f_0(x)``: clean features stay where the original head reads them (norms included: the
-    head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins for triggered
-    ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
+    ``L = (mean_i ||z_i - z0_i||^2 + pull_ratio * mean_{i attacked} ||z_adv_i - z0_i||^2) /
+    mean_i ||z0_i||^2`` over the (global) batch, with ``z0 = f_0(x)`` (with every image attacked:
+    the three sums over the batch). Clean features stay where the original head reads them (norms
+    included: the head is not scale-invariant, NT-Xent is), and adversarial features, the stand-ins
+    for triggered ones, are pulled to the ORIGINAL clean features rather than to the drifting f_theta(x).
     ``pull_ratio`` (class attribute, 0.3) weighs the adversarial half against the clean half.
     """
 
@@ -226,9 +243,14 @@ class OriginalAnchor(CleanTerm):
         assert inp.reference_features is not None
         # Global batch (identity in one process): every rank holds the same loss, so DDP's averaged
         # gradient equals the one-process gradient (a per-rank sum / per-rank norm would not).
-        z0 = inp.gather_no_grad(inp.reference_features(inp.x))
-        z, z_adv = inp.gather(inp.z_clean), inp.gather(inp.z_adv)
+        z0_local = inp.reference_features(inp.x)
+        z0 = inp.gather_no_grad(z0_local)
+        z = inp.gather(inp.z_clean)
+        z_adv, z0_adv = inp.adversarial_pairs(z0_local)
         ratio = float(self.pull_ratio)
-        den = z0.pow(2).sum().clamp_min(1e-12)
-        # 1. clean consistency, 2. adversarial pull to the original clean features.
-        return ((z - z0).pow(2).sum() + ratio * (z_adv - z0).pow(2).sum()) / den
+        # Per-image means, so the balance does not depend on how many images were attacked:
+        # 1. clean consistency, 2. adversarial pull to the original clean features, over the mean
+        # squared norm of the original features.
+        n, m = z0.shape[0], max(z_adv.shape[0], 1)
+        den = z0.pow(2).sum().clamp_min(1e-12) / n
+        return ((z - z0).pow(2).sum() / n + ratio * (z_adv - z0_adv).pow(2).sum() / m) / den

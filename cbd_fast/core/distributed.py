@@ -77,6 +77,8 @@ __all__ = [
     "revert_global_bn",
     "gather_with_grad",
     "gather_local_grad",
+    "RowLayout",
+    "row_layout",
     "gather_no_grad",
     "all_reduce_mean",
     "all_reduce_sum",
@@ -420,6 +422,63 @@ def gather_no_grad(z: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         return z
     with torch.no_grad():
         return _all_gather_flat(z.detach(), ctx.world_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Where each rank's rows of a variable-size part of the batch land in the global part.
+
+    ``adv_fraction < 1`` attacks the images whose own coin says so, so ranks hold different numbers
+    of them. The gathers pad every rank's rows to ``width`` (the largest count), gather, and keep the
+    valid rows: rank r's rows land at ``offset(r):offset(r) + counts[r]``, rank-major, the same order
+    as the equal-size gathers.
+
+    Attributes:
+        counts: rows per rank (one entry in one process).
+        rank: this rank.
+    """
+
+    counts: tuple[int, ...]
+    rank: int
+
+    @property
+    def total(self) -> int:
+        """Rows over all ranks."""
+        return sum(self.counts)
+
+    @property
+    def offset(self) -> int:
+        """Where this rank's rows start in the gathered part."""
+        return sum(self.counts[: self.rank])
+
+    @property
+    def width(self) -> int:
+        return max(self.counts)
+
+    def _valid(self, device: torch.device) -> torch.Tensor:
+        w = self.width
+        return torch.cat([torch.arange(r * w, r * w + c, device=device) for r, c in enumerate(self.counts)])
+
+    def gather(self, z: torch.Tensor, ctx: DistContext, mode: str) -> torch.Tensor:
+        """[counts[rank], ...] -> [total, ...]; ``mode``: ``"grad"`` (``gather_with_grad``: backward
+        sums over ranks), ``"local"`` (``gather_local_grad``: only the local rows keep their path) or
+        ``"none"`` (constants). Identity when not distributed."""
+        if not ctx.enabled:
+            return z
+        pad = self.width - z.shape[0]
+        if pad:
+            z = torch.cat([z, z.new_zeros((pad, *z.shape[1:]))])
+        fn = {"grad": gather_with_grad, "local": gather_local_grad, "none": gather_no_grad}[mode]
+        return fn(z, ctx).index_select(0, self._valid(z.device))
+
+
+def row_layout(rows: int, ctx: DistContext, device: torch.device) -> RowLayout:
+    """The :class:`RowLayout` of ``rows`` local rows (one all-gather of a count; a host sync)."""
+    if not ctx.enabled:
+        return RowLayout((int(rows),), 0)
+    n = torch.tensor([int(rows)], dtype=torch.int64, device=device)
+    counts = _all_gather_flat(n, ctx.world_size).tolist()
+    return RowLayout(tuple(int(c) for c in counts), ctx.rank)
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:

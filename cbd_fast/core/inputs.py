@@ -369,6 +369,23 @@ class ImageStream:
             return torch.as_tensor(idx, dtype=torch.int64), images
         return None, extract_images(batch, what="DataLoader batch")
 
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        """The images of sample ``indices`` of a Tensor or Dataset input, as :meth:`epoch` hands them
+        out: [k, C, H, W] ``self.dtype`` in [0, 1] on ``self.device``.
+
+        Raises:
+            TypeError: for a user DataLoader (its images have no sample index).
+        """
+        if self.user_loader is not None:
+            raise TypeError("a DataLoader input has no images by sample index")
+        ds = self.loader.dataset
+        if isinstance(ds, _TensorBatches):
+            images = ds[list(indices)][1]
+        else:
+            images = torch.stack([ds[int(i)][1] for i in indices])
+        x = images.to(self.device)
+        return x.to(self.dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(self.dtype)
+
     def epoch(self, epoch: int, *, check: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(images, indices)`` for one epoch.
 

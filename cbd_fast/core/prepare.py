@@ -26,9 +26,19 @@ from cbd_fast.core.clean_terms import CleanTerm, make_clean_term
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.features import FeatureFn, Features, flatten_features
 from cbd_fast.core.modes import is_batchnorm
+from cbd_fast.core.reference_cache import ReferenceCache
 from cbd_fast.core.spike_guard import SpikeGuard
 
-__all__ = ["Run", "RunContext", "make_context", "prepare_run", "finish_run", "check_encoder"]
+__all__ = [
+    "Run",
+    "RunContext",
+    "make_context",
+    "prepare_run",
+    "finish_run",
+    "check_encoder",
+    "has_conv2d",
+    "use_contiguous",
+]
 
 _AMP = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,7 +53,8 @@ class RunContext:
         world: the number of ranks (1 in one process).
         local_batch_size: this rank's share of ``config.batch_size``.
         amp_dtype: the autocast dtype (None: no autocast).
-        channels_last: convert the encoder and its inputs to channels-last.
+        channels_last: convert the encoder and its inputs to channels-last (``"auto"``: on CUDA, and
+            on the CPU for encoders with a Conv2d, decided in :func:`prepare_run`).
     """
 
     dist: dist.DistContext
@@ -95,6 +106,8 @@ class Run:
         dtype: the encoder's parameter dtype (images are cast to it).
         orig_device: where the caller's encoder lives (the result goes back there).
         flags, requires_grad: the caller's training flags and requires_grad, restored at the end.
+        reference_cache: the frozen original's features per sample index (``fit`` builds it when
+            ``config.reference_cache`` allows; None: computed per batch).
     """
 
     config: PurifyConfig
@@ -114,6 +127,7 @@ class Run:
     orig_device: torch.device
     flags: dict[str, bool]
     requires_grad: dict[str, bool]
+    reference_cache: ReferenceCache | None = None
 
 
 def check_encoder(encoder: Any, feature_fn: Any, inplace: Any) -> None:
@@ -175,10 +189,14 @@ def prepare_run(
     ``no_grad`` with the caller's requires_grad flags copied over.
     """
     first = next(p for p in encoder.parameters() if p.is_floating_point())
+    if config.channels_last == "auto" and ctx.device.type == "cpu":
+        ctx.channels_last = has_conv2d(encoder)
     clean_term = make_clean_term(config)
     adversary = make_adversary(config)
     # The frozen original (before any change) for terms that compare against it.
-    needs_reference = clean_term.needs_reference or config.pull_target == "original"
+    needs_reference = (
+        clean_term.needs_reference or config.pull_target == "original" or config.attack_anchors == "original"
+    )
     reference = _frozen_copy(encoder, ctx, feature_fn) if needs_reference else None
     # The caller's flags, read from the caller's module (a copy made under no_grad loses them).
     flags = {name: m.training for name, m in encoder.named_modules()}
@@ -231,6 +249,25 @@ def prepare_run(
         flags=flags,
         requires_grad=requires_grad,
     )
+
+
+def has_conv2d(module: nn.Module) -> bool:
+    """Whether ``module`` holds a 2-D convolution: ``channels_last="auto"`` turns channels-last on
+    for such encoders on the CPU too (the NHWC convolution and pooling kernels; 1.45-1.5x per run
+    on the Fashion-MNIST CNN, ``benchmarks/NOTES.md``)."""
+    # (a TorchScript module's submodules are RecursiveScriptModules that keep the original name)
+    return any(
+        isinstance(m, nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d" for m in module.modules()
+    )
+
+
+def use_contiguous(run: Run) -> None:
+    """Turn channels-last off for the rest of ``run`` (the model and the frozen original back to the
+    contiguous format), e.g. after an encoder's forward refused channels-last inputs."""
+    run.ctx.channels_last = False
+    run.model.to(memory_format=torch.contiguous_format)
+    if run.reference is not None:
+        run.reference.to(memory_format=torch.contiguous_format)
 
 
 def finish_run(run: Run) -> nn.Module:

@@ -43,7 +43,15 @@ from cbd_fast.core.features import FeatureFn, flatten_features
 from cbd_fast.core.health import check_health, make_health_check
 from cbd_fast.core.inputs import ImageStream, MappedSampler, holdout_split, images_at
 from cbd_fast.core.modes import eval_mode
-from cbd_fast.core.prepare import Run, check_encoder, finish_run, make_context, prepare_run
+from cbd_fast.core.prepare import (
+    Run,
+    check_encoder,
+    finish_run,
+    make_context,
+    prepare_run,
+    use_contiguous,
+)
+from cbd_fast.core.reference_cache import ReferenceCache, build_reference_cache, cache_policy
 from cbd_fast.core.run_state import capture_state, restore_state
 from cbd_fast.core.step import NonFiniteLoss, cbd_step
 
@@ -245,7 +253,8 @@ class Purifier:
         )
         probe = stream.first_batch()
         run = self._run = prepare_run(cfg, ctx, encoder, feature_fn, inplace)
-        features = describe_features(feature_fn, _probe(run, probe))
+        dim = _probe_layout(run, probe)
+        features = describe_features(feature_fn, dim)
         logger.info("features: %s", features)
         health = None
         if cfg.health != "off":  # the original's features, before any change (and before a resume)
@@ -254,6 +263,7 @@ class Purifier:
         history: list[dict[str, float]] = []
         start_epoch = 0
         with dist.run_guard(ctx.dist):
+            run.reference_cache = _reference_cache(run, stream, data, train, dim)
             last_ckpt = None
             if cfg.checkpoint_dir is not None and cfg.resume:
                 found = ckpt.load_latest(cfg.checkpoint_dir)
@@ -282,6 +292,30 @@ class Purifier:
             features=features,
             runtime=_runtime(ctx, cfg),
         )
+
+
+def _reference_cache(
+    run: Run, stream: ImageStream, data: Any, train: list[int] | None, dim: int
+) -> ReferenceCache | None:
+    """The frozen original's features (``dim`` wide) per training index, when
+    ``config.reference_cache`` allows."""
+    n = _size(data)
+    if run.reference is None or n is None:
+        cache_policy(run.config, data, n, 0, run.ctx.device)  # the clear error for True
+        return None
+    ids = list(range(n)) if train is None else train
+    if not cache_policy(run.config, data, n, dim, run.ctx.device):
+        return None
+    return build_reference_cache(
+        run.reference,
+        stream.images,
+        ids,
+        n,
+        run.ctx.local_batch_size,
+        run.ctx.device,
+        run.ctx.dist,
+        run.ctx.autocast,
+    )
 
 
 def _size(data: Any) -> int | None:
@@ -316,12 +350,35 @@ def _sampler(data: Any, ctx: dist.DistContext, seed: int, train: list[int] | Non
     return MappedSampler(dist.make_sampler(range(len(train)), ctx, shuffle=True, seed=seed), train)
 
 
+def _probe_layout(run: Run, images: torch.Tensor) -> int:
+    """:func:`_probe`, and when channels-last was chosen automatically and the encoder's forward
+    refuses it (e.g. a ``.view`` on a permuted tensor), the run goes on in the contiguous format."""
+    if not run.ctx.channels_last:
+        return _probe(run, images)
+    if run.config.channels_last is True:
+        try:
+            return _probe(run, images)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"the encoder's forward failed on channels-last inputs with channels_last=True ({exc}); "
+                "set channels_last=False, or 'auto' to fall back by itself"
+            ) from exc
+    try:
+        return _probe(run, images)
+    except RuntimeError as exc:
+        logger.info("channels_last off: the encoder's forward failed with it (%s)", exc)
+        use_contiguous(run)
+        return _probe(run, images)
+
+
 def _probe(run: Run, images: torch.Tensor) -> int:
     """One eval-mode, no-grad forward on a few first-batch images: the features must be one finite
     vector per image ([B, D], or a [B, C, H, W] map, flattened; ``flatten_features(strict=True)``).
     Returns D."""
     x = images[: min(images.shape[0], 8)].to(run.ctx.device)
     x = x.to(run.dtype).div_(255.0) if x.dtype == torch.uint8 else x.to(run.dtype)
+    if run.ctx.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout the loop will feed
     with torch.no_grad(), eval_mode(run.features), run.ctx.autocast():
         z = flatten_features(run.features.raw(x), x.shape[0], strict=True)  # one vector per image
     if z.shape[1] < 1:

@@ -16,6 +16,7 @@ and on the CPU, where a host read is free and a non-finite loss stops before the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -27,10 +28,12 @@ from cbd_fast.core.prepare import Run
 from cbd_fast.core.rng import per_sample_uniform
 from cbd_fast.ops.nt_xent import nt_xent
 
-__all__ = ["cbd_step", "NonFiniteLoss", "HISTORY_TERMS"]
+__all__ = ["cbd_step", "adversarial_rows", "NonFiniteLoss", "HISTORY_TERMS"]
 
 #: the per-step losses the loop averages into the history
 HISTORY_TERMS = ("loss", "loss_pull", "loss_clean", "attack_loss")
+#: ``per_sample_uniform`` stream of the attacked-row coin (``adv_fraction``)
+_ADV_STREAM = 21
 
 
 class NonFiniteLoss(RuntimeError):
@@ -45,19 +48,26 @@ def _set_finetune_mode(run: Run) -> None:
                 m.eval()
 
 
-def _reference_features(run: Run, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def _reference_features(
+    run: Run, x: torch.Tensor, indices: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The frozen original's features as a no-grad float32 function (None without a reference);
-    its features of the batch ``x`` itself are computed once per step, however often asked for."""
+    its features of the batch ``x`` itself come from the run's reference cache, or are computed once
+    per step however often asked for."""
     ref = run.reference
     if ref is None:
         return None
     memo: dict[str, torch.Tensor] = {}
+    cache = run.reference_cache
 
     def call(images: torch.Tensor) -> torch.Tensor:
         if images is x and "x" in memo:
             return memo["x"]
-        with torch.no_grad():
-            out = ref(images).float()
+        if images is x and cache is not None:
+            out = cache.lookup(indices)
+        else:
+            with torch.no_grad(), run.ctx.autocast():
+                out = ref(images).float()
         if images is x:
             memo["x"] = out
         return out
@@ -65,20 +75,34 @@ def _reference_features(run: Run, x: torch.Tensor) -> Callable[[torch.Tensor], t
     return call
 
 
+def adversarial_rows(config: Any, indices: torch.Tensor, epoch: int) -> torch.Tensor | None:
+    """[m] int64 positions of the batch that are attacked (``config.adv_fraction``), or None: all.
+
+    Each image's own uniform number of (seed, epoch, index) decides, so the set does not depend on
+    the batch's composition or on how it is split over ranks.
+    """
+    if config.adv_fraction >= 1.0:
+        return None
+    u = per_sample_uniform(indices, (), seed=config.seed, epoch=epoch, stream=_ADV_STREAM)
+    return (u < config.adv_fraction).nonzero().squeeze(1)
+
+
 def _pull_target(
     kind: str,
     z_clean: torch.Tensor,
     reference: Callable[[torch.Tensor], torch.Tensor] | None,
     x: torch.Tensor,
-    dctx: dist.DistContext,
+    take: Callable[[torch.Tensor], torch.Tensor],
+    gather: Callable[[torch.Tensor, str], torch.Tensor],
 ) -> torch.Tensor:
-    """[B_global, D] the features the adversarial ones are pulled to (``config.pull_target``)."""
+    """[M_global, D] the features the adversarial ones are pulled to (``config.pull_target``);
+    ``take`` selects the attacked rows of a [B, D] tensor, ``gather`` gathers them over ranks."""
     if kind == "clean":  # the paper's: gradient through both views
-        return dist.gather_with_grad(z_clean, dctx)
+        return gather(take(z_clean), "grad")
     if kind == "clean_detached":
-        return dist.gather_no_grad(z_clean.detach(), dctx)
+        return gather(take(z_clean.detach()), "none")
     assert reference is not None  # "original": prepare_run keeps the frozen original for it
-    return dist.gather_no_grad(reference(x), dctx)
+    return gather(take(reference(x)), "none")
 
 
 def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> dict[str, torch.Tensor]:
@@ -105,43 +129,77 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
     if cfg.augmentation != "none":
         u = per_sample_uniform(indices, (3,), seed=cfg.seed, epoch=epoch, stream=1)
         x = augment(x, cfg.augmentation, cfg.crop_padding, u)
-    # 1. Clean anchors, once per batch: eval mode, no gradient, global across ranks.
-    with torch.no_grad(), eval_mode(run.features), ctx.autocast():
-        anchors = dist.gather_no_grad(run.features(x).float(), dctx)
-    # 2. The adversary (eval mode and input-only gradients inside).
-    with ctx.autocast():
-        x_adv = run.adversary(
-            AttackInputs(
-                encoder=run.features,
-                x=x,
-                clean_features=anchors,
-                indices=indices,
-                epoch=epoch,
-                gather=(lambda z: dist.gather_local_grad(z, dctx)) if dctx.enabled else None,
-                config=cfg,
-                rank=dctx.rank if dctx.enabled else 0,
-                reduce=(lambda t: dist.all_reduce_sum(t, dctx)) if dctx.enabled else None,
+    reference = _reference_features(run, x, indices)
+    # 0. The attacked rows (all, or each image's coin under adv_fraction < 1) and their layout over
+    #    ranks; fewer than 2 in the global batch leave nothing to contrast: a clean-only step.
+    rows = adversarial_rows(cfg, indices, epoch)
+    layout = None
+    if rows is not None:
+        layout = dist.row_layout(rows.numel(), dctx, x.device)
+        if layout.total < 2:
+            rows = rows[:0]
+            layout = dist.RowLayout(tuple(0 for _ in layout.counts), layout.rank)
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else t.index_select(0, rows)
+
+    def gather(t: torch.Tensor, mode: str) -> torch.Tensor:
+        if layout is not None:
+            return layout.gather(t, dctx, mode)
+        fn = {"grad": dist.gather_with_grad, "local": dist.gather_local_grad, "none": dist.gather_no_grad}
+        return fn[mode](t, dctx)
+
+    x_att, i_att = take(x), take(indices)
+    n_att = b * ctx.world if layout is None else layout.total
+    # 1. Clean anchors, once per batch: the model's own (eval mode, no gradient) or the original's.
+    if n_att > 0:
+        if cfg.attack_anchors == "original":
+            assert reference is not None
+            anchors = gather(take(reference(x)), "none")
+        else:
+            with torch.no_grad(), eval_mode(run.features), ctx.autocast():
+                anchors = gather(run.features(x_att).float(), "none")
+        # 2. The adversary (eval mode and input-only gradients inside).
+        with ctx.autocast():
+            x_adv = run.adversary(
+                AttackInputs(
+                    encoder=run.features,
+                    x=x_att,
+                    clean_features=anchors,
+                    indices=i_att,
+                    epoch=epoch,
+                    gather=(lambda z: gather(z, "local")) if dctx.enabled else None,
+                    config=cfg,
+                    rank=dctx.rank if dctx.enabled else 0,
+                    reduce=(lambda t: dist.all_reduce_sum(t, dctx)) if dctx.enabled else None,
+                    offset=layout.offset if (layout is not None and dctx.enabled) else None,
+                )
             )
-        )
+    else:
+        anchors, x_adv = None, x_att
     # 3. Fine-tune: one forward of [x_adv; x; extra clean views], pulling + clean term.
     _set_finetune_mode(run)
     term = run.clean_term
+    m = x_adv.shape[0]
     with ctx.autocast():
         views = term.views(x, indices, epoch)
         parts = [x_adv.to(x.dtype), x] + ([views] if views is not None else [])
         z = run.train_forward(torch.cat(parts)).float()
-        z_adv, z_clean, z_views = z[:b], z[b : 2 * b], (z[2 * b :] if views is not None else None)
-        reference = _reference_features(run, x)
-        pull = nt_xent(
-            dist.gather_with_grad(z_adv, dctx),
-            _pull_target(cfg.pull_target, z_clean, reference, x, dctx),
-            cfg.temperature,
-            backend=cfg.backend,
-        )
-        with torch.no_grad():
-            attack_loss = nt_xent(
-                dist.gather_no_grad(z_adv.detach(), dctx), anchors, cfg.temperature, backend=cfg.backend
+        z_adv, z_clean, z_views = z[:m], z[m : m + b], (z[m + b :] if views is not None else None)
+        if n_att > 0:
+            pull = nt_xent(
+                gather(z_adv, "grad"),
+                _pull_target(cfg.pull_target, z_clean, reference, x, take, gather),
+                cfg.temperature,
+                backend=cfg.backend,
             )
+            with torch.no_grad():
+                assert anchors is not None
+                z_att = gather(z_adv.detach(), "none")
+                attack_loss = nt_xent(z_att, anchors, cfg.temperature, backend=cfg.backend)
+        else:
+            pull = z_adv.sum() * 0.0  # keeps the graph (DDP) with no adversarial term
+            attack_loss = torch.zeros((), device=z.device)
         clean = term(
             CleanTermInputs(
                 x=x,
@@ -155,6 +213,9 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
                 gather=lambda t: dist.gather_with_grad(t, dctx),
                 gather_no_grad=lambda t: dist.gather_no_grad(t, dctx),
                 config=cfg,
+                adv_rows=rows,
+                gather_adv=lambda t: gather(t, "grad"),
+                gather_adv_no_grad=lambda t: gather(t, "none"),
             )
         )
     if clean is None:

@@ -285,10 +285,15 @@ def purify_data() -> torch.Tensor:
 
 
 def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
-    """``PURIFY`` with ``adversary`` (``"default"``: the library's default adversary and options)."""
+    """``PURIFY`` with ``adversary`` (``"default"``: the library's default adversary and options;
+    ``"subset"``: the default adversary on a random half of each batch, with the original's anchors:
+    ranks then hold different numbers of attacked images)."""
     out = dict(PURIFY)
     if adversary == "default":
         del out["adversary"]
+    elif adversary == "subset":
+        del out["adversary"]
+        out.update(adv_fraction=0.5, attack_anchors="original", reference_cache=True)
     else:
         out["adversary"] = adversary
     return out

@@ -17,7 +17,8 @@ def test_documented_defaults() -> None:
     cfg = PurifyConfig().validate()
     assert cfg.epsilon == pytest.approx(40 / 255)
     assert cfg.step_size == pytest.approx(8 / 255)
-    assert cfg.steps == 5
+    assert cfg.steps == 5 and cfg.adv_fraction == 1.0 and cfg.epochs == 4
+    assert cfg.reference_cache == "auto" and cfg.channels_last == "auto"
     assert cfg.temperature == 0.5
     assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 50.0
     assert cfg.adversary == "trigger_search"
@@ -123,6 +124,8 @@ def test_paper_preset_is_the_published_method() -> None:
         "train",
     )
     assert cfg.health == "stop"  # the safety check stays on
+    # every image of every batch attacked against the model's own anchors, over 4 epochs
+    assert (cfg.adv_fraction, cfg.attack_anchors, cfg.epochs) == (1.0, "current", 4)
     over = PurifyConfig.paper(epochs=2, seed=3)
     assert (over.epochs, over.seed, over.adversary) == (2, 3, "pgd")
     with pytest.raises(TypeError, match="unknown PurifyConfig field"):

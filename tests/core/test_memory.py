@@ -33,8 +33,17 @@ BATCH = 4
 SHAPE = (1, 6, 6)
 # health="off": the health check holds out a fixed number of images (at most health_images, 256 by
 # default, whatever the data size) and measures them as one batch; that bounded set is not streamed
-# data, and test_health_set_is_bounded checks it separately.
-FAST = {"epochs": 1, "batch_size": BATCH, "steps": 1, "progress": False, "log_every": 1000, "health": "off"}
+# data, and test_health_set_is_bounded checks it separately. reference_cache=False: the cache is one
+# [N, D] table of features by design (test_reference_cache_is_the_one_table checks it).
+FAST = {
+    "epochs": 1,
+    "batch_size": BATCH,
+    "steps": 1,
+    "progress": False,
+    "log_every": 1000,
+    "health": "off",
+    "reference_cache": False,
+}
 
 
 class LazyImages(torch.utils.data.Dataset):
@@ -123,6 +132,17 @@ def _tensor_data(n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.slow
+def test_reference_cache_is_the_one_table() -> None:
+    """With the reference cache on, the one allocation that grows with the data is the [N, D]
+    float32 table of the original's features (D = 8 floats per image here against 36 pixels; on
+    real backbones a few % of an image), allocated once: no [N, ...] temporary beside it."""
+    n, d = 100 * BATCH, 8
+    large = _largest_tensor(LazyImages(n), reference_cache=True)
+    assert large.max_bytes == n * d * 4, large.max_op
+    assert large.max_bytes < _nbytes(n) / 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_tensor_data_is_streamed_not_copied(dtype: torch.dtype) -> None:
     """A Tensor dataset (100 batches) is indexed a batch at a time: no whole-dataset copy or
@@ -156,7 +176,8 @@ _RSS_WORKER = textwrap.dedent(
     # allocation in its first real run (not data-proportional: 19.6 MB at 10 batches, 20.9 MB at 100)
     # that varies by a few MB between runs; the tensor-size tests above cover the defaults.
     kw = dict(
-        epochs=1, batch_size=16, steps=1, progress=False, clean_term="none", adversary="pgd", health="off"
+        epochs=1, batch_size=16, steps=1, progress=False, clean_term="none", adversary="pgd", health="off",
+        reference_cache=False,
     )
     cbd_fast.purify(enc, LazyImages(32, (3, 32, 32)), **kw)  # warm-up: allocator pools, lazy imports
     base, peak, stop = rss(), [0], threading.Event()

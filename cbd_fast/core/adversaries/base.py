@@ -36,6 +36,8 @@ class AttackInputs:
         reduce: None in one process; when distributed, a sum over ranks of a tensor (a new tensor,
             the same on every rank), for decisions an adversary must take on the global batch
             (universal parameters' gradients, statistics).
+        offset: where this rank's rows start in ``clean_features`` when ranks hold different numbers
+            of images (``adv_fraction < 1`` under torch.distributed); None: ``rank * B``.
     """
 
     encoder: nn.Module
@@ -47,12 +49,14 @@ class AttackInputs:
     config: Any  # the run's PurifyConfig
     rank: int = 0
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    offset: int | None = None
 
     @property
     def local_clean_features(self) -> torch.Tensor:
         """[B, D] the anchors of this rank's own images (all of ``clean_features`` in one process)."""
         b = self.x.shape[0]
-        return self.clean_features[self.rank * b : (self.rank + 1) * b]
+        lo = self.rank * b if self.offset is None else self.offset
+        return self.clean_features[lo : lo + b]
 
     def part(self, lo: int, hi: int, *, global_negatives: bool) -> AttackInputs:
         """The inputs restricted to this rank's rows ``lo:hi`` (a sub-attack on part of the batch).
@@ -65,6 +69,12 @@ class AttackInputs:
                 (for sub-attacks whose state is rank-local). Identical in one process.
         """
         b = self.x.shape[0]
+        if global_negatives and self.gather is not None and self.offset is not None:
+            raise ValueError(
+                "this adversary splits the batch into parts with global negatives, which needs the same "
+                "number of images on every rank; with adv_fraction < 1 under torch.distributed use "
+                "adversary='trigger_search' or 'pgd', or adv_fraction=1.0"
+            )
         if global_negatives and self.gather is not None:
             world = self.clean_features.shape[0] // b
             anchors = self.clean_features.view(world, b, -1)[:, lo:hi].reshape(world * (hi - lo), -1)
