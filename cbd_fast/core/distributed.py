@@ -468,8 +468,14 @@ class RowLayout:
         pad = self.width - z.shape[0]
         if pad:
             z = torch.cat([z, z.new_zeros((pad, *z.shape[1:]))])
-        fn = {"grad": gather_with_grad, "local": gather_local_grad, "none": gather_no_grad}[mode]
-        return fn(z, ctx).index_select(0, self._valid(z.device))
+        return gather(z, ctx, mode).index_select(0, self._valid(z.device))
+
+
+def gather(z: torch.Tensor, ctx: DistContext, mode: str) -> torch.Tensor:
+    """The equal-size gather named by ``mode``: ``"grad"`` (:func:`gather_with_grad`), ``"local"``
+    (:func:`gather_local_grad`) or ``"none"`` (:func:`gather_no_grad`)."""
+    fn = {"grad": gather_with_grad, "local": gather_local_grad, "none": gather_no_grad}[mode]
+    return fn(z, ctx)
 
 
 def row_layout(rows: int, ctx: DistContext, device: torch.device) -> RowLayout:

@@ -144,10 +144,7 @@ def cbd_step(run: Run, x: torch.Tensor, indices: torch.Tensor, epoch: int) -> di
         return t if rows is None else t.index_select(0, rows)
 
     def gather(t: torch.Tensor, mode: str) -> torch.Tensor:
-        if layout is not None:
-            return layout.gather(t, dctx, mode)
-        fn = {"grad": dist.gather_with_grad, "local": dist.gather_local_grad, "none": dist.gather_no_grad}
-        return fn[mode](t, dctx)
+        return dist.gather(t, dctx, mode) if layout is None else layout.gather(t, dctx, mode)
 
     x_att, i_att = take(x), take(indices)
     n_att = b * ctx.world if layout is None else layout.total
