@@ -204,6 +204,20 @@ def mode_errors(outdir: Path) -> None:
     cd.shutdown(ctx)
 
 
+def mode_threads(outdir: Path) -> None:
+    """The group's worker threads are gone after ``shutdown`` even when purify's modules (which import
+    ``torch._dynamo``) are first imported after the group exists; prints ``THREADS`` lines."""
+    ctx = cd.init_context({"distributed": True, "device": "cpu"})
+    import cbd_fast.core.purify  # noqa: F401  (first import here, after the group exists)
+
+    everyone: list[Any] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(everyone, {"rank": ctx.rank})
+    cd.shutdown(ctx)
+    tasks = Path("/proc/self/task")
+    names = sorted((tasks / t / "comm").read_text().strip() for t in os.listdir(tasks))
+    _report(outdir, ctx.rank, f"THREADS rank {ctx.rank}: {' '.join(names)}")
+
+
 def mode_crash(outdir: Path, *args: str) -> None:
     """Rank 1 raises inside run_guard while rank 0 waits in collectives: both must stop, not hang.
 
@@ -357,7 +371,13 @@ def _parse(value: str) -> Any:
 def main(argv: list[str]) -> None:
     mode, outdir = argv[0], Path(argv[1])
     outdir.mkdir(parents=True, exist_ok=True)
-    modes = {"step": mode_step, "errors": mode_errors, "crash": mode_crash, "purify": mode_purify}
+    modes = {
+        "step": mode_step,
+        "errors": mode_errors,
+        "crash": mode_crash,
+        "purify": mode_purify,
+        "threads": mode_threads,
+    }
     if mode not in modes:
         raise SystemExit(f"unknown mode {mode!r}; choose from {sorted(modes)}")
     modes[mode](outdir, *argv[2:])
