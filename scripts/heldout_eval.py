@@ -58,13 +58,35 @@ def _cbd_config(seed: int) -> dict:
     return PurifyConfig(seed=seed, progress=False).validate().to_dict()
 
 
-def _baseline_settings() -> dict:
-    if BASELINE_SETTINGS.is_file():
-        data = json.loads(BASELINE_SETTINGS.read_text())
-        return {m: data.get("chosen", {}).get(m, {}) for m in LABELED} | {
-            "_source": str(BASELINE_SETTINGS.name)
-        }
-    return {m: {} for m in LABELED} | {"_source": "paper defaults (no dev tuning file)"}
+def baseline_settings(path: Path = BASELINE_SETTINGS) -> dict:
+    """Each label-using baseline's keyword arguments: the setting ``scripts/tune_baselines.py`` chose
+    on the dev attacks (its JSON's ``methods[m]["chosen"]``), or ``{}`` (the paper's defaults) for a
+    method it did not tune or when there is no tuning file; ``"_source"`` says which."""
+    if not path.is_file():
+        return {m: {} for m in LABELED} | {"_source": "paper defaults (no dev tuning file)"}
+    methods = json.loads(path.read_text()).get("methods")
+    if not isinstance(methods, dict) or not all("chosen" in v for v in methods.values()):
+        raise SystemExit(f"{path}: expected scripts/tune_baselines.py's output (methods -> chosen)")
+    tuned = [m for m in LABELED if m in methods]
+    source = f"{path.name}: dev-tuned {', '.join(tuned) or 'none'}; paper defaults for the others"
+    return {m: dict(methods[m]["chosen"]) if m in methods else {} for m in LABELED} | {"_source": source}
+
+
+def stale_methods(cell: dict, methods: tuple[str, ...], seed: int, settings: dict) -> list[str]:
+    """The ``methods`` a stored ``cell`` lacks or holds with other settings: CBD-dependent results
+    computed with other defaults, baselines computed with other hyper-parameters."""
+    results = cell["results"]
+    other_defaults = cell.get("cbd_config") != _cbd_config(seed)
+
+    def stale(m: str) -> bool:
+        if m not in results:
+            return True
+        if m in _DEPENDS_ON_DEFAULTS:
+            return other_defaults
+        return m in LABELED and results[m].get("settings", {}) != settings.get(m, {})
+
+    out = [m for m in methods if stale(m)]
+    return out
 
 
 def clean_model(arch: str, seed: int, train):  # noqa: ANN001, ANN201
@@ -162,7 +184,7 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
         t0 = time.perf_counter()
         ft = bl.plain_finetune(model.backbone, x_def, PurifyConfig(seed=seed, progress=False))
         add("plain_finetune", ft, model.head, time.perf_counter() - t0)
-    settings = _baseline_settings()
+    settings = baseline_settings()
     # label-using baselines act on a classifier: the model itself, or (encoder attacks) the backbone
     # with a linear probe trained on the defender's labelled images.
     if any(m in methods for m in LABELED):
@@ -193,6 +215,7 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
                 results[name] = {
                     "error": f"{type(exc).__name__}: {str(exc)[:300]}",
                     "seconds": time.perf_counter() - t0,
+                    "settings": settings.get(name, {}),
                 }
     clean = clean_model(arch, seed, train)
     floor = evaluate_backdoor(classifier(clean.backbone, clean.head), test.images, test.labels, trigger)
@@ -428,24 +451,23 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"--methods: unknown {unknown}; choose from {METHODS}")
+        settings = baseline_settings()
         todo = []
         for arch in args.archs.split(","):
             for attack in select(args.attacks):
                 for s in seeds:
                     key = f"{arch}/{attack}/{s}"
                     cell = data["cells"].get(key)
-                    stale = cell is not None and cell.get("cbd_config") != _cbd_config(s)
-                    missing = cell is None or any(
-                        m not in cell["results"] or (stale and m in _DEPENDS_ON_DEFAULTS) for m in methods
-                    )
-                    if args.fresh or missing:
-                        todo.append((arch, attack, s))
+                    fresh = args.fresh or cell is None
+                    redo = methods if fresh else stale_methods(cell, methods, s, settings)
+                    if redo:
+                        todo.append((arch, attack, s, tuple(redo)))
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
         stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine}
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-            futs = {ex.submit(run_cell, a, k, s, methods): (a, k, s) for a, k, s in todo}
+            futs = {ex.submit(run_cell, a, k, s, redo): (a, k, s) for a, k, s, redo in todo}
             for f in as_completed(futs):
                 a, k, s = futs[f]
                 try:

@@ -64,18 +64,49 @@ def test_install_script_rejects_unknown_argument() -> None:
     assert proc.returncode == 2 and "--bogus" in proc.stderr
 
 
-def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
-    """Adding methods to a cell keeps the others; a change of CBD defaults drops only the results
-    that depend on them."""
+def _load_script(name: str):  # noqa: ANN202
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("heldout_eval", ROOT / "scripts" / "heldout_eval.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
+    """Adding methods to a cell keeps the others; a change of CBD defaults drops only the results
+    that depend on them."""
+    mod = _load_script("heldout_eval")
     old = {"cbd_config": {"steps": 5}, "results": {"cbd": 1, "plain_finetune": 2, "nad": 3, "no_defense": 0}}
     same = mod.merge_cell(old, {"cbd_config": {"steps": 5}, "results": {"i_bau": 4, "no_defense": 0}})
     assert same["results"] == {"cbd": 1, "plain_finetune": 2, "nad": 3, "no_defense": 0, "i_bau": 4}
     other = mod.merge_cell(old, {"cbd_config": {"steps": 2}, "results": {"no_defense": 0}})
     assert other["results"] == {"nad": 3, "no_defense": 0} and other["cbd_config"] == {"steps": 2}
     assert mod.merge_cell(None, {"results": {"x": 1}}) == {"results": {"x": 1}}
+
+
+def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
+    """The evaluation uses what the dev tuning chose (tune_baselines' JSON layout), recomputes a
+    baseline stored with other settings, and refuses a file of another layout."""
+    mod = _load_script("heldout_eval")
+    tuned = tmp_path / "baselines.json"
+    tuned.write_text(
+        '{"methods": {"nad": {"settings": [], "chosen": {"epochs": 3}, "chosen_index": 1},'
+        ' "fine_tuning": {"settings": [], "chosen": {"lr": 0.01}, "chosen_index": 0}}}'
+    )
+    got = mod.baseline_settings(tuned)
+    assert got["nad"] == {"epochs": 3} and got["fine_tuning"] == {"lr": 0.01} and got["i_bau"] == {}
+    assert "dev-tuned fine_tuning, nad" in got["_source"]
+    assert mod.baseline_settings(tmp_path / "absent.json")["nad"] == {}
+    cell = {
+        "cbd_config": mod._cbd_config(1),
+        "results": {"cbd": {}, "nad": {"settings": {}}, "fine_tuning": {"settings": {"lr": 0.01}}},
+    }
+    methods = ("cbd", "nad", "fine_tuning", "i_bau")
+    assert mod.stale_methods(cell, methods, 1, got) == ["nad", "i_bau"]
+    cell["cbd_config"] = {"steps": 1}
+    assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == ["cbd"]
+    (tmp_path / "other.json").write_text('{"chosen": {"nad": {}}}')
+    with pytest.raises(SystemExit, match="tune_baselines"):
+        mod.baseline_settings(tmp_path / "other.json")
