@@ -110,3 +110,10 @@ def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) ->
     (tmp_path / "other.json").write_text('{"chosen": {"nad": {}}}')
     with pytest.raises(SystemExit, match="tune_baselines"):
         mod.baseline_settings(tmp_path / "other.json")
+
+
+def test_diagnose_miss_names_the_missing_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mod = _load_script("diagnose_miss")
+    assert mod.main(["--attack", "trojannn", "--seed", "3", "--zoo", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "trojannn_seed3" in err and "train_zoo.py --attacks trojannn --archs fmnistnet --seeds 3" in err
