@@ -15,8 +15,8 @@ defender's 5% (3,000 images) independently of the poisoned indices
   ``cbd_paper`` (``PurifyConfig.paper()``), ``plain_finetune`` (the defaults without an adversary);
 - with the defender's labels (the same 3,000 images, labelled): ``fine_tuning``, ``fine_pruning``,
   ``nad``, ``anp``, ``i_bau`` with the settings chosen on the dev attacks
-  (``runs/tune/baselines.json`` by ``scripts/tune_baselines.py``; paper defaults when absent, said
-  in the JSON).
+  (``benchmarks/results/baselines_tuned.json``, written by ``scripts/tune_baselines.py``; paper
+  defaults when absent, said in the JSON).
 
 ACC and ASR on the 5,000 TEST images (the validation half is for choices); ASR over non-target
 images; DER = (max(0, dACC-drop) ...) as ``cbd_fast.evaluation.metrics.defense_effectiveness_rate``.
@@ -45,7 +45,7 @@ OUT_JSON = ROOT / "benchmarks" / "results" / "heldout_eval.json"
 OUT_MD = ROOT / "docs" / "heldout_results.md"
 LOCK = ROOT / "runs" / "heldout_eval.lock"  # (runs/ is git-ignored)
 ZOO_DIR = ROOT / "runs" / "zoo"
-BASELINE_SETTINGS = ROOT / "runs" / "tune" / "baselines.json"
+BASELINE_SETTINGS = ROOT / "benchmarks" / "results" / "baselines_tuned.json"
 LABEL_FREE = ("no_defense", "cbd", "cbd_paper", "plain_finetune")
 LABELED = ("fine_tuning", "fine_pruning", "nad", "anp", "i_bau")
 METHODS = LABEL_FREE + LABELED

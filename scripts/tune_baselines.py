@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Tune the label-using paper baselines on a DEV split: a small grid per method, one setting chosen.
 
-    python scripts/tune_baselines.py \\
-        --models runs/models/badnets_seed1.pt runs/models/blended_seed1.pt \\
-        --val-start 0 --n-val 2000 --out runs/tune_baselines.json
+    # the dev models of the tuning seed (0); writes benchmarks/results/baselines_tuned.json
+    python scripts/tune_baselines.py --models cbd_fast/evaluation/assets/badnets_seed0.pt \\
+        cbd_fast/evaluation/assets/wanet_seed0.pt
 
     # smoke test (seconds): 500 validation images, 300 defender images, a tiny grid
-    python scripts/tune_baselines.py --models runs/models/badnets_seed1.pt --attack badnets \\
+    python scripts/tune_baselines.py --models cbd_fast/evaluation/assets/badnets_seed0.pt \\
         --n-val 500 --n-defense 300 --methods fine_tuning anp \\
         --grid-json '{"fine_tuning": [{"epochs": 1}, {"epochs": 2}],
                       "anp": [{"iterations": 5, "threshold": 0.2}, {"iterations": 5, "threshold": 0.9}]}' \\
@@ -135,7 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tie-tol", type=float, default=0.005, help="mean-DER tolerance of a tie (0.005)")
     p.add_argument("--max-acc-drop", type=float, default=0.02, help="preferred max mean ACC drop (0.02)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    p.add_argument("--out", default="runs/tune_baselines.json", help="output JSON")
+    p.add_argument(
+        "--out",
+        default="benchmarks/results/baselines_tuned.json",
+        help="output JSON (default: the file scripts/heldout_eval.py reads)",
+    )
     args = p.parse_args(argv)
 
     if args.attack is None:
