@@ -284,6 +284,30 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def summarize(rows: list[dict], method: str) -> dict | None:
+    """``method``'s ASR / ACC-drop statistics (in % and points) over the cells ``rows`` that ran it:
+    ``n`` (cells that ran it, failures included), ``mean_asr``, ``max_asr``, ``mean_drop``, ``met``
+    (ASR <= 5 and drop <= 2), ``mean_der``, ``mean_seconds``; None when no cell finished it."""
+    rs = [
+        (c["results"]["no_defense"], c["results"][method])
+        for c in rows
+        if method in c["results"] and "error" not in c["results"][method]
+    ]
+    if not rs:
+        return None
+    asr = [r["asr"] * 100 for _, r in rs]
+    drop = [(b["acc"] - r["acc"]) * 100 for b, r in rs]
+    return {
+        "n": sum(1 for c in rows if method in c["results"]),
+        "mean_asr": statistics.mean(asr),
+        "max_asr": max(asr),
+        "mean_drop": statistics.mean(drop),
+        "met": sum(1 for a, d in zip(asr, drop) if a <= 5 and d <= 2),
+        "mean_der": statistics.mean(r["der"] for _, r in rs),
+        "mean_seconds": statistics.mean(r["seconds"] for _, r in rs),
+    }
+
+
 def render(data: dict) -> str:
     cells = data["cells"]
     lines = [
@@ -335,23 +359,43 @@ def render(data: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for m in METHODS[1:]:
-            rs = [
-                (c["results"]["no_defense"], c["results"][m])
-                for c in rows
-                if m in c["results"] and "error" not in c["results"][m]
-            ]
-            n_all = sum(1 for c in rows if m in c["results"])
-            if not rs:
+            st = summarize(rows, m)
+            if st is None:
                 continue
-            asr = [r["asr"] * 100 for _, r in rs]
-            drop = [(b["acc"] - r["acc"]) * 100 for b, r in rs]
-            ok = sum(1 for a, d in zip(asr, drop) if a <= 5 and d <= 2)
             lines.append(
-                f"| {m} | {'yes' if m in LABELED else 'no'} | {statistics.mean(asr):.1f} | {max(asr):.1f} | "
-                f"{statistics.mean(drop):.1f} | {ok} / {n_all} | "
-                f"{statistics.mean(r['der'] for _, r in rs):.3f} | "
-                f"{statistics.mean(r['seconds'] for _, r in rs):.0f} |"
+                f"| {m} | {'yes' if m in LABELED else 'no'} | {st['mean_asr']:.1f} | {st['max_asr']:.1f} | "
+                f"{st['mean_drop']:.1f} | {st['met']} / {st['n']} | {st['mean_der']:.3f} | "
+                f"{st['mean_seconds']:.0f} |"
             )
+        archs = sorted({c["arch"] for c in rows})
+        if len(archs) > 1:
+            lines += [
+                "",
+                "Per architecture (`cbd`, and the best label-using baseline by mean DER); `weak`: cells "
+                "whose backdoor fires on under 50% of the triggered images before any defense:",
+                "",
+                "| arch | cells | weak | cbd mean ASR % | cbd max ASR % | cbd mean ACC drop | cbd cells met "
+                "| best label-using (mean ASR %, drop) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for a in archs:
+                sub = [c for c in rows if c["arch"] == a]
+                st = summarize(sub, "cbd")
+                if st is None:
+                    continue
+                weak = sum(1 for c in sub if c["results"]["no_defense"]["asr"] < 0.5)
+                lab = [(m, summarize(sub, m)) for m in LABELED]
+                lab = [(m, x) for m, x in lab if x is not None]
+                best = max(lab, key=lambda mx: mx[1]["mean_der"]) if lab else None
+                best_txt = (
+                    f"{best[0]} ({best[1]['mean_asr']:.1f}, {best[1]['mean_drop']:.1f}; {best[1]['n']} cells)"
+                    if best
+                    else "not run"
+                )
+                lines.append(
+                    f"| {a} | {st['n']} | {weak} | {st['mean_asr']:.1f} | {st['max_asr']:.1f} | "
+                    f"{st['mean_drop']:.1f} | {st['met']} | {best_txt} |"
+                )
         if split == "report":
             best = []
             for c in rows:

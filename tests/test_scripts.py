@@ -117,3 +117,18 @@ def test_diagnose_miss_names_the_missing_model(tmp_path: Path, capsys: pytest.Ca
     assert mod.main(["--attack", "trojannn", "--seed", "3", "--zoo", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "trojannn_seed3" in err and "train_zoo.py --attacks trojannn --archs fmnistnet --seeds 3" in err
+
+
+def test_heldout_eval_summary_counts_met_cells_and_skips_failures() -> None:
+    mod = _load_script("heldout_eval")
+    before = {"acc": 0.90, "asr": 1.0}
+
+    def cell(acc: float, asr: float) -> dict:
+        return {"results": {"no_defense": before, "cbd": {"acc": acc, "asr": asr, "der": 0.9, "seconds": 2}}}
+
+    failed = {"results": {"no_defense": before, "cbd": {"error": "RuntimeError: stop", "seconds": 1}}}
+    rows = [cell(0.89, 0.04), cell(0.87, 0.04), cell(0.895, 0.30), failed]
+    st = mod.summarize(rows, "cbd")
+    assert st["n"] == 4 and st["met"] == 1  # the 3-point drop and the 30% ASR miss; the failure counts in n
+    assert abs(st["mean_asr"] - (4 + 4 + 30) / 3) < 1e-9 and abs(st["max_asr"] - 30) < 1e-9
+    assert mod.summarize(rows, "nad") is None
