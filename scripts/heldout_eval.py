@@ -367,6 +367,14 @@ def render(data: dict) -> str:
                 f"{st['mean_drop']:.1f} | {st['met']} / {st['n']} | {st['mean_der']:.3f} | "
                 f"{st['mean_seconds']:.0f} |"
             )
+        provenance = []
+        for m in LABELED:
+            ran = [c["results"][m] for c in rows if m in c["results"]]
+            if ran:
+                tuned = sum(1 for r in ran if r.get("settings"))
+                provenance.append(f"{m} dev-tuned in {tuned} of {len(ran)} cells")
+        if provenance:
+            lines += ["", "Label-using settings (the rest: the paper's): " + "; ".join(provenance) + "."]
         archs = sorted({c["arch"] for c in rows})
         if len(archs) > 1:
             lines += [
