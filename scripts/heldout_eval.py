@@ -85,8 +85,7 @@ def stale_methods(cell: dict, methods: tuple[str, ...], seed: int, settings: dic
             return other_defaults
         return m in LABELED and results[m].get("settings", {}) != settings.get(m, {})
 
-    out = [m for m in methods if stale(m)]
-    return out
+    return [m for m in methods if stale(m)]
 
 
 def clean_model(arch: str, seed: int, train):  # noqa: ANN001, ANN201
