@@ -25,7 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "tune" / "results.jsonl"
-DEV_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
+ZOO_DIR = ROOT / "runs" / "zoo" / "fmnistnet"
+#: the five attacks of ``backdoors.py`` (their models come from ``app.demo.load_or_train``)
+BACKDOOR_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
+#: the dev attacks built by the zoo only (their models come from ``runs/zoo/fmnistnet``, trained when missing)
+ZOO_DEV_ATTACKS = ("pixels", "random_location")
+DEV_ATTACKS = BACKDOOR_ATTACKS + ZOO_DEV_ATTACKS
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -49,20 +54,23 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     from cbd_fast.evaluation.fmnist import load_fashion_mnist
     from cbd_fast.evaluation.metrics import evaluate_backdoor
     from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
+    from cbd_fast.evaluation.zoo import get_attack
 
-    check_purpose("tune", split_of_attack="dev", seed=seed, images="validation")
+    check_purpose("tune", split_of_attack=get_attack(attack).split, seed=seed, images="validation")
     train = load_fashion_mnist("train")
     val = split_test_set(load_fashion_mnist("test"), "validation")
-    model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
+    if attack in BACKDOOR_ATTACKS:
+        model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
+        trigger = trigger_for(attack)
+    else:
+        model, trigger = _zoo_model(attack, seed, train)
     ssl = attack == "badencoder"
     head = None if ssl else model.head
     probe = (train.images[:10000], train.labels[:10000]) if ssl else None
     x_unl, _ = defender_images(train, 0.05, seed=seed)
 
     def evaluate(backbone):
-        return evaluate_backdoor(
-            _classifier(backbone, head, probe), val.images, val.labels, trigger_for(attack)
-        )
+        return evaluate_backdoor(_classifier(backbone, head, probe), val.images, val.labels, trigger)
 
     before = evaluate(model.backbone)
     cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
@@ -82,6 +90,19 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
             k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))
         },
     }
+
+
+def _zoo_model(attack: str, seed: int, train):  # noqa: ANN001, ANN202
+    """``(model, trigger)`` of a zoo-built dev attack on ``fmnistnet``, trained and stored when missing."""
+    from cbd_fast.evaluation.zoo.build import build_record, load_build, save_build
+
+    stem = ZOO_DIR / f"{attack}_seed{seed}"
+    try:
+        model, trigger, _ = load_build(stem)
+    except FileNotFoundError:
+        save_build(build_record(attack, "fmnistnet", train, seed=seed), stem)
+        model, trigger, _ = load_build(stem)
+    return model, trigger
 
 
 def summary() -> None:
@@ -111,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", default="defaults")
     p.add_argument("--set", nargs="*", default=[], help="PurifyConfig overrides, key=value")
-    p.add_argument("--attacks", default=",".join(DEV_ATTACKS))
+    p.add_argument(
+        "--attacks", default=",".join(BACKDOOR_ATTACKS), help=f"comma-separated, from {DEV_ATTACKS}"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summary", action="store_true")

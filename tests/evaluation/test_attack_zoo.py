@@ -52,8 +52,8 @@ def _tiny_set(n: int = 256, seed: int = 0) -> ImageSet:
 
 def test_splits_and_membership():
     dev, report = zoo.attack_names("dev"), zoo.attack_names("report")
-    assert dev == ["badnets", "blended", "sig", "wanet", "badencoder"]
-    assert set(dev) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
+    assert dev == ["badnets", "blended", "sig", "wanet", "badencoder", "pixels", "random_location"]
+    assert set(dev[:5]) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
     assert len(report) >= 12 and not set(report) & set(dev)
     assert {
         "badnets_checker",
@@ -174,6 +174,34 @@ def test_patch_positions_and_patterns():
     for r, c in ((slice(1, 4), slice(1, 4)), (slice(1, 4), slice(24, 27)), (slice(24, 27), slice(1, 4))):
         assert float(corners[r, c].sum()) in (4.0, 5.0)
     assert torch.equal(corners, corners.flip(1))  # mirrored: survives a horizontal flip
+
+
+def test_sparse_dev_triggers():
+    x = _garments()
+    pix = zoo.test_trigger("pixels")
+    changed = (pix(torch.zeros(3, 1, 28, 28)) > 0).reshape(3, -1)
+    assert changed.sum(1).tolist() == [12, 12, 12] and bool((changed == changed[:1]).all())
+    rows, cols = pix.positions(28, 28) // 28, pix.positions(28, 28) % 28
+    assert int(rows.min()) >= 1 and int(rows.max()) <= 26 and int(cols.min()) >= 1 and int(cols.max()) <= 26
+    # no 5x5 square holds more than a few of the pixels: a patch scan cannot cover the trigger
+    grid = changed[0].reshape(1, 1, 28, 28).float()
+    assert float(torch.nn.functional.avg_pool2d(grid, 5, 1).max()) * 25 <= 4
+    loc = zoo.test_trigger("random_location")
+    r, c = loc.locations(x)
+    assert len(set(zip(r.tolist(), c.tolist()))) >= len(x) - 1, "the location must vary per image"
+    assert torch.equal(loc(x), torch.cat([loc(x[:1]), loc(x[1:])])), (
+        "the location must not depend on the batch"
+    )
+    y = loc(x)
+    for i in range(len(x)):
+        diff = (y[i] != x[i]).nonzero()
+        assert diff.numel() == 0 or (
+            int(diff[:, 1].min()) >= int(r[i]) and int(diff[:, 2].max()) < int(c[i]) + 4
+        )
+    with pytest.raises(ValueError, match="count"):
+        type(pix)(count=0)
+    with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\)"):
+        loc(torch.rand(2, 1, 4, 4))
 
 
 def test_global_and_invisible_triggers():

@@ -1,7 +1,8 @@
 """The attack zoo's table: one ``ZooAttack`` per registered name, its split, kind, paper and settings.
 
-Splits: ``dev`` (the five attacks the defense was tuned on, delegated to ``backdoors.py``) and
-``report`` (twelve attacks never used to tune anything). Kinds: ``poison`` (dirty-label poisoning of
+Splits: ``dev`` (the attacks anything may be tuned on: the five the defense was first designed against,
+delegated to ``backdoors.py``, and two sparse ones from ``sparse.py``) and ``report`` (twelve attacks
+never used to tune anything). Kinds: ``poison`` (dirty-label poisoning of
 the training set), ``clean_label`` (only target-class images are modified, labels kept), ``encoder``
 (a backdoor planted into an encoder without labels; evaluate with a linear probe).
 
@@ -26,6 +27,7 @@ from cbd_fast.evaluation.zoo import (
     encoder,
     optimized_patch,
     sample_specific,
+    sparse,
     warps,
 )
 from cbd_fast.evaluation.zoo.base import ZooTrigger, read_trigger_file
@@ -104,6 +106,23 @@ def _dev(name: str, summary: str) -> ZooAttack:
     )
 
 
+def _sparse_dev(
+    name: str, summary: str, settings: dict[str, Any], make: Callable[[Settings], Trigger]
+) -> ZooAttack:
+    """A dev attack of ``sparse.py``: fixed-trigger dirty-label poisoning (``build_poisoned``)."""
+    return ZooAttack(
+        name=name,
+        split="dev",
+        kind="poison",
+        citation=_SPARSE_CITATIONS[name],
+        summary=summary,
+        settings=MappingProxyType(dict(settings)),
+        stateful=False,
+        make_trigger=make,
+        builder=_static(make),
+    )
+
+
 def _report(
     name: str,
     kind: str,
@@ -130,6 +149,11 @@ def _report(
 
 _BADNETS = dev.DEV_CITATIONS["badnets"]
 _BLENDED = dev.DEV_CITATIONS["blended"]
+_SPARSE_CITATIONS = {
+    "pixels": _BADNETS + " (the pixel backdoor, spread over the image)",
+    "random_location": "Salem, Wen, Backes, Ma, Zhang. Dynamic Backdoor Attacks Against Machine Learning "
+    "Models. IEEE EuroS&P 2022 (Random Backdoor: a trigger at a random location per input)",
+}
 
 
 def _checker(s: Settings) -> Trigger:
@@ -161,6 +185,20 @@ _ATTACKS: list[ZooAttack] = [
     _dev(
         "badencoder",
         "BadNets patch planted into a supervised FMNISTNet backbone (backdoors.plant_feature_backdoor)",
+    ),
+    _sparse_dev(
+        "pixels",
+        "12 white pixels at fixed random positions (seed 17), 1 px from the border",
+        {"count": 12, "position_seed": 17},
+        lambda s: sparse.ScatteredPixels(count=int(s["count"]), position_seed=int(s["position_seed"])),
+    ),
+    _sparse_dev(
+        "random_location",
+        "4x4 fixed random binary pattern (seed 11) at a position chosen per image by its content",
+        {"size": 4, "pattern_seed": 11},
+        lambda s: sparse.RandomLocationPatch(
+            pattern=random_binary(int(s["size"]), seed=int(s["pattern_seed"]))
+        ),
     ),
     _report(
         "badnets_checker",
