@@ -47,6 +47,7 @@ Sharded models (FSDP) are not supported: the encoder must fit on one device.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -357,12 +358,30 @@ def make_sampler(
 # ---------------------------------------------------------------------------------------------
 
 
+#: The last collectives' work handles (gloo only). A gloo worker thread keeps its own reference to
+#: each work until just after running it; if that reference is the last one, the thread frees the
+#: work's tensors, which needs the GIL. When the main thread destroys the group at that moment
+#: (``destroy_process_group``, or a DDP reducer freed later), it joins the worker threads while
+#: holding the GIL: a deadlock (seen about once in 5 two-rank test runs on a loaded 2-core CPU).
+#: Holding the last handles here makes the main thread, not a worker, free every work.
+#: Each gloo worker holds at most one work, so a few handles are enough.
+_RECENT_WORK: collections.deque[Any] = collections.deque(maxlen=8)
+
+
+def _collective(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run the collective ``fn(*args, **kwargs)`` and wait; keep its handle on gloo (``_RECENT_WORK``)."""
+    work = fn(*args, async_op=True, **kwargs)
+    work.wait()
+    if dist.get_backend() == "gloo":
+        _RECENT_WORK.append(work)
+
+
 def _all_gather_flat(z: torch.Tensor, world: int) -> torch.Tensor:
     """[B, ...] on every rank -> [world * B, ...], rank-major (rank r's rows at r*B:(r+1)*B)."""
     z = z.contiguous()
     out = torch.empty((world * z.shape[0], *z.shape[1:]), dtype=z.dtype, device=z.device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, z)
+    _collective(gather, out, z)
     return out
 
 
@@ -391,7 +410,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         out = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
         scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-        scatter(out, grad, op=dist.ReduceOp.SUM)
+        _collective(scatter, out, grad, op=dist.ReduceOp.SUM)
         return out, None, None
 
 
@@ -512,7 +531,7 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if not ctx.enabled:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    _collective(dist.all_reduce, out, op=dist.ReduceOp.SUM)
     return out
 
 
@@ -521,7 +540,7 @@ def all_reduce_mean(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if not ctx.enabled:
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    _collective(dist.all_reduce, out, op=dist.ReduceOp.SUM)
     return out / ctx.world_size
 
 

@@ -3,6 +3,7 @@ launched with torchrun (tests/core/dist_workers.py), each bounded by a subproces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -31,6 +32,21 @@ def _fake_ctx(rank: int = 0, world: int = WORLD) -> cd.DistContext:
     return cd.DistContext(True, rank, world, rank, rank == 0, torch.device("cpu"), "gloo")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found, via /proc; empty where /proc is missing)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 def torchrun(mode: str, outdir: Path, *args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
     """Launch ``tests/core/dist_workers.py MODE OUTDIR ARGS`` on 2 CPU ranks; kill the whole process group
     on timeout (workers included) and fail."""
@@ -53,8 +69,11 @@ def torchrun(mode: str, outdir: Path, *args: str, timeout: float = TIMEOUT_S) ->
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        # torchrun starts each worker in a session of its own: kill the whole tree, not only the group
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
         pytest.fail(f"torchrun {mode} did not finish within {timeout} s (hang):\n{out[-4000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
