@@ -53,9 +53,13 @@ N_PROBE = 10000
 
 
 def _cbd_config(seed: int) -> dict:
+    """The default PurifyConfig of a report run, with the adversary's resolved settings (so a change
+    of the adversary's own defaults also marks the stored CBD results stale)."""
     from cbd_fast import PurifyConfig
+    from cbd_fast.core.adversaries.base import make_adversary
 
-    return PurifyConfig(seed=seed, progress=False).validate().to_dict()
+    cfg = PurifyConfig(seed=seed, progress=False).validate()
+    return cfg.to_dict() | {"adversary_defaults": make_adversary(cfg).options}
 
 
 def baseline_settings(path: Path = BASELINE_SETTINGS) -> dict:

@@ -107,6 +107,9 @@ def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) ->
     assert mod.stale_methods(cell, methods, 1, got) == ["nad", "i_bau"]
     cell["cbd_config"] = {"steps": 1}
     assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == ["cbd"]
+    # a change of the default adversary's own settings (not visible in PurifyConfig) is a change too
+    cell["cbd_config"] = mod._cbd_config(1) | {"adversary_defaults": {"sparse_weight": 0.0}}
+    assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == ["cbd"]
     (tmp_path / "other.json").write_text('{"chosen": {"nad": {}}}')
     with pytest.raises(SystemExit, match="tune_baselines"):
         mod.baseline_settings(tmp_path / "other.json")

@@ -48,8 +48,9 @@ class PurifyConfig:
         temperature: NT-Xent temperature tau, used by the attack and the pulling loss. Default 0.5
             (SimCLR / paper).
         adversary: name in ``cbd_fast.core.adversaries.ADVERSARIES``. Default ``"trigger_search"``:
-            a label-free search over five transform families (per-sample PGD, a free-form mask and
-            pattern, multi-scale smooth warps, tone curves, low-frequency signals), attacked together,
+            a label-free search over six transform families (per-sample PGD, a free-form mask and
+            pattern, multi-scale smooth warps, tone curves, universal additive signals, per-sample
+            sparse full-amplitude changes), attacked together,
             each family's share of the batch set by how strongly it moves the features
             (``cbd_fast.core.adversaries.search``). ``"pgd"`` is the paper's.
         adv_fraction: the share of each batch's images that are attacked and pulled, in (0, 1]: each

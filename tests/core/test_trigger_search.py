@@ -13,6 +13,7 @@ from cbd_fast.core.adversaries.transforms import (
     additive,
     mask_blend,
     project_area,
+    sparse_step,
     tone_map,
     upsample,
     warp_images,
@@ -140,11 +141,12 @@ def test_assignment_depends_on_the_sample_not_the_batch() -> None:
 
 def test_shares_follow_the_measured_strength_with_floors() -> None:
     adv = TriggerSearch(_cfg(min_share=0.1))
-    adv._strength = {"pgd": 1.0, "mask": 3.0, "warp": 0.0, "tone": 0.0, "additive": 0.0}
+    adv._strength = {f: 0.0 for f in FAMILIES} | {"pgd": 1.0, "mask": 3.0}
     sh = adv.shares(list(FAMILIES))
+    free = 1.0 - 0.1 * len(FAMILIES)
     assert sh["warp"] == pytest.approx(0.1, abs=1e-3)
-    assert sh["mask"] == pytest.approx(0.1 + 0.5 * 0.75, abs=1e-3)
-    assert sh["pgd"] == pytest.approx(0.1 + 0.5 * 0.25, abs=1e-3)
+    assert sh["mask"] == pytest.approx(0.1 + free * 0.75, abs=1e-3)
+    assert sh["pgd"] == pytest.approx(0.1 + free * 0.25, abs=1e-3)
     assert sum(sh.values()) == pytest.approx(1.0, abs=5e-3)
     off = TriggerSearch(_cfg(tone_weight=0.0))
     assert "tone" not in off.active_families(torch.rand(2, 1, 4, 4))
@@ -210,3 +212,33 @@ def test_only_the_mask_family_changes_pixels_inside_the_mask() -> None:
     changed = (out - x).abs().amax(dim=(0, 1))
     assert (changed[mask[0, 0] == 0] == 0).all()
     assert float(mask.sum()) <= 0.04 * 144 + 1e-4  # the default area budget
+
+
+def test_sparse_step_keeps_the_largest_pixels_inside_the_box() -> None:
+    x = torch.rand(3, 2, 6, 6)
+    g = torch.randn(3, 2, 6, 6)
+    g[:, :, 2, 3] = 50.0  # one position dominates: it must be kept, moved by the full step
+    out = sparse_step(x, x.clone(), g, 0.5, pixels=4)
+    changed = (out - x).abs().sum(1).flatten(1) > 0
+    assert changed.sum(1).le(4).all() and changed[:, 2 * 6 + 3].all()
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert torch.allclose(out[:, :, 2, 3], (x[:, :, 2, 3] + 0.5).clamp(max=1.0))
+    # a budget of every pixel is plain normalised gradient ascent, clamped to the box
+    full = sparse_step(x, x.clone(), g, 0.5, pixels=36)
+    scale = g.flatten(1).abs().amax(1).view(3, 1, 1, 1)
+    assert torch.allclose(full, (x + 0.5 * g / scale).clamp(0, 1), atol=1e-6)
+
+
+def test_the_sparse_family_changes_few_pixels_by_a_lot() -> None:
+    enc, x = PatchDetector(20, 3, 3), torch.rand(16, 1, 28, 28) * 0.6
+    cfg = _cfg(**{f"{f}_weight": 0.0 for f in FAMILIES if f != "sparse"}, min_share=0.0)
+    out = TriggerSearch(cfg)(_inputs(enc, x, cfg))
+    changed = (out - x).abs().flatten(1)
+    budget = round(0.08 * 28 * 28)
+    assert bool(((changed > 0).sum(1) <= budget).all())
+    assert float(changed.amax()) > 0.3, "no pixel moved beyond what per-sample PGD's eps allows"
+    with torch.no_grad():
+        shift = 1 - torch.nn.functional.cosine_similarity(enc(out), enc(x)).mean()
+        pgd_like = (x + (torch.rand_like(x) * 2 - 1) * 40 / 255).clamp(0, 1)
+        shift_noise = 1 - torch.nn.functional.cosine_similarity(enc(pgd_like), enc(x)).mean()
+    assert float(shift) > float(shift_noise)

@@ -23,7 +23,7 @@ the device, so distributed runs and resumed runs reproduce single-process ones.
 
 Modules: ``base`` (the interface and the registry), ``pgd`` (the paper's per-sample PGD, and none),
 ``patch`` (a universal patch search), ``warp`` (universal smooth warps), ``search`` (the
-label-free trigger search over five transform families), ``transforms`` (their differentiable
+label-free trigger search over six transform families), ``transforms`` (their differentiable
 transforms).
 """
 

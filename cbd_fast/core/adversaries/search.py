@@ -11,7 +11,10 @@ The search keeps one parameterised family for each, none shaped after a particul
   displacement at most ``warp_bound * min(H, W)`` pixels;
 - ``tone``: ``x + o_c(x)``, a piecewise-linear curve per channel, ``|o| <= tone_bound``;
 - ``additive``: ``x + up(coarse) + fine``, a smooth [C, g, g] field upsampled bicubically plus a
-  full-resolution [C, H, W] one (universal), ``|.|_inf <= additive_epsilon``.
+  full-resolution [C, H, W] one (universal), ``|.|_inf <= additive_epsilon``;
+- ``sparse``: ``x + delta_i`` per sample with at most ``sparse_area * H * W`` pixels changed, each
+  by any amount within [0, 1] (an L0 ball: what a pasted patch, scattered pixels or a per-image mask
+  have in common, wherever they are; ``transforms.sparse_step``).
 
 The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
 size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets, used in
@@ -54,6 +57,7 @@ from cbd_fast.core.adversaries.transforms import (
     additive,
     mask_blend,
     project_area,
+    sparse_step,
     tone_map,
     upsample,
     warp_images,
@@ -66,9 +70,14 @@ from cbd_fast.ops.pgd import pgd_step
 __all__ = ["TriggerSearch", "FAMILIES"]
 
 #: the search's families, in the order of their shares
-FAMILIES = ("pgd", "mask", "warp", "tone", "additive")
+FAMILIES = ("pgd", "mask", "warp", "tone", "additive", "sparse")
 #: families that need [B, C, H, W] images
-_SPATIAL = frozenset({"mask", "warp", "tone", "additive"})
+_SPATIAL = frozenset({"mask", "warp", "tone", "additive", "sparse"})
+#: families attacked per sample (the others are universal: one parameter set for all images)
+_PER_SAMPLE = ("pgd", "sparse")
+#: prior weights by default (``*_weight`` options)
+#: (sparse 3: chosen on the dev attacks, docs/method.md 4.2; the others equal, not ablated)
+_DEFAULT_WEIGHTS = {"pgd": 1.0, "mask": 1.0, "warp": 1.0, "tone": 1.0, "additive": 1.0, "sparse": 3.0}
 #: the warp's control grids (a dyadic pyramid: coarse to fine smooth fields)
 _WARP_GRIDS = (2, 4, 8)
 #: rng streams (``per_sample_uniform``) of the assignment and of the scan's image choice
@@ -86,7 +95,9 @@ class TriggerSearch(Adversary):
 
     OPTIONS: ClassVar[dict[str, Option]] = {
         **{
-            f"{f}_weight": Option(1.0, float, 0.0, doc=f"prior weight of the {f} family (0: off)")
+            f"{f}_weight": Option(
+                _DEFAULT_WEIGHTS[f], float, 0.0, doc=f"prior weight of the {f} family (0: off)"
+            )
             for f in FAMILIES
         },
         "min_share": Option(0.08, float, 0.0, 0.2, doc="floor of each active family's share of a batch"),
@@ -103,6 +114,10 @@ class TriggerSearch(Adversary):
         "additive_epsilon": Option(
             None, float, 0.0, 1.0, doc="L-inf bound of the additive perturbation; None: config.epsilon"
         ),
+        "sparse_area": Option(
+            0.08, float, 1e-4, 1.0, doc="largest share of pixels the sparse family changes"
+        ),
+        "sparse_step": Option(1.0, float, 1e-3, 1.0, doc="the sparse family's largest move per step"),
     }
 
     @classmethod
@@ -335,7 +350,7 @@ class TriggerSearch(Adversary):
         uni = {
             f: [t.to(x.device) for t in self._params[f][turn % len(self._params[f])]]
             for f in families
-            if f != "pgd" and self._params.get(f)
+            if f not in _PER_SAMPLE and self._params.get(f)
         }
         # per-sample PGD rows: random start in the eps ball (per-sample randomness, as "pgd")
         eps = float(cfg.epsilon)
@@ -347,15 +362,26 @@ class TriggerSearch(Adversary):
                 inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch, stream=_START_STREAM
             )
             x_p = random_start(x_p0, u, eps) if eps > 0 else x_p0.clone()
+        # sparse rows: start at the clean images (delta = 0; the first step picks the pixels)
+        idx_s = rows.get("sparse")
+        x_s0 = x_s = None
+        if idx_s is not None and idx_s.numel() > 0:
+            x_s0 = x[idx_s].contiguous()
+            x_s = x_s0.clone()
+        h, w = x.shape[-2:] if x.dim() == 4 else (1, 1)
+        sp_pixels = max(1, round(self.options["sparse_area"] * h * w))
 
         x_rows = {f: x[r] for f, r in rows.items() if f in uni}  # each family's clean rows, once per batch
 
-        def compose(x_pgd: torch.Tensor | None, params: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        def compose(
+            x_pgd: torch.Tensor | None, x_sparse: torch.Tensor | None, params: dict[str, list[torch.Tensor]]
+        ) -> torch.Tensor:
             out = x.clone()
             pieces, where = [], []
-            if x_pgd is not None:
-                pieces.append(x_pgd)
-                where.append(idx_p)
+            for xs, idx in ((x_pgd, idx_p), (x_sparse, idx_s)):
+                if xs is not None:
+                    pieces.append(xs)
+                    where.append(idx)
             for f, ps in params.items():
                 r = rows[f]
                 if r.numel() > 0:
@@ -372,12 +398,15 @@ class TriggerSearch(Adversary):
         with attack_mode(inp.encoder), torch.enable_grad():
             for _ in range(steps):
                 x_var = None if x_p is None else x_p.detach().requires_grad_(True)
+                s_var = None if x_s is None else x_s.detach().requires_grad_(True)
                 pvars = {f: [t.detach().requires_grad_(True) for t in ps] for f, ps in uni.items()}
-                x_adv = compose(x_var, pvars)
+                x_adv = compose(x_var, s_var, pvars)
                 z = inp.encoder(x_adv).flatten(1).float()
                 zg = inp.gather(z) if inp.gather is not None else z
                 loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
-                leaves = ([x_var] if x_var is not None else []) + [t for ps in pvars.values() for t in ps]
+                leaves = [v for v in (x_var, s_var) if v is not None] + [
+                    t for ps in pvars.values() for t in ps
+                ]
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
                 grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
                 # the measured strength: each family's feature shift 1 - cos(f(x'), f(x)) (last step)
@@ -397,6 +426,9 @@ class TriggerSearch(Adversary):
                         eps,
                         backend=cfg.backend,
                     )
+                if s_var is not None:
+                    g_s, grads = grads[0], grads[1:]
+                    x_s = sparse_step(x_s0, x_s.detach(), g_s, self.options["sparse_step"], sp_pixels)
                 flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
                 if flat is not None and inp.reduce is not None:
                     flat = inp.reduce(flat)  # the global gradient of the universal parameters
@@ -410,7 +442,7 @@ class TriggerSearch(Adversary):
         if inp.reduce is not None:
             stats = inp.reduce(stats)
         with torch.no_grad():
-            x_adv = compose(x_p, uni).detach()
+            x_adv = compose(x_p, x_s, uni).detach()
         # keep the refined parameters; update the strengths from the (global) statistics
         for f, ps in uni.items():
             self._params[f][turn % len(self._params[f])] = [t.detach() for t in ps]

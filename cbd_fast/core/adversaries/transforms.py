@@ -16,6 +16,7 @@ __all__ = [
     "warp_images",
     "mask_blend",
     "project_area",
+    "sparse_step",
     "tone_map",
     "additive",
 ]
@@ -86,6 +87,38 @@ def project_area(mask: torch.Tensor, budget: float, iterations: int = 40) -> tor
         lo = torch.where(over, mid, lo)
         hi = torch.where(over, hi, mid)
     return (m - hi).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def sparse_step(
+    x: torch.Tensor, x_adv: torch.Tensor, grad: torch.Tensor, step: float, pixels: int
+) -> torch.Tensor:
+    """One ascent step of a per-image sparse perturbation, then its projection (in place on ``x_adv``).
+
+    ``delta = x_adv - x`` moves along the gradient scaled so that each image's largest component moves
+    by ``step`` (the magnitudes matter: they pick the pixels), is clamped so that ``x + delta`` stays in
+    [0, 1], and is then cut to the ``pixels`` pixels (all channels of a position together) with the
+    largest ``sum_c delta^2``: the Euclidean projection onto "at most ``pixels`` pixels changed"
+    (Croce & Hein, "Sparse and Imperceivable Adversarial Attacks", ICCV 2019: PGD with an L0 ball).
+
+    Args:
+        x: [n, C, H, W] clean images (the centres).
+        x_adv: [n, C, H, W] current adversarial images (updated in place and returned).
+        grad: [n, C, H, W] gradient of the loss at ``x_adv``.
+        step: the largest component's move per step (a fraction of the pixel range), > 0.
+        pixels: the largest number of changed pixels per image, >= 1.
+    """
+    n, c, h, w = x.shape
+    g = grad.float()
+    scale = g.flatten(1).abs().amax(1).clamp_min(1e-12).view(n, 1, 1, 1)
+    delta = (x_adv.float() + step * g / scale).clamp(0.0, 1.0) - x.float()
+    energy = delta.pow(2).sum(1).flatten(1)  # [n, H*W]
+    if pixels < h * w:
+        keep = torch.zeros_like(energy, dtype=torch.bool)
+        keep.scatter_(1, energy.topk(pixels, dim=1).indices, True)
+        delta = delta * keep.view(n, 1, h, w)
+    x_adv.copy_((x.float() + delta).to(x_adv.dtype))
+    return x_adv
 
 
 def tone_map(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
