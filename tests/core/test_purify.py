@@ -281,7 +281,7 @@ def test_stateful_adversary_state_is_checkpointed(tmp_path) -> None:
     assert state["calls"] == 2 and state["scan_scores"]
     assert sorted(state["params"]) == ["additive", "mask", "tone", "warp"]
     assert [t.shape[-1] for t in state["params"]["warp"][0]] == [2, 4, 8]  # the warp pyramid
-    assert set(state["strength"]) == {"pgd", "mask", "warp", "tone", "additive"}
+    assert set(state["strength"]) == {"pgd", "mask", "warp", "tone", "additive", "sparse"}
     adv = make_adversary(cfg)
     adv.load_state_dict(state)
     again = adv.state_dict()
