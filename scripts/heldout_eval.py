@@ -431,6 +431,7 @@ def render(data: dict) -> str:
             in (
                 "adversary",
                 "adversary_options",
+                "adversary_defaults",
                 "epsilon",
                 "step_size",
                 "steps",
