@@ -881,6 +881,10 @@ def _post_error(ctx: DistContext, exc: BaseException) -> None:
 
 def _abort_group() -> None:
     """Tear the default group down so peers blocked in a collective with us fail now."""
+    # The kept work handles hold the gloo context (its connections) alive: release them first so
+    # that destroying the group closes the connections. On this error path the last collective
+    # finished long ago, so no gloo worker still holds a work (the race ``_RECENT_WORK`` avoids).
+    _RECENT_WORK.clear()
     try:
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
         backend = str(dist.get_backend()) if dist.is_initialized() else ""

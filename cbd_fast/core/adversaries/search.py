@@ -76,7 +76,7 @@ _SPATIAL = frozenset({"mask", "warp", "tone", "additive", "sparse"})
 #: families attacked per sample (the others are universal: one parameter set for all images)
 _PER_SAMPLE = ("pgd", "sparse")
 #: prior weights by default (``*_weight`` options)
-#: (sparse 3: chosen on the dev attacks, docs/method.md 4.2; the others equal, not ablated)
+#: (sparse 3: chosen on the dev attacks, docs/method.md 4.2.2; the others equal, not ablated)
 _DEFAULT_WEIGHTS = {"pgd": 1.0, "mask": 1.0, "warp": 1.0, "tone": 1.0, "additive": 1.0, "sparse": 3.0}
 #: the warp's control grids (a dyadic pyramid: coarse to fine smooth fields)
 _WARP_GRIDS = (2, 4, 8)
