@@ -200,6 +200,8 @@ def test_sparse_dev_triggers():
         )
     with pytest.raises(ValueError, match="count"):
         type(pix)(count=0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]; got \[-1.0, -1.0\]"):
+        type(loc)(pattern=torch.full((2, 2), -1.0))
     with pytest.raises(ValueError, match=r"\(2, 1, 4, 4\)"):
         loc(torch.rand(2, 1, 4, 4))
 

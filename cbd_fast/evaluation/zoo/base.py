@@ -25,6 +25,7 @@ __all__ = [
     "TRIGGER_FILE_FORMAT",
     "ZooTrigger",
     "check_images",
+    "check_pattern",
     "pattern_for",
     "read_trigger_file",
     "save_trigger",
@@ -49,6 +50,16 @@ def check_images(images: Any, *, where: str = "images") -> torch.Tensor:
             f"got shape {tuple(images.shape)} dtype {images.dtype}"
         )
     return images
+
+
+def check_pattern(pattern: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``pattern`` is a non-empty [h, w] or [c, h, w] tensor in [0, 1]
+    (the message names the shape or the range found)."""
+    if pattern.dim() not in (2, 3) or pattern.numel() == 0:
+        raise ValueError(f"pattern must be [h, w] or [c, h, w]; got shape {tuple(pattern.shape)}")
+    lo, hi = float(pattern.min()), float(pattern.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"pattern values must be in [0, 1]; got [{lo}, {hi}]")
 
 
 def pattern_for(pattern: torch.Tensor, images: torch.Tensor, what: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cbd_fast.evaluation.zoo.base import ZooTrigger, pattern_for
+from cbd_fast.evaluation.zoo.base import ZooTrigger, check_pattern, pattern_for
 
 __all__ = [
     "CornerPatterns",
@@ -89,10 +89,7 @@ class PatchTrigger(ZooTrigger):
     name: str = "patch"
 
     def __post_init__(self) -> None:
-        if self.pattern.dim() not in (2, 3) or self.pattern.numel() == 0:
-            raise ValueError(f"pattern must be [h, w] or [c, h, w]; got shape {tuple(self.pattern.shape)}")
-        if float(self.pattern.min()) < 0.0 or float(self.pattern.max()) > 1.0:
-            raise ValueError("pattern values must be in [0, 1]")
+        check_pattern(self.pattern)
         if self.mask is not None and tuple(self.mask.shape) != tuple(self.pattern.shape[-2:]):
             raise ValueError(
                 f"mask shape {tuple(self.mask.shape)} must be the pattern's [h, w] "

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cbd_fast.evaluation.zoo.base import ZooTrigger, pattern_for
+from cbd_fast.evaluation.zoo.base import ZooTrigger, check_pattern, pattern_for
 from cbd_fast.evaluation.zoo.patches import random_binary
 
 __all__ = ["RandomLocationPatch", "ScatteredPixels"]
@@ -99,10 +99,7 @@ class RandomLocationPatch(ZooTrigger):
     name: str = "random_location"
 
     def __post_init__(self) -> None:
-        if self.pattern.dim() not in (2, 3) or self.pattern.numel() == 0:
-            raise ValueError(f"pattern must be [s, s] or [c, s, s]; got shape {tuple(self.pattern.shape)}")
-        if float(self.pattern.min()) < 0.0 or float(self.pattern.max()) > 1.0:
-            raise ValueError("pattern values must be in [0, 1]")
+        check_pattern(self.pattern)
         if isinstance(self.margin, bool) or not isinstance(self.margin, int) or self.margin < 0:
             raise ValueError(f"margin must be an int >= 0; got {self.margin!r}")
 
