@@ -167,26 +167,33 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
         r["der"] = defense_effectiveness_rate(before["acc"], before["asr"], r["acc"], r["asr"])
         results[name] = {**r, "seconds": secs, **extra}
 
-    if "cbd" in methods:
-        t0 = time.perf_counter()
-        fit = Purifier(PurifyConfig(seed=seed, progress=False)).fit(model.backbone, x_def)
-        add("cbd", fit.encoder, model.head, time.perf_counter() - t0)
-    if "cbd_paper" in methods:
-        from cbd_fast.core.health import HealthError
+    from cbd_fast.core.health import HealthError
 
+    def label_free(name: str, config: PurifyConfig, no_adversary: bool = False) -> None:
+        """Run ``purify`` for ``name``; a run the health check (or a non-finite loss) stopped is a
+        result too, recorded with its reason: the user gets an error, not an encoder."""
         t0 = time.perf_counter()
         try:
-            fit = Purifier(PurifyConfig.paper(seed=seed, progress=False)).fit(model.backbone, x_def)
-            add("cbd_paper", fit.encoder, model.head, time.perf_counter() - t0)
-        except (HealthError, RuntimeError) as exc:  # a stopped run is a result, recorded as such
-            results["cbd_paper"] = {
-                "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+            if no_adversary:
+                fit = Purifier(config.replace(adversary="none", epsilon=0.0)).fit(model.backbone, x_def)
+            else:
+                fit = Purifier(config).fit(model.backbone, x_def)
+        except (HealthError, RuntimeError) as exc:
+            results[name] = {
+                "error": f"{type(exc).__name__}: {str(exc)[:400]}",
                 "seconds": time.perf_counter() - t0,
             }
-    if "plain_finetune" in methods:
-        t0 = time.perf_counter()
-        ft = bl.plain_finetune(model.backbone, x_def, PurifyConfig(seed=seed, progress=False))
-        add("plain_finetune", ft, model.head, time.perf_counter() - t0)
+            return
+        last = fit.history[-1] if fit.history else {}
+        health = {k: round(v, 4) for k, v in last.items() if k.startswith("health_") and isinstance(v, float)}
+        add(name, fit.encoder, model.head, time.perf_counter() - t0, health=health)
+
+    if "cbd" in methods:
+        label_free("cbd", PurifyConfig(seed=seed, progress=False))
+    if "cbd_paper" in methods:
+        label_free("cbd_paper", PurifyConfig.paper(seed=seed, progress=False))
+    if "plain_finetune" in methods:  # the defaults without an adversary (``baselines.plain_finetune``)
+        label_free("plain_finetune", PurifyConfig(seed=seed, progress=False), no_adversary=True)
     settings = baseline_settings()
     # label-using baselines act on a classifier: the model itself, or (encoder attacks) the backbone
     # with a linear probe trained on the defender's labelled images.
@@ -289,8 +296,10 @@ def _pct(v: float | None) -> str:
 
 def summarize(rows: list[dict], method: str) -> dict | None:
     """``method``'s ASR / ACC-drop statistics (in % and points) over the cells ``rows`` that ran it:
-    ``n`` (cells that ran it, failures included), ``mean_asr``, ``max_asr``, ``mean_drop``, ``met``
-    (ASR <= 5 and drop <= 2), ``mean_der``, ``mean_seconds``; None when no cell finished it."""
+    ``n`` (cells that ran it, failures included), ``stopped`` (of those, the runs that stopped with an
+    error instead of returning a model), ``mean_asr``, ``max_asr``, ``mean_drop`` (over the finished
+    runs), ``met`` (ASR <= 5 and drop <= 2; a stopped run never meets it), ``mean_der``,
+    ``mean_seconds``; None when no cell finished it."""
     rs = [
         (c["results"]["no_defense"], c["results"][method])
         for c in rows
@@ -302,6 +311,7 @@ def summarize(rows: list[dict], method: str) -> dict | None:
     drop = [(b["acc"] - r["acc"]) * 100 for b, r in rs]
     return {
         "n": sum(1 for c in rows if method in c["results"]),
+        "stopped": sum(1 for c in rows if "error" in c["results"].get(method, {})),
         "mean_asr": statistics.mean(asr),
         "max_asr": max(asr),
         "mean_drop": statistics.mean(drop),
@@ -358,8 +368,8 @@ def render(data: dict) -> str:
         # summary per method over the cells of this split
         lines += [
             "| method | labels | mean ASR % | max ASR % | mean ACC drop | cells ASR <= 5 and drop <= 2 "
-            "| mean DER | mean seconds |",
-            "|---|---|---|---|---|---|---|---|",
+            "| stopped | mean DER | mean seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for m in METHODS[1:]:
             st = summarize(rows, m)
@@ -367,7 +377,7 @@ def render(data: dict) -> str:
                 continue
             lines.append(
                 f"| {m} | {'yes' if m in LABELED else 'no'} | {st['mean_asr']:.1f} | {st['max_asr']:.1f} | "
-                f"{st['mean_drop']:.1f} | {st['met']} / {st['n']} | {st['mean_der']:.3f} | "
+                f"{st['mean_drop']:.1f} | {st['met']} / {st['n']} | {st['stopped']} | {st['mean_der']:.3f} | "
                 f"{st['mean_seconds']:.0f} |"
             )
         provenance = []
@@ -452,9 +462,9 @@ def render(data: dict) -> str:
 
 
 def readme_table(data: dict, arch: str = "fmnistnet", split: str = "report") -> str:
-    """The README's table: per attack, ACC / ASR (%) of each method averaged over the seeds it ran
-    on ("(k)": on k of the attack's seeds only); bold where a CBD column's mean misses ASR <= 5 or
-    ACC drop <= 2."""
+    """The README's table: per attack, ACC / ASR (%) of each method averaged over the seeds it
+    finished on ("(k)": on k of the attack's seeds only, the others not run or stopped with an error;
+    "stopped": stopped on every seed); bold where a CBD column's mean misses ASR <= 5 or ACC drop <= 2."""
     cells = [c for c in data["cells"].values() if c["arch"] == arch and c["split"] == split]
     attacks = sorted({c["attack"] for c in cells})
     seeds = sorted({c["seed"] for c in cells})
@@ -468,7 +478,7 @@ def readme_table(data: dict, arch: str = "fmnistnet", split: str = "report") -> 
         for m in cols:
             rs = [c["results"][m] for c in mine if m in c["results"] and "error" not in c["results"][m]]
             if not rs:
-                row.append("-")
+                row.append("stopped" if any(m in c["results"] for c in mine) else "-")
                 continue
             acc, asr = statistics.mean(r["acc"] for r in rs), statistics.mean(r["asr"] for r in rs)
             text = f"{100 * acc:.1f} / {100 * asr:.1f}"

@@ -3,13 +3,15 @@
 
     python scripts/tune_defaults.py --tag search --set adversary=trigger_search --jobs 2
     python scripts/tune_defaults.py --tag search_e6 --set adversary=trigger_search epochs=6
+    python scripts/tune_defaults.py --tag r8 --arch resnet8 --attacks badnets,pixels
 
 Runs ``cbd_fast.purify`` (the library defaults, updated with ``--set``) on every dev attack's
 tuning-seed model (``cbd_fast.evaluation.protocol``: dev attacks, tuning seeds, validation
 images; anything else is refused) and appends one JSON line per (attack, seed) to
 ``runs/tune/results.jsonl``: ACC / ASR before and after on the 5,000 validation images, the
-seconds and the settings. ``--summary`` prints a table of
-every tag tried.
+seconds and the settings. ``--arch`` picks the dev models' architecture: ``fmnistnet`` (default)
+or another zoo architecture, whose dev models all come from the zoo (``runs/zoo/{arch}``, trained
+when missing). ``--summary`` prints a table of every tag (and architecture) tried.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "tune" / "results.jsonl"
-ZOO_DIR = ROOT / "runs" / "zoo" / "fmnistnet"
+ZOO_ROOT = ROOT / "runs" / "zoo"
 #: the five attacks of ``backdoors.py`` (their models come from ``app.demo.load_or_train``)
 BACKDOOR_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
 #: the dev attacks built by the zoo only (their models come from ``runs/zoo/fmnistnet``, trained when missing)
@@ -44,12 +46,13 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
+def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmnistnet") -> dict:
     import torch
 
     torch.set_num_threads(1)
     from cbd_fast import Purifier, PurifyConfig
     from cbd_fast.app.demo import _classifier, load_or_train
+    from cbd_fast.core.health import HealthError
     from cbd_fast.evaluation.backdoors import trigger_for
     from cbd_fast.evaluation.fmnist import load_fashion_mnist
     from cbd_fast.evaluation.metrics import evaluate_backdoor
@@ -59,12 +62,12 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     check_purpose("tune", split_of_attack=get_attack(attack).split, seed=seed, images="validation")
     train = load_fashion_mnist("train")
     val = split_test_set(load_fashion_mnist("test"), "validation")
-    if attack in BACKDOOR_ATTACKS:
+    if arch == "fmnistnet" and attack in BACKDOOR_ATTACKS:
         model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
         trigger = trigger_for(attack)
     else:
-        model, trigger = _zoo_model(attack, seed, train)
-    ssl = attack == "badencoder"
+        model, trigger = _zoo_model(attack, arch, seed, train)
+    ssl = get_attack(attack).kind == "encoder"
     head = None if ssl else model.head
     probe = (train.images[:10000], train.labels[:10000]) if ssl else None
     x_unl, _ = defender_images(train, 0.05, seed=seed)
@@ -75,11 +78,25 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     before = evaluate(model.backbone)
     cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
     t0 = time.perf_counter()
-    fit = Purifier(cfg).fit(model.backbone, x_unl)
+    try:
+        fit = Purifier(cfg).fit(model.backbone, x_unl)
+    except HealthError as exc:  # a run the health check stopped is a result: no encoder came back
+        return {
+            "tag": tag,
+            "arch": arch,
+            "attack": attack,
+            "seed": seed,
+            "overrides": overrides,
+            "before": before,
+            "after": None,
+            "error": f"HealthError: {str(exc)[:400]}",
+            "seconds": time.perf_counter() - t0,
+        }
     secs = time.perf_counter() - t0
     after = evaluate(fit.encoder)
     return {
         "tag": tag,
+        "arch": arch,
         "attack": attack,
         "seed": seed,
         "overrides": overrides,
@@ -92,15 +109,15 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str) -> dict:
     }
 
 
-def _zoo_model(attack: str, seed: int, train):  # noqa: ANN001, ANN202
-    """``(model, trigger)`` of a zoo-built dev attack on ``fmnistnet``, trained and stored when missing."""
+def _zoo_model(attack: str, arch: str, seed: int, train):  # noqa: ANN001, ANN202
+    """``(model, trigger)`` of a zoo-built dev attack on ``arch``, trained and stored when missing."""
     from cbd_fast.evaluation.zoo.build import build_record, load_build, save_build
 
-    stem = ZOO_DIR / f"{attack}_seed{seed}"
+    stem = ZOO_ROOT / arch / f"{attack}_seed{seed}"
     try:
         model, trigger, _ = load_build(stem)
     except FileNotFoundError:
-        save_build(build_record(attack, "fmnistnet", train, seed=seed), stem)
+        save_build(build_record(attack, arch, train, seed=seed), stem)
         model, trigger, _ = load_build(stem)
     return model, trigger
 
@@ -109,18 +126,23 @@ def summary() -> None:
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
     tags: dict[str, list[dict]] = {}
     for r in rows:
-        tags.setdefault(r["tag"], []).append(r)
+        arch = r.get("arch", "fmnistnet")
+        tags.setdefault(r["tag"] if arch == "fmnistnet" else f"{r['tag']}@{arch}", []).append(r)
     print(f"{'tag':28s} " + " ".join(f"{a:>16s}" for a in DEV_ATTACKS) + "   meanASR  maxdACC")
     for tag, rs in tags.items():
         by = {r["attack"]: r for r in rs}
         cells = []
         for a in DEV_ATTACKS:
             r = by.get(a)
-            cells.append(
-                f"{100 * r['after']['acc']:5.1f}/{100 * r['after']['asr']:5.1f}" if r else f"{'-':>11s}"
-            )
-        asr = [100 * r["after"]["asr"] for r in rs]
-        dacc = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in rs]
+            if r is None:
+                cells.append(f"{'-':>11s}")
+            elif r["after"] is None:
+                cells.append("stopped")
+            else:
+                cells.append(f"{100 * r['after']['acc']:5.1f}/{100 * r['after']['asr']:5.1f}")
+        done = [r for r in rs if r["after"] is not None]
+        asr = [100 * r["after"]["asr"] for r in done] or [float("nan")]
+        dacc = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in done] or [float("nan")]
         print(
             f"{tag:28s} "
             + " ".join(f"{c:>16s}" for c in cells)
@@ -136,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "--attacks", default=",".join(BACKDOOR_ATTACKS), help=f"comma-separated, from {DEV_ATTACKS}"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="fmnistnet", help="the dev models' architecture (a zoo architecture)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summary", action="store_true")
     args = p.parse_args(argv)
@@ -147,15 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     bad = [a for a in attacks if a not in DEV_ATTACKS]
     if bad:
         raise SystemExit(f"--attacks: {bad} are not dev attacks; tuning may use only {DEV_ATTACKS}")
+    from cbd_fast.evaluation.architectures import ARCHITECTURES
+
+    if args.arch not in ARCHITECTURES:
+        raise SystemExit(f"--arch: {args.arch!r} is not a zoo architecture; one of {sorted(ARCHITECTURES)}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-        futs = [ex.submit(run_one, a, args.seed, overrides, args.tag) for a in attacks]
+        futs = [ex.submit(run_one, a, args.seed, overrides, args.tag, args.arch) for a in attacks]
         for f in as_completed(futs):
             r = f.result()
             with OUT.open("a") as fh:
                 fh.write(json.dumps(r, default=str) + "\n")
+            if r["after"] is None:
+                print(f"{r['tag']} {r['attack']}: stopped: {r['error'][:160]}", flush=True)
+                continue
             print(
                 f"{r['tag']} {r['attack']}: "
                 f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "

@@ -133,5 +133,31 @@ def test_heldout_eval_summary_counts_met_cells_and_skips_failures() -> None:
     rows = [cell(0.89, 0.04), cell(0.87, 0.04), cell(0.895, 0.30), failed]
     st = mod.summarize(rows, "cbd")
     assert st["n"] == 4 and st["met"] == 1  # the 3-point drop and the 30% ASR miss; the failure counts in n
+    assert st["stopped"] == 1
     assert abs(st["mean_asr"] - (4 + 4 + 30) / 3) < 1e-9 and abs(st["max_asr"] - 30) < 1e-9
     assert mod.summarize(rows, "nad") is None
+
+
+def test_heldout_eval_readme_table_shows_stopped_runs() -> None:
+    """A CBD run the health check stopped is shown as such, never averaged as if it had finished."""
+    mod = _load_script("heldout_eval")
+    before = {"acc": 0.90, "asr": 1.0}
+    stopped = {"error": "HealthError: feature drift 0.300 > 0.1", "seconds": 1}
+
+    def cell(seed: int, cbd: dict) -> dict:
+        res = {"no_defense": before, "cbd": cbd}
+        return {
+            "arch": "fmnistnet",
+            "split": "report",
+            "attack": "a",
+            "seed": seed,
+            "floor_asr": 0.01,
+            "results": res,
+        }
+
+    done = {"acc": 0.89, "asr": 0.03, "der": 0.98, "seconds": 2}
+    data = {"cells": {"1": cell(1, done), "2": cell(2, stopped)}}
+    row = mod.readme_table(data).splitlines()[2]
+    assert "89.0 / 3.0 (1)" in row  # the one finished seed, marked
+    data = {"cells": {"1": cell(1, stopped), "2": cell(2, stopped)}}
+    assert "| stopped |" in mod.readme_table(data).splitlines()[2]

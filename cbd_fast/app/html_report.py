@@ -35,6 +35,7 @@ _HEALTH = (
     ("health_cka", "CKA", None),
     ("health_rank", "effective rank ratio", "health_min_rank"),
     ("health_spread", "spread ratio", "health_min_spread"),
+    ("health_drift", "feature drift (0 = unchanged)", "health_max_drift"),
 )
 
 
@@ -399,13 +400,13 @@ def _health_section(history: Sequence[Mapping[str, Any]], config: Mapping[str, A
         return "<h2>Health</h2><p>The label-free health check was off (<code>health='off'</code>).</p>"
     xs = [_num(h.get("epoch")) or float(i + 1) for i, h in enumerate(history)]
     hlines = [
-        (f"min {label} {config[t]:.2g}", float(config[t]))
+        (f"{'max' if t.startswith('health_max') else 'min'} {label} {config[t]:.2g}", float(config[t]))
         for _, label, t in keys
         if t and _num(config.get(t)) is not None
     ]
     chart = line_chart(
         [(label, xs, [h.get(k) for h in history]) for k, label, _ in keys],
-        title="label-free health per epoch (vs the original encoder; 1 = unchanged)",
+        title="label-free health per epoch (vs the original encoder; ratios 1 = unchanged, drift 0)",
         xlabel="epoch",
         ylabel="ratio / agreement",
         hlines=hlines,
@@ -530,7 +531,11 @@ def _summary(doc: Mapping[str, Any]) -> str:
     ]
     if "health_knn" in last:
         cards.append(
-            ("final health", f"k-NN {_fmt(last.get('health_knn'))}, CKA {_fmt(last.get('health_cka'))}")
+            (
+                "final health",
+                f"k-NN {_fmt(last.get('health_knn'))}, CKA {_fmt(last.get('health_cka'))}, "
+                f"drift {_fmt(last.get('health_drift'))}",
+            )
         )
     ev = doc.get("evaluation") or {}
     if isinstance(ev.get("after"), Mapping):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 RECORD_VERSION = 1
-HEALTH_KEYS = ("health_knn", "health_cka", "health_rank", "health_spread")
+HEALTH_KEYS = ("health_knn", "health_cka", "health_rank", "health_spread", "health_drift")
 
 
 class RecordError(ValueError):
@@ -169,9 +170,14 @@ def _versions() -> dict[str, Any]:
     return out
 
 
+def _finite_or_none(value: Any) -> Any:
+    """``value``, or None for a non-finite float (a record is strict JSON: no NaN/Infinity)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _health(history: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     rows = [
-        {"epoch": r.get("epoch"), **{k: r[k] for k in HEALTH_KEYS if k in r}}
+        {"epoch": r.get("epoch"), **{k: _finite_or_none(r[k]) for k in HEALTH_KEYS if k in r}}
         for r in history
         if any(k in r for k in HEALTH_KEYS)
     ]

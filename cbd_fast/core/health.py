@@ -1,5 +1,5 @@
 """A label-free health check of the encoder being purified: has it kept the shape of its clean
-feature space, or collapsed?
+feature space, or collapsed, or moved its clean features away from where a head reads them?
 
 Measured on a held-out slice of the unlabeled images (never trained on), once before the first
 epoch (the original encoder, the reference) and after every epoch, in eval mode without gradient.
@@ -21,11 +21,15 @@ same images, so they need no labels and no head, and none depends on the feature
   towards one point (or far along one common direction) while keeping their relative layout keep
   ``health_knn`` and ``health_cka`` but send every image to the same class of a linear head: this
   figure falls towards 0 then.
+- ``health_drift``: how far the clean features moved from where the original put them,
+  ``mean ||z - z0||^2 / mean ||z0||^2`` (0 = unchanged; NaN when ``D != D'``). The figures above are
+  blind to a rotation or a uniform shift of the whole cloud, which a head trained on the original
+  features reads as a loss of accuracy: this one is not.
 - ``health_finite``: 1 when every feature is finite, else 0.
 
 A run is unhealthy when any feature is non-finite, ``health_knn < min_knn``,
-``health_rank < min_rank`` or ``health_spread < min_spread``. The thresholds are documented in
-``docs/method.md`` with the runs they were set on.
+``health_rank < min_rank``, ``health_spread < min_spread`` or ``health_drift > max_drift``. The
+thresholds are documented in ``docs/method.md`` with the runs they were set on.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ __all__ = [
     "DEFAULT_MIN_KNN",
     "DEFAULT_MIN_RANK",
     "DEFAULT_MIN_SPREAD",
+    "DEFAULT_MAX_DRIFT",
     "K",
     "MIN_ENFORCED_IMAGES",
 ]
@@ -67,6 +72,9 @@ DEFAULT_MIN_KNN = 0.2
 DEFAULT_MIN_RANK = 0.25
 #: below this share of the original relative spread the features have collapsed towards one point
 DEFAULT_MIN_SPREAD = 0.25
+#: above this relative squared drift of the clean features, a head trained on the original features
+#: misreads them (chosen on the dev attacks: ``docs/method.md``, 4.12)
+DEFAULT_MAX_DRIFT = 0.1
 
 
 class HealthError(RuntimeError):
@@ -103,7 +111,8 @@ def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str
 
     Returns:
         ``health_knn``, ``health_cka``, ``health_rank``, ``health_spread`` (floats; 0 when ``z`` is
-        not finite) and ``health_finite`` (1.0 or 0.0).
+        not finite), ``health_drift`` (float; inf when ``z`` is not finite, NaN when ``D != D'``)
+        and ``health_finite`` (1.0 or 0.0).
     """
     if z.dim() != 2 or z0.dim() != 2 or z.shape[0] != z0.shape[0] or z.shape[0] < 3:
         raise ValueError(
@@ -117,6 +126,7 @@ def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str
             "health_cka": 0.0,
             "health_rank": 0.0,
             "health_spread": 0.0,
+            "health_drift": math.inf,
             "health_finite": 0.0,
         }
     m = z.shape[0]
@@ -135,11 +145,18 @@ def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str
     # 4. relative spread tr Cov / mean squared norm, against the original's.
     s0 = _spread(z0, z0c)
     spread = _spread(z, zc) / s0 if s0 > 0 else 0.0
+    # 5. drift: squared distance to the original features (where a fixed head reads them), relative
+    #    to their squared norm; only defined when both live in the same space.
+    drift = math.nan
+    if z.shape[1] == z0.shape[1]:
+        n0 = z0.pow(2).sum(1).mean()
+        drift = float((z - z0).pow(2).sum(1).mean() / n0) if bool(n0 > 0) else math.inf
     return {
         "health_knn": float(hits.mean()),
         "health_cka": cka if math.isfinite(cka) else 0.0,
         "health_rank": rank,
         "health_spread": spread,
+        "health_drift": drift,
         "health_finite": 1.0,
     }
 
@@ -151,7 +168,7 @@ class HealthCheck:
     Attributes:
         images: [M, C, H, W] the held-out unlabeled images on the run's device.
         reference: [M, D'] float32 features of the original encoder on them.
-        min_knn, min_rank: the thresholds (see the module docstring).
+        min_knn, min_rank, min_spread, max_drift: the thresholds (see the module docstring).
     """
 
     images: torch.Tensor
@@ -159,6 +176,7 @@ class HealthCheck:
     min_knn: float = DEFAULT_MIN_KNN
     min_rank: float = DEFAULT_MIN_RANK
     min_spread: float = DEFAULT_MIN_SPREAD
+    max_drift: float = DEFAULT_MAX_DRIFT
 
     def problems(self, figures: dict[str, float]) -> list[str]:
         """Why ``figures`` are unhealthy (empty when healthy)."""
@@ -176,6 +194,11 @@ class HealthCheck:
             )
         if figures["health_rank"] < self.min_rank:
             out.append(f"effective rank ratio {figures['health_rank']:.3f} < {self.min_rank:g} (a collapse)")
+        if figures.get("health_drift", 0.0) > self.max_drift:  # NaN (other D) never fails
+            out.append(
+                f"feature drift {figures['health_drift']:.3f} > {self.max_drift:g} (the clean features moved "
+                "away from where a head trained on the original encoder reads them: expect lost accuracy)"
+            )
         return out
 
 
@@ -206,6 +229,7 @@ def make_health_check(run: Run, images: torch.Tensor) -> HealthCheck:
         min_knn=cfg.health_min_knn,
         min_rank=cfg.health_min_rank,
         min_spread=cfg.health_min_spread,
+        max_drift=cfg.health_max_drift,
     )
 
 
@@ -239,7 +263,14 @@ def check_health(
         if last_ckpt
         else "no checkpoint was written (set checkpoint_dir to keep the healthy epochs)"
     )
+    drift_only = len(problems) == 1 and figures.get("health_drift", 0.0) > check.max_drift
+    advice = (
+        "Lower lr or raise clean_weight; if a new head will be trained on the purified encoder (the "
+        "drift does not matter then), raise health_max_drift"
+        if drift_only
+        else "Lower lr or clean_weight"
+    )
     raise HealthError(
-        f"{text}. Purification stopped and the broken encoder is not returned ({kept}). Lower lr or "
-        "clean_weight, or set health='warn' to continue anyway"
+        f"{text}. Purification stopped and the broken encoder is not returned ({kept}). {advice}, or set "
+        "health='warn' to continue anyway"
     )

@@ -3,6 +3,7 @@ collapsing run is stopped while a healthy one is not."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 import cbd_fast
 from cbd_fast import PurifyConfig
 from cbd_fast.core.clean_terms import CLEAN_TERMS, CleanTerm, CleanTermInputs, register_clean_term
-from cbd_fast.core.health import HealthError, health_figures
+from cbd_fast.core.health import HealthCheck, HealthError, health_figures
 from cbd_fast.core.inputs import holdout_split
 
 
@@ -52,7 +53,27 @@ def test_figures_of_same_rotated_scaled_random_and_collapsed_features() -> None:
     towards_one_point = health_figures(5.0 + 0.01 * z0, z0)  # layout kept, everything near one point
     assert towards_one_point["health_knn"] > 0.4 and towards_one_point["health_spread"] < 0.01
     bad = health_figures(torch.full((200, 32), float("nan")), z0)
-    assert set(bad.values()) == {0.0}
+    assert bad.pop("health_drift") == math.inf and set(bad.values()) == {0.0}
+
+
+def test_drift_sees_what_the_shape_figures_cannot() -> None:
+    """A rotation, a rescale or a common shift keeps every shape figure but moves the clean features
+    away from where a head trained on the original reads them: only ``health_drift`` sees it."""
+    z0 = torch.randn(200, 32, generator=torch.Generator().manual_seed(0))
+    assert health_figures(z0.clone(), z0)["health_drift"] == 0.0
+    q = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))[0]
+    assert health_figures(z0 @ q, z0)["health_drift"] > 1.0  # about 2 for a random rotation
+    assert health_figures(2.0 * z0, z0)["health_drift"] == pytest.approx(1.0)
+    assert health_figures(1.1 * z0, z0)["health_drift"] == pytest.approx(0.01)
+    assert health_figures(z0 + 0.2, z0)["health_drift"] == pytest.approx(0.04, rel=0.1)
+    other_dim = health_figures(torch.randn(200, 16), z0)  # another space: not comparable
+    assert math.isnan(other_dim["health_drift"])
+    check = HealthCheck(images=torch.zeros(1), reference=z0, max_drift=0.1)
+    assert all("drift" not in p for p in check.problems(other_dim))  # NaN never fails
+    ok = health_figures(1.1 * z0, z0)
+    assert check.problems(ok) == []
+    (problem,) = check.problems(health_figures(2.0 * z0, z0))
+    assert "feature drift 1.000 > 0.1" in problem
 
 
 def test_figures_reject_mismatched_shapes() -> None:
@@ -76,6 +97,9 @@ def test_holdout_split_is_a_tenth_at_most_and_deterministic() -> None:
         ("health_images", 8, ValueError, "health_images must be >= 16; got 8"),
         ("health_min_knn", 1.5, ValueError, r"health_min_knn must be in \[0, 1\]; got 1.5"),
         ("health_min_rank", -0.1, ValueError, "health_min_rank must be >= 0"),
+        ("health_max_drift", 0, ValueError, r"health_max_drift must be > 0 \(math.inf turns it off\); got 0"),
+        ("health_max_drift", float("nan"), ValueError, "health_max_drift must be > 0"),
+        ("health_max_drift", "0.1", TypeError, "health_max_drift must be a real number; got '0.1'"),
     ],
 )
 def test_bad_health_settings_name_the_field(field, value, exc, match) -> None:
@@ -131,3 +155,37 @@ def test_health_warn_continues_and_off_measures_nothing(collapse_term) -> None:
         res = _collapsing(health="off")()
     assert not any(k.startswith("health") for k in res.history[0])
     assert res.history[0]["images"] == 400  # nothing held out
+
+
+@pytest.fixture
+def scale_term():
+    """A clean term that pulls the clean features to twice the original's: every shape figure (k-NN,
+    CKA, rank, spread) stays at 1 while a head trained on the original features misreads them."""
+
+    @register_clean_term("test_scale")
+    class Scale(CleanTerm):
+        needs_reference = True
+
+        def __call__(self, inp: CleanTermInputs) -> torch.Tensor:
+            z0 = inp.gather_no_grad(inp.reference_features(inp.x))
+            return (inp.gather(inp.z_clean) - 2.0 * z0).pow(2).mean() / z0.pow(2).mean()
+
+    yield "test_scale"
+    CLEAN_TERMS.pop("test_scale")
+
+
+def _drifting(**kw):
+    x = _structured_images(400)
+    cfg = dict(epochs=2, batch_size=32, steps=1, progress=False, lr=0.01, clean_weight=50.0)
+    return lambda: cbd_fast.Purifier(clean_term="test_scale", **cfg, **kw).fit(_encoder(), x)
+
+
+def test_a_drifting_run_is_stopped_and_the_limit_can_be_lifted(scale_term) -> None:
+    with pytest.raises(HealthError, match=r"feature drift \d\.\d{3} > 0.1") as err:
+        _drifting()()
+    text = str(err.value)
+    assert "raise health_max_drift" in text
+    assert "k-NN agreement" not in text and "relative spread" not in text and "rank ratio" not in text
+    res = _drifting(health_max_drift=math.inf)()  # a new head will be trained: drift allowed
+    last = res.history[-1]
+    assert last["health_drift"] > 0.1 and last["health_knn"] > 0.5 and last["health_spread"] > 0.5
