@@ -159,8 +159,9 @@ class PurifyConfig:
             in [0, 1]. Default 0.25.
         health_min_spread: the lowest spread of the features (``tr Cov / mean squared norm``),
             relative to the original's, in [0, 1]. Default 0.25.
-        health_max_drift: the largest drift of the clean features from the original's a healthy
-            encoder keeps, ``mean ||z - z0||^2 / mean ||z0||^2`` (> 0; ``math.inf`` turns it off).
+        health_max_drift: the largest drift of the clean features from the original's that the
+            returned encoder (after the last epoch) may have, ``mean ||z - z0||^2 / mean ||z0||^2``
+            (> 0; ``math.inf`` turns it off; earlier epochs' drift is recorded only).
             Default 0.1, chosen on the dev attacks (``docs/method.md``, 4.12): beyond it a head
             trained on the original features loses accuracy. Raise it when a new head will be
             trained on the purified encoder.
