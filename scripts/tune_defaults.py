@@ -77,35 +77,23 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmni
 
     before = evaluate(model.backbone)
     cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
+    record = {"tag": tag, "arch": arch, "attack": attack, "seed": seed, "overrides": overrides}
+    record["before"] = before
     t0 = time.perf_counter()
     try:
         fit = Purifier(cfg).fit(model.backbone, x_unl)
     except HealthError as exc:  # a run the health check stopped is a result: no encoder came back
-        return {
-            "tag": tag,
-            "arch": arch,
-            "attack": attack,
-            "seed": seed,
-            "overrides": overrides,
-            "before": before,
+        return record | {
             "after": None,
             "error": f"HealthError: {str(exc)[:400]}",
             "seconds": time.perf_counter() - t0,
         }
     secs = time.perf_counter() - t0
-    after = evaluate(fit.encoder)
-    return {
-        "tag": tag,
-        "arch": arch,
-        "attack": attack,
-        "seed": seed,
-        "overrides": overrides,
-        "before": before,
-        "after": after,
+    last = fit.history[-1] if fit.history else {}
+    return record | {
+        "after": evaluate(fit.encoder),
         "seconds": secs,
-        "history_last": {
-            k: v for k, v in (fit.history[-1] if fit.history else {}).items() if isinstance(v, (int, float))
-        },
+        "history_last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }
 
 
