@@ -16,6 +16,10 @@ weights and data:
     schedule: the frozen original's features of every image computed once, then per batch one
     forward + backward of the clean images against them (relative squared distance, the defaults'
     clean term without an adversary). The floor any fine-tuning defense pays; it removes nothing.
+``candidate`` (only with ``CBD_TTP_CANDIDATE``)
+    ``purify`` with those overrides on top of the defaults (e.g. ``free_replays=4,epochs=1``): a
+    setting that changes the algorithm, timed in the same rounds, its removal printed beside the
+    defaults' (its ratio is against the same ``plain_ft``, whose epochs are the defaults').
 ``paper``
     the paper's CBD as a reader writes it (``reference_loops.NaiveCBD`` with
     ``PurifyConfig.paper()``: per-sample contrastive PGD, K 5, eps 8/255, SGD), epoch after epoch,
@@ -37,6 +41,7 @@ Run (about 6 minutes per case on one CPU thread)::
 Environment: ``CBD_TTP_ATTACKS`` (dev attacks, default ``badnets,blended``), ``CBD_BENCH_ROUNDS``
 (default 2), ``CBD_TTP_SET`` (``key=value,...`` PurifyConfig overrides for both ``purify`` and
 ``plain_ft``, to time a candidate setting; the committed figures use none),
+``CBD_TTP_CANDIDATE`` (``key=value,...``: the ``candidate`` contender),
 ``CBD_TTP_PAPER_EPOCHS`` (default 12), ``CBD_TTP_EVAL_IMAGES`` (validation images scored, default
 2000), ``CBD_BENCH_THREADS``, ``CBD_BENCH_QUICK=1`` (a synthetic smoke run: random
 encoder and data, 1 epoch, no ASR target; checks the harness only). The backdoored models are read
@@ -87,6 +92,7 @@ def _overrides(text: str) -> dict[str, Any]:
 
 
 OVERRIDES = _overrides(os.environ.get("CBD_TTP_SET", ""))
+CANDIDATE = _overrides(os.environ.get("CBD_TTP_CANDIDATE", ""))
 #: the previous release's per-batch work (``previous``)
 PREVIOUS = {
     "adv_fraction": 1.0,
@@ -239,6 +245,8 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
     config = PurifyConfig(seed=SEED, progress=False, **{**quick, **OVERRIDES})
     clock = time.perf_counter
     times: dict[str, list[float]] = {"purify": [], "previous": [], "plain_ft": []}
+    if CANDIDATE:
+        times["candidate"] = []
     results: dict[str, nn.Module] = {}
     layout: dict[str, bool] = {}
 
@@ -250,6 +258,8 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
                 out, layout["channels_last"] = fit.encoder, bool(fit.runtime["channels_last"])
             elif name == "previous":
                 out = Purifier(config.replace(**PREVIOUS)).fit(enc, images).encoder
+            elif name == "candidate":
+                out = Purifier(config.replace(**CANDIDATE)).fit(enc, images).encoder
             else:
                 out = plain_finetune(enc, images, config, channels_last=layout["channels_last"])
             times[name].append(clock() - t0)
@@ -293,6 +303,9 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
         "previous_over_purify": vs_previous,
         "targets": {"purify_over_plain_ft_max": TARGET_VS_PLAIN, "paper_over_purify_min": TARGET_VS_PAPER},
         "overrides": OVERRIDES,
+        "candidate": CANDIDATE or None,
+        "candidate_over_plain_ft": med["candidate"] / med["plain_ft"] if CANDIDATE else None,
+        "purify_over_candidate": med["purify"] / med["candidate"] if CANDIDATE else None,
         "config": {k: v for k, v in config.to_dict().items() if k != "adversary_options"},
     }
     benchmark.extra_info.update(info)
@@ -305,7 +318,16 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
         f"ASR {after['previous']['asr']:.3f}\n"
         f"  plain_ft  {med['plain_ft']:7.1f} s  ACC {after['plain_ft']['acc']:.3f} "
         f"ASR {after['plain_ft']['asr']:.3f}\n"
-        f"  paper     {paper_s:7.1f} s  {paper.epoch} epoch(s), best ASR {best.get('asr', float('nan')):.3f}"
+        + (
+            f"  candidate {med['candidate']:7.1f} s  ACC {after['candidate']['acc']:.3f} "
+            f"ASR {after['candidate']['asr']:.3f}  ({CANDIDATE}; candidate / plain_ft = "
+            f"{med['candidate'] / med['plain_ft']:.2f}x, purify / candidate = "
+            f"{med['purify'] / med['candidate']:.2f}x)\n"
+            if CANDIDATE
+            else ""
+        )
+        + f"  paper     {paper_s:7.1f} s  {paper.epoch} epoch(s), "
+        f"best ASR {best.get('asr', float('nan')):.3f}"
         f" ({'reached' if reached else 'did NOT reach'} purify's ASR + {ASR_SLACK:.3f})\n"
         f"  purify / plain_ft = {vs_plain:.2f}x (target <= {TARGET_VS_PLAIN}); "
         f"paper / purify = {vs_paper:.2f}x{'' if reached else ' (lower bound)'} "

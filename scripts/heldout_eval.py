@@ -76,11 +76,19 @@ def baseline_settings(path: Path = BASELINE_SETTINGS) -> dict:
     return {m: dict(methods[m]["chosen"]) if m in methods else {} for m in LABELED} | {"_source": source}
 
 
+def same_defaults(stored: dict | None, current: dict) -> bool:
+    """Whether CBD results stored with the defaults ``stored`` hold for the defaults ``current``: the
+    same settings, where a field added since and left at None (a switch that is off) changes nothing."""
+    if not isinstance(stored, dict):
+        return False
+    return stored == {k: v for k, v in current.items() if k in stored or v is not None}
+
+
 def stale_methods(cell: dict, methods: tuple[str, ...], seed: int, settings: dict) -> list[str]:
     """The ``methods`` a stored ``cell`` lacks or holds with other settings: CBD-dependent results
     computed with other defaults, baselines computed with other hyper-parameters."""
     results = cell["results"]
-    other_defaults = cell.get("cbd_config") != _cbd_config(seed)
+    other_defaults = not same_defaults(cell.get("cbd_config"), _cbd_config(seed))
 
     def stale(m: str) -> bool:
         if m not in results:
@@ -265,11 +273,17 @@ _DEPENDS_ON_DEFAULTS = ("cbd", "plain_finetune")
 
 def merge_cell(old: dict | None, new: dict) -> dict:
     """``new`` plus the results of ``old`` for methods ``new`` did not run; results that depend on
-    the CBD defaults are dropped when ``old`` was computed with other defaults."""
+    the CBD defaults are dropped when ``old`` was computed with other defaults, and every old result
+    when the cell's backdoored model changed (another clean ACC or ASR in its ``model_record``, e.g.
+    a retrained zoo model that did not come out the same)."""
     if old is None:
         return new
+    scores = ("acc", "asr")
+    old_model, new_model = old.get("model_record") or {}, new.get("model_record") or {}
+    if old_model and new_model and any(old_model.get(k) != new_model.get(k) for k in scores):
+        return new
     kept = dict(old.get("results", {}))
-    if old.get("cbd_config") != new.get("cbd_config"):
+    if not same_defaults(old.get("cbd_config"), new.get("cbd_config") or {}):
         for m in _DEPENDS_ON_DEFAULTS:
             kept.pop(m, None)
     return {**new, "results": {**kept, **new["results"]}}

@@ -84,6 +84,20 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     other = mod.merge_cell(old, {"cbd_config": {"steps": 2}, "results": {"no_defense": 0}})
     assert other["results"] == {"nad": 3, "no_defense": 0} and other["cbd_config"] == {"steps": 2}
     assert mod.merge_cell(None, {"results": {"x": 1}}) == {"results": {"x": 1}}
+    # a field added to the config since, left at None (a switch that is off), changes nothing
+    added = mod.merge_cell(old, {"cbd_config": {"steps": 5, "new_switch": None}, "results": {}})
+    assert added["results"] == old["results"]
+    on = mod.merge_cell(old, {"cbd_config": {"steps": 5, "new_switch": 2}, "results": {}})
+    assert on["results"] == {"nad": 3, "no_defense": 0}
+    # another backdoored model (a retrained zoo model that came out differently): nothing old is kept
+    rec = {"acc": 0.9, "asr": 0.99, "seconds": 80.0}
+    old_m = {**old, "model_record": rec}
+    same_model = mod.merge_cell(
+        old_m, {"cbd_config": {"steps": 5}, "model_record": {**rec, "seconds": 99.0}, "results": {}}
+    )
+    assert same_model["results"] == old["results"]
+    new_model = {"cbd_config": {"steps": 5}, "model_record": {**rec, "asr": 0.98}, "results": {"i_bau": 4}}
+    assert mod.merge_cell(old_m, new_model)["results"] == {"i_bau": 4}
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
@@ -107,6 +121,10 @@ def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) ->
     assert mod.stale_methods(cell, methods, 1, got) == ["nad", "i_bau"]
     cell["cbd_config"] = {"steps": 1}
     assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == ["cbd"]
+    # results stored before a field that is off by default (None) existed are still current
+    before_field = {k: v for k, v in mod._cbd_config(1).items() if k != "free_replays"}
+    cell["cbd_config"] = before_field
+    assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == []
     # a change of the default adversary's own settings (not visible in PurifyConfig) is a change too
     cell["cbd_config"] = mod._cbd_config(1) | {"adversary_defaults": {"sparse_weight": 0.0}}
     assert mod.stale_methods(cell, ("cbd", "fine_tuning"), 1, got) == ["cbd"]

@@ -125,7 +125,7 @@ def run_epoch(run: Run, stream: ImageStream, epoch: int, last_ckpt: Path | None)
                 ok = ((x >= 0) & (x <= 1)).all()  # NaN fails both comparisons
                 bad_data = torch.where(~ok & (bad_data < 0), torch.full_like(bad_data, b), bad_data)
             try:
-                out = cbd_step(run, x, idx, epoch)
+                out = cbd_step(run, x, idx, epoch, b / n_batches if n_batches else None)
             except NonFiniteLoss:
                 raise nonfinite_error(b) from None
             n = x.shape[0] * ctx.world

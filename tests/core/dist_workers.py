@@ -301,13 +301,17 @@ def purify_data() -> torch.Tensor:
 def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
     """``PURIFY`` with ``adversary`` (``"default"``: the library's default adversary and options;
     ``"subset"``: the default adversary on a random half of each batch, with the original's anchors:
-    ranks then hold different numbers of attacked images)."""
+    ranks then hold different numbers of attacked images; ``"free"``: the default adversary with
+    ``free_replays=2``, its ascent steps taken from the fine-tune's backward)."""
     out = dict(PURIFY)
     if adversary == "default":
         del out["adversary"]
     elif adversary == "subset":
         del out["adversary"]
         out.update(adv_fraction=0.5, attack_anchors="original", reference_cache=True)
+    elif adversary == "free":
+        del out["adversary"]
+        out.update(free_replays=2)
     else:
         out["adversary"] = adversary
     return out

@@ -337,13 +337,13 @@ def test_failing_rank_stops_the_whole_run(tmp_path: Path, where: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("adversary", ["pgd", "default", "subset"])
+@pytest.mark.parametrize("adversary", ["pgd", "default", "subset", "free"])
 def test_purify_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path, adversary: str) -> None:
     """A short 2-process purify == the 1-process run (same seed, same global batch); only rank 0
     writes checkpoints; a distributed resume from the epoch-1 checkpoint ends with the same weights.
     ``"default"``: the library's default adversary, whose batch split and universal searches are
     decided on the global batch; ``"subset"``: ``adv_fraction=0.5`` (ranks attack different numbers
-    of images) with the reference cache built over ranks."""
+    of images) with the reference cache built over ranks; ``"free"``: ``free_replays=2``."""
     import cbd_fast
 
     res = torchrun("purify", tmp_path, adversary)

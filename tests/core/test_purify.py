@@ -251,8 +251,9 @@ def test_callers_rng_state_is_restored() -> None:
         {},  # the DEFAULT adversary and clean term (stateful: scanned patches, a persistent warp field)
         {"clean_term": "feature_consistency", "adversary": "pgd"},
         {"clean_term": "contrastive_views", "adversary": "pgd_patch"},
+        {"free_replays": 2},  # the search's state refined by the fine-tune's backward; lr per batch
     ],
-    ids=["defaults", "feature_consistency-pgd", "contrastive_views-pgd_patch"],
+    ids=["defaults", "feature_consistency-pgd", "contrastive_views-pgd_patch", "free_replays"],
 )
 def test_resume_equals_uninterrupted_run(tmp_path, terms: dict) -> None:
     x = _images(24)

@@ -47,6 +47,7 @@ one-process run with the same global batch (up to the summation order of floats)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -337,7 +338,15 @@ class TriggerSearch(Adversary):
         return [(p + b / 4 * gr.sign()).clamp(-b, b) for p, gr in zip(ps, grads)]
 
     # ------------------------------------------------------------------ the attack
-    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+    @property
+    def needs_anchors_to_begin(self) -> bool:
+        """Whether :meth:`begin` reads the anchors' values (the first batch's mask scan); otherwise
+        it reads only their number of rows, and :meth:`ascend` their values."""
+        return self._params is None and self.options["mask_weight"] > 0
+
+    def begin(self, inp: AttackInputs) -> _Attack:
+        """Start the attack of one batch: the families' rows, the per-sample starts and this turn's
+        universal parameters (the mask scan on the very first batch)."""
         cfg = self.config
         x = inp.x.detach()
         families = self.active_families(x)
@@ -355,7 +364,7 @@ class TriggerSearch(Adversary):
         # per-sample PGD rows: random start in the eps ball (per-sample randomness, as "pgd")
         eps = float(cfg.epsilon)
         idx_p = rows.get("pgd")
-        x_p = None
+        x_p0 = x_p = None
         if idx_p is not None and idx_p.numel() > 0:
             x_p0 = x[idx_p].contiguous()  # the PGD rows' ball centres, gathered once per batch
             u = per_sample_uniform(
@@ -369,88 +378,155 @@ class TriggerSearch(Adversary):
             x_s0 = x[idx_s].contiguous()
             x_s = x_s0.clone()
         h, w = x.shape[-2:] if x.dim() == 4 else (1, 1)
-        sp_pixels = max(1, round(self.options["sparse_area"] * h * w))
+        return _Attack(
+            inp=inp,
+            x=x,
+            families=families,
+            fam=fam,
+            rows=rows,
+            turn=turn,
+            uni=uni,
+            x_rows={f: x[r] for f, r in rows.items() if f in uni},  # each family's clean rows, once
+            idx_p=idx_p,
+            x_p0=x_p0,
+            x_p=x_p,
+            idx_s=idx_s,
+            x_s0=x_s0,
+            x_s=x_s,
+            sparse_pixels=max(1, round(self.options["sparse_area"] * h * w)),
+            stats=torch.zeros(len(families), 2, dtype=torch.float64, device=x.device),
+        )
 
-        x_rows = {f: x[r] for f, r in rows.items() if f in uni}  # each family's clean rows, once per batch
+    def compose(self, st: _Attack, *, leaves: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The adversarial batch [B, C, H, W] from the attack's current state.
 
-        def compose(
-            x_pgd: torch.Tensor | None, x_sparse: torch.Tensor | None, params: dict[str, list[torch.Tensor]]
-        ) -> torch.Tensor:
-            out = x.clone()
-            pieces, where = [], []
-            for xs, idx in ((x_pgd, idx_p), (x_sparse, idx_s)):
-                if xs is not None:
-                    pieces.append(xs)
-                    where.append(idx)
-            for f, ps in params.items():
-                r = rows[f]
-                if r.numel() > 0:
-                    pieces.append(self._apply(f, x_rows[f], ps))
-                    where.append(r)
-            if not pieces:
-                return out
+        With ``leaves`` the per-sample images and the universal parameters become fresh leaves that
+        require gradient (returned in the order :meth:`ascend` expects); without, ``[]`` and no graph.
+        """
+        x = st.x
+        x_pgd = None if st.x_p is None else st.x_p.detach().requires_grad_(leaves)
+        x_sparse = None if st.x_s is None else st.x_s.detach().requires_grad_(leaves)
+        params = {f: [t.detach().requires_grad_(leaves) for t in ps] for f, ps in st.uni.items()}
+        out = x.clone()
+        pieces, where = [], []
+        for xs, idx in ((x_pgd, st.idx_p), (x_sparse, st.idx_s)):
+            if xs is not None:
+                pieces.append(xs)
+                where.append(idx)
+        for f, ps in params.items():
+            r = st.rows[f]
+            if r.numel() > 0:
+                pieces.append(self._apply(f, st.x_rows[f], ps))
+                where.append(r)
+        if pieces:
             order = torch.cat(where)
             # scatter the families' rows back into the batch order (differentiable in the pieces)
-            return out.index_put((order,), torch.cat([p.to(x.dtype) for p in pieces]))
+            out = out.index_put((order,), torch.cat([p.to(x.dtype) for p in pieces]))
+        if not leaves:
+            return out.detach(), []
+        vars_ = [v for v in (x_pgd, x_sparse) if v is not None] + [t for ps in params.values() for t in ps]
+        return out, vars_
 
-        stats = torch.zeros(len(families), 2, dtype=torch.float64, device=x.device)
-        steps = int(cfg.steps)
+    @torch.no_grad()
+    def ascend(
+        self, st: _Attack, leaves: list[torch.Tensor], grads: list[torch.Tensor | None], z: torch.Tensor
+    ) -> None:
+        """One ascent step of every family from ``grads`` (the gradient of a loss the adversary
+        maximises, w.r.t. :meth:`compose`'s ``leaves``; None: unused), then the projections.
+
+        ``z`` [B, D]: the features of the composed batch the gradient was taken at, for the strength
+        statistics (each family's mean ``1 - cos(f(x'), f(x))``).
+        """
+        cfg = self.config
+        grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
+        shift = 1.0 - F.cosine_similarity(z.detach().float(), st.inp.local_clean_features.float(), dim=1)
+        st.stats.zero_()
+        st.stats[:, 0].index_add_(0, st.fam, shift.double())
+        st.stats[:, 1].index_add_(0, st.fam, torch.ones_like(shift, dtype=torch.float64))
+        st.stepped = True
+        if st.x_p is not None:
+            g_p, grads = grads[0], grads[1:]
+            assert st.x_p0 is not None
+            st.x_p = st.x_p.detach()
+            pgd_step(
+                st.x_p,
+                g_p.contiguous(),
+                st.x_p0,
+                float(cfg.step_size),
+                float(cfg.epsilon),
+                backend=cfg.backend,
+            )
+        if st.x_s is not None:
+            g_s, grads = grads[0], grads[1:]
+            assert st.x_s0 is not None
+            st.x_s = sparse_step(st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels)
+        flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
+        if flat is not None and st.inp.reduce is not None:
+            flat = st.inp.reduce(flat)  # the global gradient of the universal parameters
+        j = 0
+        for f, ps in st.uni.items():
+            gs = []
+            for t in ps:
+                assert flat is not None
+                gs.append(flat[j : j + t.numel()].view_as(t))
+                j += t.numel()
+            st.uni[f] = self._update(f, ps, gs, st.x)
+
+    def end(self, st: _Attack) -> None:
+        """Keep the refined universal parameters and update the strengths from the (global)
+        statistics of the last :meth:`ascend`."""
+        stats = st.stats
+        if st.inp.reduce is not None:
+            stats = st.inp.reduce(stats)
+        for f, ps in st.uni.items():
+            assert self._params is not None
+            self._params[f][st.turn % len(self._params[f])] = [t.detach() for t in ps]
+        mom = self.options["share_momentum"]
+        cpu = stats.cpu()
+        for i, f in enumerate(st.families):
+            if st.stepped and cpu[i, 1] > 0:
+                v = float(cpu[i, 0] / cpu[i, 1])
+                self._strength[f] = v if f not in self._strength else mom * self._strength[f] + (1 - mom) * v
+        self._calls += 1
+
+    def __call__(self, inp: AttackInputs) -> torch.Tensor:
+        """``steps`` ascent steps on ``NTXent(f(x'), clean anchors)`` (eval mode, input-only
+        gradients); returns the detached adversarial batch."""
+        cfg = self.config
+        st = self.begin(inp)
         with attack_mode(inp.encoder), torch.enable_grad():
-            for _ in range(steps):
-                x_var = None if x_p is None else x_p.detach().requires_grad_(True)
-                s_var = None if x_s is None else x_s.detach().requires_grad_(True)
-                pvars = {f: [t.detach().requires_grad_(True) for t in ps] for f, ps in uni.items()}
-                x_adv = compose(x_var, s_var, pvars)
+            for _ in range(int(cfg.steps)):
+                x_adv, leaves = self.compose(st, leaves=True)
                 z = inp.encoder(x_adv).flatten(1).float()
                 zg = inp.gather(z) if inp.gather is not None else z
                 loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
-                leaves = [v for v in (x_var, s_var) if v is not None] + [
-                    t for ps in pvars.values() for t in ps
-                ]
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-                grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads)]
-                # the measured strength: each family's feature shift 1 - cos(f(x'), f(x)) (last step)
-                with torch.no_grad():
-                    shift = 1.0 - F.cosine_similarity(z.detach(), inp.local_clean_features.float(), dim=1)
-                    stats.zero_()
-                    stats[:, 0].index_add_(0, fam, shift.double())
-                    stats[:, 1].index_add_(0, fam, torch.ones_like(shift, dtype=torch.float64))
-                if x_var is not None:
-                    g_p, grads = grads[0], grads[1:]
-                    x_p = x_p.detach()
-                    pgd_step(
-                        x_p,
-                        g_p.contiguous(),
-                        x_p0,
-                        float(cfg.step_size),
-                        eps,
-                        backend=cfg.backend,
-                    )
-                if s_var is not None:
-                    g_s, grads = grads[0], grads[1:]
-                    x_s = sparse_step(x_s0, x_s.detach(), g_s, self.options["sparse_step"], sp_pixels)
-                flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
-                if flat is not None and inp.reduce is not None:
-                    flat = inp.reduce(flat)  # the global gradient of the universal parameters
-                j = 0
-                for f, ps in uni.items():
-                    gs = []
-                    for t in ps:
-                        gs.append(flat[j : j + t.numel()].view_as(t))
-                        j += t.numel()
-                    uni[f] = self._update(f, ps, gs, x)
-        if inp.reduce is not None:
-            stats = inp.reduce(stats)
-        with torch.no_grad():
-            x_adv = compose(x_p, x_s, uni).detach()
-        # keep the refined parameters; update the strengths from the (global) statistics
-        for f, ps in uni.items():
-            self._params[f][turn % len(self._params[f])] = [t.detach() for t in ps]
-        mom = self.options["share_momentum"]
-        st = stats.cpu()
-        for i, f in enumerate(families):
-            if steps > 0 and st[i, 1] > 0:
-                v = float(st[i, 0] / st[i, 1])
-                self._strength[f] = v if f not in self._strength else mom * self._strength[f] + (1 - mom) * v
-        self._calls += 1
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else []
+                self.ascend(st, leaves, list(grads), z)
+        x_adv, _ = self.compose(st, leaves=False)
+        self.end(st)
         return x_adv
+
+
+@dataclass
+class _Attack:
+    """One batch's attack state (:meth:`TriggerSearch.begin`): the family of each row, the
+    per-sample images (PGD and sparse rows, with their clean centres) and the universal parameters
+    of this turn, refined by :meth:`TriggerSearch.ascend`."""
+
+    inp: AttackInputs
+    x: torch.Tensor
+    families: list[str]
+    fam: torch.Tensor
+    rows: dict[str, torch.Tensor]
+    turn: int
+    uni: dict[str, list[torch.Tensor]]
+    x_rows: dict[str, torch.Tensor]
+    idx_p: torch.Tensor | None
+    x_p0: torch.Tensor | None
+    x_p: torch.Tensor | None
+    idx_s: torch.Tensor | None
+    x_s0: torch.Tensor | None
+    x_s: torch.Tensor | None
+    sparse_pixels: int
+    stats: torch.Tensor
+    stepped: bool = False
