@@ -197,7 +197,8 @@ def _encoder(case: Case) -> torch.nn.Module:
 
 
 def _batch(case: Case, index: int = 0) -> torch.Tensor:
-    """Random images in [0, 1] (never zeros: METHOD.md), reproducible from (case, index)."""
+    """Random images in [0, 1], reproducible from (case, index): never zeros, which can hide unwritten
+    outputs and time faster than real data."""
     if index == 0 and case in _BATCHES:
         return _BATCHES[case]
     g = torch.Generator().manual_seed(1234 + index)

@@ -20,7 +20,10 @@ Backends (``cbd_fast.ops.backends``): ``cuda`` and ``cpp`` are ``torch.ops.cbd_f
 from the compiled extension (csrc/kernels/nt_xent.cu, csrc/kernels/nt_xent_cpu.h); ``triton`` is
 ``torch.ops.cbd_fast.nt_xent_fwd_triton/bwd_triton`` (cbd_fast/kernels/triton/nt_xent.py, also on
 CPU tensors under ``TRITON_INTERPRET=1``); ``torch`` is ``cbd_fast.ops.reference.nt_xent_reference``.
-Automatic choice (``_ORDER``): CUDA tensors try triton, cuda, torch; CPU tensors cpp, torch.
+Automatic choice: CPU tensors try cpp, torch. CUDA tensors (``_cuda_order``, from fwd+bwd timings
+on an H200): torch first for float32 up to 2N = 16384 and 16-bit up to 2N = 2048 (the fused
+kernels lose to the 2N x 2N matmuls there), else triton, then torch while its matrix is
+affordable, then cuda.
 float64 runs on cpp or torch only. All four ops have fake (meta) implementations registered here,
 so ``torch.compile(fullgraph=True)`` traces ``nt_xent`` and ``torch.library.opcheck`` passes.
 
@@ -220,24 +223,45 @@ def check_nt_xent_args(a: torch.Tensor, b: torch.Tensor, temperature: float) -> 
 
 
 #: Automatic order of backends per device type (float64 aside: cpp, torch on CPU; torch on CUDA).
-_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+#: CUDA tensors: ``_cuda_order`` picks one of these by dtype and 2N.
+_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch", "cuda"), "cpu": ("cpp", "torch")}
+
+#: 2N up to which the torch backend (the 2N x 2N matrix) goes first on CUDA: float32 up to 16384
+#: rows (1 GiB of float32 scores), 16-bit up to 2048. Measured fwd+bwd on an H200
+#: (benchmarks/results/gpu_check_nvidia-h200_20261204): eager / triton / cuda ms at 2N=1024 D=128
+#: bf16 1.73 / 2.20 / 1.49, 2N=4096 D=256 fp32 2.14 / 7.84 / 7.04, 2N=8192 D=512 bf16
+#: 7.47 / 3.46 / 27.9, 2N=32768 D=128 bf16 51.4 / 6.28 / 57.7. The cuda kernel (float32 FMA
+#: tiles, no tensor cores) goes after torch while the matrix is affordable.
+_EAGER_FIRST_MAX_2N = {"float32": 16384, "bfloat16": 2048, "float16": 2048}
+_EAGER_AFFORDABLE_2N = 16384
+
+
+def _cuda_order(dtype: str, two_n: int) -> tuple[str, ...]:
+    """The automatic backend order for CUDA tensors of ``dtype`` (name) with 2N rows."""
+    if two_n <= _EAGER_FIRST_MAX_2N.get(dtype, 0):
+        return ("torch", "triton", "cuda")
+    return _ORDER["cuda"] if two_n <= _EAGER_AFFORDABLE_2N else ("triton", "cuda", "torch")
 
 
 @torch.compiler.assume_constant_result
-def _select(device: str, dtype: str, backend: str | None) -> str:
+def _select(device: str, dtype: str, backend: str | None, gpu_order: str) -> str:
     """The backends to try for (device, dtype, request), comma-joined, ``=``-prefixed when named.
 
     A string so that it is a constant while torch.compile traces (resolved once, not traced).
+    ``gpu_order``: ``_cuda_order``'s tuple, comma-joined.
     """
+    order = tuple(gpu_order.split(","))
     names, named = op_backend_candidates(
-        "nt_xent", torch.device(device), getattr(torch, dtype), backend, _ORDER["cuda"], _ORDER["cpu"]
+        "nt_xent", torch.device(device), getattr(torch, dtype), backend, order, _ORDER["cpu"]
     )
     return ("=" if named else "") + ",".join(names)
 
 
 def _candidates(a: torch.Tensor, backend: str | None) -> tuple[list[str], bool]:
     """``(names, named)``: the backends to try in order, and whether the caller named the backend."""
-    text = _select(str(a.device), str(a.dtype).removeprefix("torch."), backend)
+    dtype = str(a.dtype).removeprefix("torch.")
+    gpu_order = ",".join(_cuda_order(dtype, 2 * a.shape[0])) if a.device.type == "cuda" else ""
+    text = _select(str(a.device), dtype, backend, gpu_order or ",".join(_ORDER["cuda"]))
     named = text.startswith("=")
     names = text.removeprefix("=").split(",")
     check_backend_dtype("nt_xent", names[0], "a", a.dtype)

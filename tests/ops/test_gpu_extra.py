@@ -216,3 +216,27 @@ def test_cuda_vs_triton_at_2n_131072_d_512_bf16() -> None:
         full.backward()
         assert torch.isfinite(a_.grad).all() and abs(full.item() - loss64) <= 1e-4
     assert abs(results["cuda"] - results["triton"]) <= 5e-5
+
+
+@pytest.mark.parametrize(
+    "two_n,d,dtype,first",
+    [
+        (1024, 128, torch.bfloat16, "torch"),
+        (4096, 256, torch.float32, "torch"),
+        (8192, 512, torch.bfloat16, "triton"),
+    ],
+)
+def test_automatic_choice_on_cuda(two_n: int, d: int, dtype: torch.dtype, first: str) -> None:
+    """backend=None starts where ``_cuda_order`` says, matches that backend named, and compiles."""
+    _require("triton")
+    a, b = _views(two_n // 2, d, dtype)
+    assert ntx_mod._resolve_backend(a, None) == first
+    a1, a2 = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    auto, named = nt_xent(a1, b, 0.5), nt_xent(a2, b, 0.5, backend=first)
+    auto.backward()
+    named.backward()
+    assert torch.allclose(auto, named, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a1.grad.float(), a2.grad.float(), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: nt_xent(x, y, 0.5), fullgraph=True)
+    assert torch.allclose(compiled(a, b), named.detach(), rtol=1e-3, atol=1e-3)

@@ -18,7 +18,7 @@ import torch
 import cbd_fast
 from cbd_fast.ops import nt_xent, nt_xent_value_and_grad
 from cbd_fast.ops.backends import backend_status
-from cbd_fast.ops.reference import nt_xent_reference
+from cbd_fast.ops.reference import NORM_EPS, nt_xent_reference
 
 # the module (``cbd_fast.ops.nt_xent`` the attribute is the function of the same name)
 ntx_mod = importlib.import_module("cbd_fast.ops.nt_xent")
@@ -79,6 +79,89 @@ def _err(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x.double() - y.double()).abs().max().item()
 
 
+def _rounding_floor(x: torch.Tensor, tau: float, dtype: torch.dtype) -> float:
+    """A few float32 ulps of the gradient's natural scale, max_i 2 / (N tau max(||x_i||, NORM_EPS)).
+
+    The tolerances scale gradient errors by the largest true gradient, which is degenerate when the
+    true gradient vanishes while dL/dz does not (D = 1: x/||x|| is locally constant, so the exact
+    gradient is 0 and float32 rounding of the tangent projection leaves ~eps32 * 1/(tau ||x||)).
+    The kernels compute in float32 (float64 for float64), so this floor is rounding, not a mismatch.
+    """
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    norms = torch.linalg.vector_norm(x.double(), dim=1).clamp_min(1e-12)
+    return 4 * eps * (2.0 / (x.shape[0] * tau * norms)).max().item()
+
+
+def _round_to(x: torch.Tensor, dtype: torch.dtype, truncate: bool) -> torch.Tensor:
+    """float64 ``x`` rounded to ``dtype`` and back: to nearest, or toward zero (``truncate``: the
+    Triton interpreter's float32 -> 16-bit casts)."""
+    if not truncate:
+        return x.to(dtype).double()
+    x32 = x.float()
+    up = x32.to(dtype).double()  # nearest; step back one ulp toward zero where it rounded away
+    away = up.abs() > x32.double().abs()
+    down = torch.nextafter(up.to(dtype), torch.zeros((), dtype=dtype, device=x.device)).double()
+    return torch.where(away, down, up)
+
+
+def _tensor_core_grads(
+    a: torch.Tensor, b: torch.Tensor, tau: float, dtype: torch.dtype, truncate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_b) under the 16-bit kernels' documented precision, everything else float64.
+
+    The triton and cuda backends take 16-bit inputs' normalised rows ``u`` rounded to the input
+    dtype, and the triton backward feeds ``W = P + P^T`` to the tensor cores in that dtype too;
+    dL/du is stored in the input dtype before the normalisation Jacobian. This model rounds exactly
+    those three (a superset of what cuda rounds), so its error is the error the format itself costs:
+    for rows below NORM_EPS (gradient = dL/du / NORM_EPS) with cancelling terms it exceeds the
+    reference run in the same dtype, which keeps W and dL/du in float32.
+    """
+    a_ = a.detach().double().clone().requires_grad_(True)
+    b_ = b.detach().double().clone().requires_grad_(True)
+    n = a.shape[0]
+    u = torch.nn.functional.normalize(torch.cat([a_, b_]), dim=1, eps=NORM_EPS)
+    with torch.no_grad():
+        ur = _round_to(u, dtype, False)  # rounded by torch before the kernel: to nearest
+        eye = torch.eye(2 * n, dtype=torch.bool, device=u.device)
+        s = (ur @ ur.T / tau).masked_fill(eye, float("-inf"))
+        p = torch.exp(s - torch.logsumexp(s, dim=1, keepdim=True))
+        w = (p + p.T).masked_fill(eye, 0.0)
+        partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(u.device)
+        du = (_round_to(w, dtype, truncate) @ ur - 2.0 * ur[partner]) / (2 * n * tau)
+        du = _round_to(du, dtype, truncate)
+    ga, gb = torch.autograd.grad(u, (a_, b_), grad_outputs=du)
+    return ga, gb
+
+
+def sixteen_bit_model_errors(
+    backend: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    tau: float,
+    dtype: torch.dtype,
+    want: tuple[torch.Tensor, ...],
+    masks: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Per output (loss, grad_a, grad_b): the error the 16-bit format itself costs against ``want``.
+
+    The larger of the reference run in ``dtype`` (its own error) and, for triton and cuda, the
+    tensor-core precision model (``_tensor_core_grads``). ``masks`` zero entries not compared.
+    """
+    names = ("loss", "grad_a", "grad_b")
+    ref16 = _reference(a.to(dtype), b.to(dtype), tau)
+    errs = {}
+    for name, r, w in zip(names, ref16, want):
+        m = None if masks is None else masks.get(name)
+        errs[name] = _err(r if m is None else r.masked_fill(m, 0.0), w)
+    if backend in ("triton", "cuda"):
+        truncate = backend == "triton" and a.device.type == "cpu"
+        for name, g, w in zip(names[1:], _tensor_core_grads(a, b, tau, dtype, truncate), want[1:]):
+            m = None if masks is None else masks.get(name)
+            g = g if m is None else g.masked_fill(m, 0.0)
+            errs[name] = max(errs[name], _err(g.masked_fill(~torch.isfinite(g), 0.0), w))
+    return errs
+
+
 def _assert_close(backend: str, a64: torch.Tensor, b64: torch.Tensor, tau: float, dtype: torch.dtype) -> None:
     """Forward and both gradients of ``backend`` in ``dtype`` vs the float64 reference (see _TOL)."""
     want = _reference(a64, b64, tau)
@@ -88,17 +171,18 @@ def _assert_close(backend: str, a64: torch.Tensor, b64: torch.Tensor, tau: float
     assert got[1].dtype == dtype and got[2].dtype == dtype
     tol = _TOL[dtype]
     names = ("loss", "grad_a", "grad_b")
+    floors = {"loss": 0.0, "grad_a": _rounding_floor(a, tau, dtype), "grad_b": _rounding_floor(b, tau, dtype)}
     if "factor" in tol:
-        ref16 = _reference(a, b, tau)  # the reference's own error in this dtype
+        model = sixteen_bit_model_errors(backend, a.double(), b.double(), tau, dtype, want)
         eps = torch.finfo(dtype).eps
-        for name, g, r, w in zip(names, got, ref16, want):
+        for name, g, w in zip(names, got, want):
             scale = 1.0 / tau if name == "loss" else w.abs().max().item()
-            bound = tol["factor"] * _err(r, w) + tol["atol"] * eps * scale
+            bound = tol["factor"] * model[name] + tol["atol"] * eps * scale + floors[name]
             assert _err(g, w) <= bound, f"{backend} {dtype} {name}: err {_err(g, w):.3g} > {bound:.3g}"
         return
     assert _err(got[0], want[0]) <= tol["loss_atol"] / tau, f"loss: {got[0].item()} vs {want[0].item()}"
     for name, g, w in zip(names[1:], got[1:], want[1:]):
-        bound = tol["grad_rtol"] * w.abs().max().item() + tol["grad_atol"] / tau
+        bound = tol["grad_rtol"] * w.abs().max().item() + tol["grad_atol"] / tau + floors[name]
         assert _err(g, w) <= bound, f"{backend} {dtype} {name}: err {_err(g, w):.3g} > {bound:.3g}"
 
 
@@ -154,6 +238,41 @@ def test_hard_inputs(backend: str, kind: str) -> None:
     for g, w in zip(got[1:], want[1:]):
         assert torch.isfinite(g).all()
         assert _err(g, w) <= 2e-4 * w.abs().max().item() + 1e-5
+
+
+# Found on an H200 (triton, bfloat16): features ~1e-11 in one dimension, b = a, and one row below
+# NORM_EPS, whose gradient is dL/du / NORM_EPS with cancelling terms. The 16-bit W = P + P^T of the
+# backward costs ~1% there: more than the reference run in bfloat16 (W kept in float32) but what the
+# tensor-core model predicts. And N = 2, D = 1 (exact gradient 0): float32 rounding only.
+_SIXTEEN_BIT_EDGE_CASES = [
+    ([-2.3078e-11, -3.7232e-12, -1.2619e-11, -7.2760e-12, -1.9984e-13, 2.1032e-12, 1.7693e-12, -8.2991e-12,
+      2.3874e-12, 7.3328e-12, -7.7307e-12, -1.5916e-11, -6.8781e-12, 1.4893e-11, -4.4906e-12, -8.9244e-12,
+      6.7359e-12, 1.0459e-11], True, 1.0),
+    ([0.7, -1.3], False, 0.5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", _CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", range(len(_SIXTEEN_BIT_EDGE_CASES)))
+def test_sixteen_bit_edge_cases(backend: str, dtype: torch.dtype, case: int) -> None:
+    rows, duplicate, tau = _SIXTEEN_BIT_EDGE_CASES[case]
+    a = torch.tensor(rows, dtype=torch.float64)[:, None].to(dtype).double()
+    b = a.clone() if duplicate else torch.tensor(rows[::-1], dtype=torch.float64)[:, None].to(dtype).double()
+    _assert_close(backend, a, b, tau, dtype)
+
+
+def test_tensor_core_model_explains_the_sub_norm_eps_error() -> None:
+    """The model's own error on the H200 case is of the size measured there (4.3e7, triton).
+
+    "cuda" on CPU tensors selects the model's round-to-nearest casts, as on a GPU (CPU "triton" is
+    the interpreter, whose casts truncate)."""
+    a = torch.tensor(_SIXTEEN_BIT_EDGE_CASES[0][0], dtype=torch.float64)[:, None].to(torch.bfloat16).double()
+    want = _reference(a, a.clone(), 1.0)
+    errs = sixteen_bit_model_errors("cuda", a, a.clone(), 1.0, torch.bfloat16, want)
+    ref_only = sixteen_bit_model_errors("cpp", a, a.clone(), 1.0, torch.bfloat16, want)
+    assert 2e7 < errs["grad_a"] < 6e7
+    assert ref_only["grad_a"] < 1e7  # the same-dtype reference alone does not cover it
 
 
 @pytest.mark.parametrize("backend", _CPU_BACKENDS)
@@ -423,3 +542,22 @@ def test_gpu_runs_where_eager_would_need_64_gib(backend: str) -> None:
     peak_extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss) and torch.isfinite(a.grad).all()
     assert peak_extra < 2 * 1024**3, f"peak extra memory {peak_extra / 2**30:.2f} GiB"
+
+
+@pytest.mark.parametrize(
+    "dtype,two_n,first",
+    [
+        ("float32", 4096, "torch"),  # measured: eager 3.7x the fused kernels
+        ("float32", 16384, "torch"),
+        ("float32", 32768, "triton"),  # the 2N x 2N matrix past 1 GiB
+        ("bfloat16", 1024, "torch"),  # measured: eager 1.27x triton
+        ("bfloat16", 8192, "triton"),  # measured: triton 2.2x eager
+        ("float16", 131072, "triton"),
+    ],
+)
+def test_cuda_automatic_order(dtype: str, two_n: int, first: str) -> None:
+    order = ntx_mod._cuda_order(dtype, two_n)
+    assert order[0] == first and sorted(order) == ["cuda", "torch", "triton"]
+    # the cuda kernel (no tensor cores) never precedes torch while the matrix is affordable
+    if two_n <= ntx_mod._EAGER_AFFORDABLE_2N:
+        assert order.index("torch") < order.index("cuda")
