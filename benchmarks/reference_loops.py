@@ -589,17 +589,24 @@ class CbdFastLoop:
 
 
 class _forced_random_start:
-    """Make ``cbd_fast.core.attack.contrastive_pgd`` start from a given ``x_init`` (agreement checks)."""
+    """Make ``cbd_fast``'s contrastive PGD start from a given ``x_init`` (agreement checks).
+
+    The adversary module binds ``contrastive_pgd`` by name at import, so the name is replaced where
+    it is looked up (``cbd_fast.core.adversaries.pgd``) as well as where it is defined
+    (``cbd_fast.core.attack``); replacing only the latter left cbd_fast on its own random start.
+    """
 
     def __init__(self, x_init: torch.Tensor) -> None:
         self.x_init = x_init
 
     def __enter__(self) -> None:
+        import cbd_fast.core.adversaries.pgd as pgd_adversary
         import cbd_fast.core.attack as attack
 
-        self.attack = attack
+        self.modules = (attack, pgd_adversary)
         self.original = attack.contrastive_pgd
         x_init = self.x_init
+        original = self.original
 
         def forced(encoder: Any, x: torch.Tensor, clean_features: Any, **kw: Any) -> torch.Tensor:
             kw["x_init"] = x_init.to(dtype=x.dtype, device=x.device).contiguous(
@@ -609,12 +616,14 @@ class _forced_random_start:
                 and not x.is_contiguous()
                 else torch.contiguous_format
             )
-            return self.original(encoder, x, clean_features, **kw)
+            return original(encoder, x, clean_features, **kw)
 
-        attack.contrastive_pgd = forced
+        for module in self.modules:
+            module.contrastive_pgd = forced
 
     def __exit__(self, *exc: object) -> None:
-        self.attack.contrastive_pgd = self.original
+        for module in self.modules:
+            module.contrastive_pgd = self.original
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -779,6 +788,14 @@ def make_loop(name: str, config: Any, device: torch.device | str) -> Any:
 #: K 1: update 0.35; clean weight /2: 0.80; eps /2: 0.75; tau 0.4: 0.060; feature_consistency
 #: instead of anchor: 0.99; lr x1.1: 0.23; BN train: 5e3; the same config: 2e-6).
 #:
+#: ``update_rtol`` is judged on the smaller of the plain update difference and the update difference
+#: weighted per parameter by the naive loop's first-step |gradient| (``weighted_update_rdiff``):
+#: Adam's first step is about lr * sign(g), so on a deep random encoder (ResNet-50) parameters whose
+#: gradient is at rounding level move a full lr either way and the plain difference reads 8-12%
+#: for loops whose first-step gradients agree to 0.5% (``first_grad_rdiff``, reported). Weighted,
+#: every semantic difference above still reads >= 0.076 (fmnist_cnn bs 16, K 2, 2 steps: K 1 0.50,
+#: clean weight /2 0.076, eps /2 0.55, tau 0.4 0.079, feature_consistency 0.99, lr x1.1 0.20).
+#:
 #: bfloat16: autocast noise alone moves the update by ~0.14 (fmnist_cnn, CPU autocast: a few PGD
 #: signs flip), as much as a subtle semantic difference, so a bf16 comparison cannot prove the
 #: semantics. On CUDA the benchmark therefore checks twice: every loop in true float32 (TF32 off)
@@ -812,6 +829,42 @@ def _precision(loop: Any) -> str:
 
 def _flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1).cpu() for p in model.parameters()])
+
+
+class _first_step_grads:
+    """Capture the model's gradients as the first optimizer step that updates it sees them.
+
+    A global optimizer pre-step hook, so it works whatever optimizer object a loop builds; the
+    parameters are matched by position in ``model.parameters()`` (every loop deep-copies the same
+    encoder). ``flat`` after the block: [P] float32 on the CPU, zeros where a parameter had no grad.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = list(model.parameters())
+        self.index = {id(p): i for i, p in enumerate(self.params)}
+        self.grads: dict[int, torch.Tensor] = {}
+
+    def _hook(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.grads:
+            return
+        for group in opt.param_groups:
+            for p in group["params"]:
+                i = self.index.get(id(p))
+                if i is not None and p.grad is not None:
+                    self.grads[i] = p.grad.detach().float().reshape(-1).cpu().clone()
+
+    def __enter__(self) -> _first_step_grads:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        self.handle = register_optimizer_step_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    @property
+    def flat(self) -> torch.Tensor:
+        return torch.cat([self.grads.get(i, torch.zeros(p.numel())) for i, p in enumerate(self.params)])
 
 
 def check_agreement(
@@ -852,6 +905,7 @@ def check_agreement(
         for i, x in enumerate(batches)
     ]
     updates: dict[str, torch.Tensor] = {}
+    grads: dict[str, torch.Tensor] = {}
     loops: dict[str, dict[str, Any]] = {}
     for name in names:
         rec: dict[str, Any] = {"ok": False, "unavailable": False, "message": "", "precision": "?"}
@@ -861,12 +915,14 @@ def check_agreement(
             rec["precision"] = _precision(loop)
             before = _flat_params(loop.model)
             losses, attack = [], []
-            for x, x0 in zip(batches, starts):
-                out = loop.step(x, x_init=x0)
-                losses.append(float(out["loss"]))
-                attack.append(float(out["attack_loss"]))
+            with _first_step_grads(loop.model) as captured:
+                for x, x0 in zip(batches, starts):
+                    out = loop.step(x, x_init=x0)
+                    losses.append(float(out["loss"]))
+                    attack.append(float(out["attack_loss"]))
             rec["loss"], rec["attack_loss"] = losses, attack
             updates[name] = _flat_params(loop.model) - before
+            grads[name] = captured.flat
             del loop
         except _UNAVAILABLE_ERRORS as e:
             rec.update(unavailable=True, message=f"{name}: {type(e).__name__}: {e}")
@@ -896,20 +952,30 @@ def check_agreement(
         ldiff = max(first, later)
         ref_update = updates["naive"]
         udiff = float((updates[name] - ref_update).norm() / ref_update.norm().clamp_min(1e-30))
+        # Adam's first step is ~lr * sign(g): a parameter whose gradient is at rounding level moves
+        # a full lr in a direction the summation order decides. Weighting each parameter's update
+        # by the reference's first-step |gradient| keeps what the loss feels and drops that noise.
+        weight = grads["naive"].abs()
+        wdiff = float(
+            ((updates[name] - ref_update) * weight).norm() / (ref_update * weight).norm().clamp_min(1e-30)
+        )
+        gdiff = float((grads[name] - grads["naive"]).norm() / grads["naive"].norm().clamp_min(1e-30))
         finite = all(math.isfinite(v) for v in rec["loss"] + rec["attack_loss"]) and math.isfinite(udiff)
         rec["loss_rdiff"], rec["update_rdiff"] = ldiff, udiff
+        rec["weighted_update_rdiff"], rec["first_grad_rdiff"] = wdiff, gdiff
         rec["first_loss_rdiff"], rec["later_loss_rdiff"] = first, later
         rec["ok"] = (
             finite
             and first <= tol["loss_rtol"]
             and later <= tol.get("later_loss_rtol", tol["loss_rtol"])
-            and udiff <= tol["update_rtol"]
+            and min(udiff, wdiff) <= tol["update_rtol"]
         )
         rec["message"] = (
             f"{name} ({rec['precision']}) vs naive over {len(batches)} steps: loss rel diff first step "
             f"{first:.2e} (tol {tol['loss_rtol']:.0e}), later {later:.2e} "
-            f"(tol {tol.get('later_loss_rtol', tol['loss_rtol']):.0e}), weight-update rel diff {udiff:.2e} "
-            f"(tol {tol['update_rtol']:.0e}); "
+            f"(tol {tol.get('later_loss_rtol', tol['loss_rtol']):.0e}), weight-update rel diff {udiff:.2e}, "
+            f"|grad|-weighted {wdiff:.2e} (tol on the smaller {tol['update_rtol']:.0e}), first-step "
+            f"gradient rel diff {gdiff:.2e}; "
             f"loss {_fmt(rec['loss'])} vs {_fmt(ref['loss'])}, attack {_fmt(rec['attack_loss'])} vs "
             f"{_fmt(ref['attack_loss'])}"
         )

@@ -43,3 +43,31 @@ def test_time_to_purify_quick_run(tmp_path: Path) -> None:
     assert info["paper_curve"] and info["paper_curve"][0]["epoch"] == 1
     assert info["purify_over_plain_ft"] == info["medians_s"]["purify"] / info["medians_s"]["plain_ft"]
     assert isinstance(info["channels_last"], bool)
+
+
+def test_loop_agreement_starts_every_loop_from_the_same_point() -> None:
+    """The loop benchmark's agreement check: cbd_fast runs from the reference's random start (its
+    first-step loss and gradients equal naive's to rounding), and a semantic difference that leaves
+    the first gradient unchanged (lr x 1.1) is still caught by the weight updates."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_loop
+        from models import build_encoder
+        from reference_loops import check_agreement
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    enc = build_encoder("fmnist_cnn", seed=0)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(8, 1, 28, 28, generator=g) for _ in range(2)]
+    cfg = bench_loop.bench_config(steps=2, batch_size=8, device="cpu")
+    loops = check_agreement(enc, batches, cfg, ["naive", "strong", "cbd_fast"], "cpu")["loops"]
+    for name in ("strong", "cbd_fast"):
+        assert loops[name]["ok"], loops[name]["message"]
+        assert loops[name]["first_loss_rdiff"] < 1e-5 and loops[name]["first_grad_rdiff"] < 1e-4
+    changed = {"cbd_fast": cfg.replace(lr=cfg.lr * 1.1)}
+    rec = check_agreement(enc, batches, cfg, ["naive", "cbd_fast"], "cpu", configs=changed)
+    rec = rec["loops"]["cbd_fast"]
+    assert not rec["ok"] and rec["first_grad_rdiff"] < 1e-4
+    assert min(rec["update_rdiff"], rec["weighted_update_rdiff"]) > 0.05
