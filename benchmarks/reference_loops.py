@@ -620,10 +620,14 @@ class _forced_random_start:
 
         for module in self.modules:
             module.contrastive_pgd = forced
+        # with no ascent step (steps or step size 0) the adversary returns its random start itself
+        self.original_start = pgd_adversary.random_start
+        pgd_adversary.random_start = lambda x, u, eps: x_init.to(dtype=x.dtype, device=x.device)
 
     def __exit__(self, *exc: object) -> None:
         for module in self.modules:
             module.contrastive_pgd = self.original
+        self.modules[1].random_start = self.original_start
 
 
 # ----------------------------------------------------------------------------------------------------
