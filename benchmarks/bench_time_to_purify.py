@@ -46,6 +46,18 @@ Environment: ``CBD_TTP_ATTACKS`` (dev attacks, default ``badnets,blended``), ``C
 2000), ``CBD_BENCH_THREADS``, ``CBD_BENCH_QUICK=1`` (a synthetic smoke run: random
 encoder and data, 1 epoch, no ASR target; checks the harness only). The backdoored models are read
 from (or trained into) ``runs/models`` like ``scripts/tune_defaults.py`` does.
+
+Large encoders (``CBD_TTP_ENCODER``, e.g. ``resnet50`` or ``vit_b16`` from ``benchmarks/models.py``):
+a randomly initialised encoder and ``CBD_TTP_IMAGES`` random images (default 1024) on
+``CBD_TTP_DEVICE`` (default: cuda when available). There is no backdoor to remove, so this times
+the cost only: ``purify`` and ``previous`` against ``plain_ft`` run at the precision and layout
+``purify`` chose (bf16 autocast and channels_last on CUDA), and one epoch of the paper's loop
+against one epoch of ``purify`` (``paper_epoch_over_purify_epoch``). The health check runs with
+``health="warn"``: a random encoder's features drift past the limit in one epoch (seen on ResNet-18).
+On an H200, ResNet-50 224 px::
+
+    CBD_TTP_ENCODER=resnet50 CBD_TTP_SET=epochs=1 CBD_BENCH_ROUNDS=1 python -m pytest \
+        benchmarks/bench_time_to_purify.py -p no:cacheprovider -s --benchmark-json=ttp_resnet50.json
 """
 
 from __future__ import annotations
@@ -92,6 +104,9 @@ def _overrides(text: str) -> dict[str, Any]:
 
 
 OVERRIDES = _overrides(os.environ.get("CBD_TTP_SET", ""))
+ENCODER = os.environ.get("CBD_TTP_ENCODER", "")  # a benchmarks/models.py encoder: synthetic, cost only
+SYNTH_IMAGES = int(os.environ.get("CBD_TTP_IMAGES", "1024"))
+DEVICE = os.environ.get("CBD_TTP_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 CANDIDATE = _overrides(os.environ.get("CBD_TTP_CANDIDATE", ""))
 #: the previous release's per-batch work (``previous``)
 PREVIOUS = {
@@ -108,7 +123,13 @@ PREVIOUS = {
 # the contenders
 # ----------------------------------------------------------------------------------------------------
 def plain_finetune(
-    encoder: nn.Module, images: torch.Tensor, config: Any, *, channels_last: bool = False
+    encoder: nn.Module,
+    images: torch.Tensor,
+    config: Any,
+    *,
+    channels_last: bool = False,
+    device: str = "cpu",
+    amp_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Label-free fine-tuning with ``config``'s epochs, batch size, optimizer, lr, weight decay,
     cosine schedule and BatchNorm policy: per batch one forward + backward of the clean images,
@@ -120,16 +141,25 @@ def plain_finetune(
         config: a ``cbd_fast.PurifyConfig``.
         channels_last: run the model and images channels-last (give it what ``purify`` chose, so
             the two differ in algorithm only).
+        device: where to run (the images and a copy of the encoder move there).
+        amp_dtype: autocast dtype of the forward passes (what ``purify`` chose), None for float32;
+            the loss is float32 either way.
     """
     from cbd_fast.core.inputs import EpochShuffleSampler
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.contiguous(memory_format=fmt)
-    model = copy.deepcopy(encoder).to(memory_format=fmt)
+    images = images.to(device).contiguous(memory_format=fmt)
+    model = copy.deepcopy(encoder).to(device).to(memory_format=fmt)
+    dev_type = torch.device(device).type
+
+    def forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return net(x).flatten(1).float()
+
     with torch.no_grad():
         original = copy.deepcopy(model).eval()
         bs = config.batch_size
-        z0 = torch.cat([original(images[i : i + bs]).flatten(1) for i in range(0, len(images), bs)])
+        z0 = torch.cat([forward(original, images[i : i + bs]) for i in range(0, len(images), bs)])
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(config.optimizer)
     if opt_cls is None:
@@ -149,15 +179,17 @@ def plain_finetune(
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         sampler.set_epoch(epoch)
-        order = torch.tensor(list(sampler))
+        order = torch.tensor(list(sampler), device=images.device)
         for s in range(0, len(order), config.batch_size):
             idx = order[s : s + config.batch_size]
-            z = model(images[idx].contiguous(memory_format=fmt)).flatten(1)
+            z = forward(model, images[idx].contiguous(memory_format=fmt))
             t = z0[idx]
             loss = (z - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    if dev_type == "cuda":
+        torch.cuda.synchronize()
     return model.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -165,13 +197,14 @@ class PaperLoop:
     """``NaiveCBD`` with ``PurifyConfig.paper()`` run one epoch at a time (the same data order as
     ``purify``: ``EpochShuffleSampler`` of the seed)."""
 
-    def __init__(self, encoder: nn.Module, images: torch.Tensor, seed: int) -> None:
+    def __init__(self, encoder: nn.Module, images: torch.Tensor, seed: int, device: str = "cpu") -> None:
         from cbd_fast import PurifyConfig
         from cbd_fast.core.inputs import EpochShuffleSampler
 
         self.config = PurifyConfig.paper(seed=seed)
-        self.loop = NaiveCBD(LoopSettings.from_config(self.config, "cpu")).prepare(encoder)
-        self.images = images
+        self.device = torch.device(device)
+        self.loop = NaiveCBD(LoopSettings.from_config(self.config, device)).prepare(encoder)
+        self.images = images.to(device)
         self.sampler = EpochShuffleSampler(len(images), seed)
         self.epoch = 0
 
@@ -183,6 +216,8 @@ class PaperLoop:
             idx = order[s : s + bs]
             if len(idx) >= 2:
                 self.loop.step(self.images[idx])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self.epoch += 1
 
     @property
@@ -229,7 +264,19 @@ def _quick_case() -> dict[str, Any]:
     return {"encoder": enc, "images": images, "score": lambda m: {"acc": float("nan"), "asr": float("nan")}}
 
 
-CASES = ["quick"] if QUICK else ATTACKS
+def _synthetic_case(name: str) -> dict[str, Any]:
+    """A random ``benchmarks/models.py`` encoder and random images: cost only (no backdoor)."""
+    from models import ENCODERS, build_encoder  # benchmarks/ is on sys.path (conftest.py)
+
+    if name not in ENCODERS:
+        raise ValueError(f"CBD_TTP_ENCODER must be one of {sorted(ENCODERS)}; got {name!r}")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand((SYNTH_IMAGES, *ENCODERS[name].input_shape), generator=g)
+    nan = {"acc": float("nan"), "asr": float("nan")}
+    return {"encoder": build_encoder(name, seed=0), "images": images, "score": lambda m: nan}
+
+
+CASES = ["quick"] if QUICK else ([f"synthetic-{ENCODER}"] if ENCODER else ATTACKS)
 
 
 @pytest.mark.parametrize("attack", CASES)
@@ -239,10 +286,16 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
     from cbd_fast import Purifier, PurifyConfig
 
     benchmark.group = f"time-to-purify-{attack}"
-    case = _quick_case() if attack == "quick" else _case(attack)
+    synthetic = attack.startswith("synthetic-")
+    if attack == "quick":
+        case = _quick_case()
+    else:
+        case = _synthetic_case(ENCODER) if synthetic else _case(attack)
     enc, images, score = case["encoder"], case["images"], case["score"]
     quick = {"epochs": 1, "batch_size": 32} if QUICK else {}
-    config = PurifyConfig(seed=SEED, progress=False, **{**quick, **OVERRIDES})
+    # a random encoder drifts past the health limit in one epoch: time the check, do not stop on it
+    device = {"device": DEVICE, "health": "warn"} if synthetic else {}
+    config = PurifyConfig(seed=SEED, progress=False, **{**quick, **device, **OVERRIDES})
     clock = time.perf_counter
     times: dict[str, list[float]] = {"purify": [], "previous": [], "plain_ft": []}
     if CANDIDATE:
@@ -256,12 +309,22 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
             if name == "purify":
                 fit = Purifier(config).fit(enc, images)
                 out, layout["channels_last"] = fit.encoder, bool(fit.runtime["channels_last"])
+                layout["amp_dtype"] = fit.runtime["amp_dtype"]
+                layout["device"] = fit.runtime["device"]
             elif name == "previous":
                 out = Purifier(config.replace(**PREVIOUS)).fit(enc, images).encoder
             elif name == "candidate":
                 out = Purifier(config.replace(**CANDIDATE)).fit(enc, images).encoder
             else:
-                out = plain_finetune(enc, images, config, channels_last=layout["channels_last"])
+                amp = None if layout["amp_dtype"] == "float32" else getattr(torch, layout["amp_dtype"])
+                out = plain_finetune(
+                    enc,
+                    images,
+                    config,
+                    channels_last=layout["channels_last"],
+                    device=layout["device"],
+                    amp_dtype=amp,
+                )
             times[name].append(clock() - t0)
             results[name] = out
 
@@ -271,10 +334,11 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
     before = score(enc)
     after = {name: score(m) for name, m in results.items()}
     target_asr = after["purify"]["asr"] + ASR_SLACK
-    # the paper's loop, epoch by epoch, until it reaches purify's ASR (its evaluation is not timed)
-    paper = PaperLoop(enc, images, SEED)
+    # the paper's loop, epoch by epoch, until it reaches purify's ASR (its evaluation is not timed);
+    # synthetic cases have no ASR: one epoch, for the cost per epoch
+    paper = PaperLoop(enc, images, SEED, device=layout["device"] if synthetic else "cpu")
     paper_s, paper_curve, reached = 0.0, [], False
-    for _ in range(PAPER_EPOCHS):
+    for _ in range(1 if synthetic else PAPER_EPOCHS):
         t0 = clock()
         paper.run_epoch()
         paper_s += clock() - t0
@@ -301,6 +365,11 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
         "paper_over_purify": vs_paper,
         "paper_over_purify_is_lower_bound": not reached,
         "previous_over_purify": vs_previous,
+        "synthetic": synthetic,
+        "device": layout["device"],
+        "amp_dtype": layout["amp_dtype"],
+        "images": len(images),
+        "paper_epoch_over_purify_epoch": (paper_s / paper.epoch) / (med["purify"] / config.epochs),
         "targets": {"purify_over_plain_ft_max": TARGET_VS_PLAIN, "paper_over_purify_min": TARGET_VS_PAPER},
         "overrides": OVERRIDES,
         "candidate": CANDIDATE or None,
@@ -332,5 +401,11 @@ def test_time_to_purify(benchmark: Any, attack: str) -> None:
         f"  purify / plain_ft = {vs_plain:.2f}x (target <= {TARGET_VS_PLAIN}); "
         f"paper / purify = {vs_paper:.2f}x{'' if reached else ' (lower bound)'} "
         f"(target >= {TARGET_VS_PAPER}); "
-        f"previous / purify = {vs_previous:.2f}x"
+        f"previous / purify = {vs_previous:.2f}x; paper epoch / purify epoch = "
+        f"{info['paper_epoch_over_purify_epoch']:.2f}x"
+        + (
+            f"\n  synthetic {ENCODER} on {layout['device']} ({layout['amp_dtype']}): cost only, no removal"
+            if synthetic
+            else ""
+        )
     )

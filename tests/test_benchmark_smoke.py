@@ -45,6 +45,29 @@ def test_time_to_purify_quick_run(tmp_path: Path) -> None:
     assert isinstance(info["channels_last"], bool)
 
 
+def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
+    """``CBD_TTP_ENCODER``: a random models.py encoder on random images, cost only (no ASR)."""
+    out = tmp_path / "ttp_synthetic.json"
+    env = {**os.environ, "CBD_BENCH_THREADS": "1", "CBD_BENCH_ROUNDS": "1", "CBD_TTP_DEVICE": "cpu"}
+    env.update(CBD_TTP_ENCODER="fmnist_cnn", CBD_TTP_IMAGES="64", CBD_TTP_SET="epochs=1,batch_size=32")
+    env.pop("CBD_BENCH_QUICK", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_time_to_purify.py"), "-q", "-s"]
+        + ["-p", "no:cacheprovider", f"--benchmark-json={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "synthetic fmnist_cnn on cpu (float32): cost only" in res.stdout
+    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    assert info["synthetic"] and info["device"] == "cpu" and info["images"] == 64
+    assert info["paper_curve"][0]["epoch"] == 1 and len(info["paper_curve"]) == 1
+    assert info["paper_epoch_over_purify_epoch"] > 0 and info["medians_s"]["plain_ft"] > 0
+
+
 def test_loop_agreement_starts_every_loop_from_the_same_point() -> None:
     """The loop benchmark's agreement check: cbd_fast runs from the reference's random start (its
     first-step loss and gradients equal naive's to rounding), and a semantic difference that leaves

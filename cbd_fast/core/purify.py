@@ -400,7 +400,10 @@ def _runtime(ctx: Any, cfg: PurifyConfig) -> dict[str, Any]:
 
     backends: dict[str, str] = {}
     for op, module in (("nt_xent", "cbd_fast.ops.nt_xent"), ("pgd_step", "cbd_fast.ops.pgd")):
-        order = getattr(importlib.import_module(module), "_ORDER", {}).get(ctx.device.type)
+        mod = importlib.import_module(module)
+        order = getattr(mod, "_ORDER", {}).get(ctx.device.type)
+        if op == "nt_xent" and ctx.device.type == "cuda":  # by dtype and 2N: the losses' float32 batch
+            order = mod._cuda_order("float32", 2 * cfg.batch_size)
         try:
             backends[op] = select_backend(op, ctx.device, cfg.backend, priority=order)
         except (RuntimeError, ValueError, TypeError) as exc:  # pragma: no cover - the run would have failed
