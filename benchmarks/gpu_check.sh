@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_check.sh --dry-run         # on a CPU (CI): the script's logic, no GPU work
 #   options: --strict-targets  missed benchmark targets fail the verdict too
 #            --loop            afterwards, outside the 8-minute budget: the ResNet-50 loop benchmark
+#            --ttp             afterwards, outside the budget: time-to-purify on a random ResNet-50
+#                              (1,024 images, 1 epoch; purify vs plain fine-tuning vs a paper epoch)
 #
 # Stages, in order, each under a hard `timeout` (seconds) and all under CBD_CHECK_BUDGET_S (450 s);
 # a stage that fails is recorded and the next one runs; one that no longer fits is recorded as skipped:
@@ -38,14 +40,16 @@ set -o pipefail
 cd "$(dirname "$0")/.." || exit 2
 DRY=0
 LOOP=0
+TTP=0
 STRICT=()
 for arg in "$@"; do
     case $arg in
     --dry-run) DRY=1 ;;
     --loop) LOOP=1 ;;
+    --ttp) TTP=1 ;;
     --strict-targets) STRICT=(--strict-targets) ;;
     -h | --help)
-        sed -n '2,34p' "$0"
+        sed -n '2,36p' "$0"
         exit 0
         ;;
     *)
@@ -240,6 +244,13 @@ if ((LOOP && !DRY)); then # optional, outside the budget
         CBD_BENCH_OUT="$RES/loop" "$PY" -m pytest benchmarks/bench_loop.py -q -p no:cacheprovider \
         -k "not detects_a_difference and not refuses_speedup" --benchmark-json="$RES/loop.json" >>"$LOG" 2>&1 ||
         say "loop benchmark: failed or timed out (rc=$?)"
+fi
+
+if ((TTP && !DRY)); then # optional, outside the budget
+    say "== time-to-purify, random ResNet-50 (outside the 8-minute budget)"
+    timeout -k 10 420 env CBD_TTP_ENCODER=resnet50 CBD_TTP_IMAGES=1024 CBD_TTP_SET=epochs=1 CBD_BENCH_ROUNDS=1 \
+        "$PY" -m pytest benchmarks/bench_time_to_purify.py -q -s -p no:cacheprovider \
+        --benchmark-json="$RES/ttp_resnet50.json" >>"$LOG" 2>&1 || say "time-to-purify: failed or timed out (rc=$?)"
 fi
 
 if [[ -n "${OUT:-}" ]]; then
