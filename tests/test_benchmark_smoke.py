@@ -12,45 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_time_to_purify_quick_run(tmp_path: Path) -> None:
-    out = tmp_path / "ttp.json"
-    env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
-    env["CBD_TTP_CANDIDATE"] = "free_replays=2"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            str(ROOT / "benchmarks" / "bench_time_to_purify.py"),
-            "-q",
-            "-s",
-            "-p",
-            "no:cacheprovider",
-            f"--benchmark-json={out}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "purify / plain_ft = " in res.stdout and "previous / purify = " in res.stdout
-    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
-    assert "candidate / plain_ft = " in res.stdout and info["candidate"] == {"free_replays": 2}
-    for key in ("purify", "previous", "plain_ft", "candidate"):
-        assert len(info["rounds_s"][key]) == 1 and info["medians_s"][key] > 0
-    assert info["paper_curve"] and info["paper_curve"][0]["epoch"] == 1
-    assert info["purify_over_plain_ft"] == info["medians_s"]["purify"] / info["medians_s"]["plain_ft"]
-    assert isinstance(info["channels_last"], bool)
-
-
-def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
-    """``CBD_TTP_ENCODER``: a random models.py encoder on random images, cost only (no ASR)."""
-    out = tmp_path / "ttp_synthetic.json"
-    env = {**os.environ, "CBD_BENCH_THREADS": "1", "CBD_BENCH_ROUNDS": "1", "CBD_TTP_DEVICE": "cpu"}
-    env.update(CBD_TTP_ENCODER="fmnist_cnn", CBD_TTP_IMAGES="64", CBD_TTP_SET="epochs=1,batch_size=32")
-    env.pop("CBD_BENCH_QUICK", None)
+def _run_time_to_purify(env: dict[str, str], out: Path) -> tuple[str, dict]:
+    """bench_time_to_purify.py in a subprocess with ``env``: (its stdout, the case's extra_info)."""
     res = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_time_to_purify.py"), "-q", "-s"]
         + ["-p", "no:cacheprovider", f"--benchmark-json={out}"],
@@ -61,8 +24,29 @@ def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
         timeout=900,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "synthetic fmnist_cnn on cpu (float32): cost only" in res.stdout
-    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    return res.stdout, json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+
+
+def test_time_to_purify_quick_run(tmp_path: Path) -> None:
+    env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
+    env["CBD_TTP_CANDIDATE"] = "free_replays=2"
+    stdout, info = _run_time_to_purify(env, tmp_path / "ttp.json")
+    assert "purify / plain_ft = " in stdout and "previous / purify = " in stdout
+    assert "candidate / plain_ft = " in stdout and info["candidate"] == {"free_replays": 2}
+    for key in ("purify", "previous", "plain_ft", "candidate"):
+        assert len(info["rounds_s"][key]) == 1 and info["medians_s"][key] > 0
+    assert info["paper_curve"] and info["paper_curve"][0]["epoch"] == 1
+    assert info["purify_over_plain_ft"] == info["medians_s"]["purify"] / info["medians_s"]["plain_ft"]
+    assert isinstance(info["channels_last"], bool)
+
+
+def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
+    """``CBD_TTP_ENCODER``: a random models.py encoder on random images, cost only (no ASR)."""
+    env = {**os.environ, "CBD_BENCH_THREADS": "1", "CBD_BENCH_ROUNDS": "1", "CBD_TTP_DEVICE": "cpu"}
+    env.update(CBD_TTP_ENCODER="fmnist_cnn", CBD_TTP_IMAGES="64", CBD_TTP_SET="epochs=1,batch_size=32")
+    env.pop("CBD_BENCH_QUICK", None)
+    stdout, info = _run_time_to_purify(env, tmp_path / "ttp_synthetic.json")
+    assert "synthetic fmnist_cnn on cpu (float32): cost only" in stdout
     assert info["synthetic"] and info["device"] == "cpu" and info["images"] == 64
     assert info["paper_curve"][0]["epoch"] == 1 and len(info["paper_curve"]) == 1
     assert info["paper_epoch_over_purify_epoch"] > 0 and info["medians_s"]["plain_ft"] > 0
