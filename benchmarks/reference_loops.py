@@ -604,6 +604,7 @@ class _forced_random_start:
         import cbd_fast.core.attack as attack
 
         self.modules = (attack, pgd_adversary)
+        self.pgd_adversary = pgd_adversary
         self.original = attack.contrastive_pgd
         x_init = self.x_init
         original = self.original
@@ -627,7 +628,7 @@ class _forced_random_start:
     def __exit__(self, *exc: object) -> None:
         for module in self.modules:
             module.contrastive_pgd = self.original
-        self.modules[1].random_start = self.original_start
+        self.pgd_adversary.random_start = self.original_start
 
 
 # ----------------------------------------------------------------------------------------------------
