@@ -9,8 +9,8 @@ weights and data:
     check, every epoch).
 ``previous``
     ``purify`` with the previous release's per-batch work (every image attacked, ``steps`` 5, the
-    model's own anchors, no reference cache, a 32-image mask scan, contiguous layout): what the
-    defaults replaced, for the speed-up they bring.
+    model's own anchors, no reference cache, a 32-image mask scan scoring every square on every
+    image, contiguous layout): what the defaults replaced, for the speed-up they bring.
 ``plain_ft``
     label-free fine-tuning of the same encoder with the same data, epochs, batch size, optimizer and
     schedule: the frozen original's features of every image computed once, then per batch one
@@ -115,7 +115,7 @@ PREVIOUS = {
     "steps": 5,
     "reference_cache": False,
     "channels_last": False,
-    "adversary_options": {"scan_images": 32},
+    "adversary_options": {"scan_images": 32, "scan_keep": 1.0},  # every square on every image
 }
 
 

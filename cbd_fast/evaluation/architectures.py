@@ -14,6 +14,9 @@ so the defense can be checked per architecture family (``scripts/stability_matri
 - ``tiny_vit``: a ViT with 7x7 (or 4x4) patches, 2-4 pre-LayerNorm transformer blocks, CLS-token (or
   mean) pooling, a final LayerNorm and a bias-free linear projection to D (CLIP-style; no BatchNorm).
 - ``fmnistnet``: the project's own ``FMNISTNet`` (max-pooling, final Linear + ReLU).
+- ``resnet18`` and ``wide_vit``: the wide families, ResNet-18 with the ImageNet stem (64 to 512
+  channels, fan-in up to 4608) and ``tiny_vit`` at width 256: backbones of the size users download,
+  where one optimiser step moves each layer's outputs much further than in the 16-channel models.
 
 ``ARCHITECTURES[name](feature_dim=D)`` builds any of them for D from 16 to 2048 (any D >= 1 works).
 ``train_adam`` is the ordinary user's recipe (Adam, lr 1e-3, cross-entropy, no schedule), unlike the
@@ -21,7 +24,8 @@ project's ``backdoors.train_classifier`` (SGD one-cycle).
 
 Sizes and costs at D = 128 (one thread, Adam, batches of 128; one epoch = 60,000 images): fmnistnet
 0.10M parameters ~26 s/epoch, bn_gap_cnn 0.11M ~41 s, resnet8 0.09M ~97 s, groupnorm_cnn 0.11M ~30 s,
-mlp 0.30M ~2 s, tiny_vit 0.11M ~18 s: a 3-epoch training on all 60,000 images takes 5 minutes at most.
+mlp 0.30M ~2 s, tiny_vit 0.11M ~18 s: a 3-epoch training on all 60,000 images takes 5 minutes at most;
+resnet18 11.2M ~220 s and wide_vit 2.2M ~240 s per epoch (two processes side by side on 2 cores).
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ __all__ = [
     "fmnistnet",
     "groupnorm_cnn",
     "mlp",
+    "resnet18",
     "resnet8",
     "tiny_vit",
     "train_adam",
+    "wide_vit",
 ]
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -185,6 +191,37 @@ def resnet8(feature_dim: int = 128, *, width: int = 16, num_classes: int = 10) -
     return Classifier(backbone, feature_dim, num_classes)
 
 
+def resnet18(feature_dim: int = 128, *, width: int = 64, num_classes: int = 10) -> Classifier:
+    """ResNet-18 with the ImageNet stem (He et al. 2016), as torchvision builds it, on 1-channel images.
+
+    [B, 1, 28, 28] -> 7x7 stride-2 conv + BatchNorm + ReLU + 3x3 stride-2 max-pool (7x7) -> two
+    basic blocks each of w, 2w, 4w, 8w channels (strides 1, 2, 2, 2: 7, 4, 2, 1) -> 1x1 conv +
+    BatchNorm + ReLU to D -> average pooling -> [B, D] (>= 0). ~11.2M parameters at w = 64, D = 128:
+    the wide family (fan-in up to 9 * 8w = 4608), where one optimiser step moves a layer's outputs
+    far more than in the 16-channel models above.
+    """
+    _check_dim("feature_dim", feature_dim)
+    _check_dim("width", width)
+    layers: list[nn.Module] = [
+        nn.Conv2d(1, width, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    ]
+    cin = width
+    for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        layers += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)]
+        cin = cout
+    layers += [
+        nn.Conv2d(cin, feature_dim, 1, bias=False),
+        nn.BatchNorm2d(feature_dim),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ]
+    return Classifier(nn.Sequential(*layers), feature_dim, num_classes)
+
+
 def fmnistnet(feature_dim: int = 128, *, num_classes: int = 10) -> FMNISTNet:
     """The project's own ``FMNISTNet`` (3 conv + BatchNorm + max-pool blocks, Linear + ReLU to D)."""
     return FMNISTNet(num_classes=num_classes, feature_dim=_check_dim("feature_dim", feature_dim))
@@ -316,6 +353,13 @@ def tiny_vit(
     return Classifier(backbone, feature_dim, num_classes)
 
 
+def wide_vit(feature_dim: int = 128, *, num_classes: int = 10) -> Classifier:
+    """``tiny_vit`` at four times the width: 7x7 patches, 4 pre-LayerNorm blocks of width 256 (4
+    heads of 64, the ViT-S head size), CLS pooling. ~2.2M parameters: the wide transformer family
+    (fan-in up to 1024 in the MLP), where Adam fine-tuning is usually run at smaller steps."""
+    return tiny_vit(feature_dim, dim=256, depth=4, heads=4, num_classes=num_classes)
+
+
 #: name -> factory(feature_dim=D) -> a module with ``.backbone`` ([B, 1, 28, 28] -> [B, D]) and ``.head``.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "fmnistnet": fmnistnet,
@@ -324,6 +368,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "groupnorm_cnn": groupnorm_cnn,
     "mlp": mlp,
     "tiny_vit": tiny_vit,
+    "resnet18": resnet18,
+    "wide_vit": wide_vit,
 }
 
 

@@ -1,12 +1,12 @@
 """Defaults that hold on backbones of every family: a small synthetic stability matrix.
 
 Each family of ``cbd_fast.evaluation.architectures`` (BatchNorm + stride-2 convolutions + global
-average pooling, a ResNet, GroupNorm, an MLP, a small ViT with LayerNorm, ``FMNISTNet``), randomly
-initialised, at a small and a large feature dimension, on images drawn around a few smooth
-prototypes (so the clean features have neighbourhoods worth keeping). With the DEFAULT config every
-run must finish without a non-finite stop, without a skipped batch, and with healthy label-free
-figures (core/health.py). The same
-families on real Fashion-MNIST backdoors: scripts/stability_matrix.py and docs/stability.md.
+average pooling, a ResNet, GroupNorm, an MLP, a small ViT with LayerNorm, ``FMNISTNet``, and the
+wide ones: ResNet-18 and a width-256 ViT), randomly initialised, at a small and a large feature
+dimension, on images drawn around a few smooth prototypes (so the clean features have
+neighbourhoods worth keeping). With the DEFAULT config every run must finish without a non-finite
+stop, without a skipped batch and without a spike-guard intervention. The same families on real
+Fashion-MNIST backdoors: scripts/stability_matrix.py and docs/stability.md.
 
 Also the scale test: multiplying the encoder's features by c changes nothing but the scale.
 """

@@ -242,3 +242,55 @@ def test_the_sparse_family_changes_few_pixels_by_a_lot() -> None:
         pgd_like = (x + (torch.rand_like(x) * 2 - 1) * 40 / 255).clamp(0, 1)
         shift_noise = 1 - torch.nn.functional.cosine_similarity(enc(pgd_like), enc(x)).mean()
     assert float(shift) > float(shift_noise)
+
+
+class _CountingEncoder(nn.Module):
+    """``encoder`` that counts the images it is given (the scan's cost)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.images = encoder, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        return self.encoder(x)
+
+
+@pytest.mark.parametrize("planted", [(20, 3, 3), (2, 15, 5), None])
+def test_halving_scan_chooses_what_the_full_scan_chooses_at_a_third_of_the_forwards(planted) -> None:
+    """``scan_keep`` 0.25 against 1 (every square on every image): the same squares, scored the same,
+    for a planted patch and for an encoder with none; under a third of the image forwards."""
+    enc = PatchDetector(*planted).eval() if planted else _encoder(2)
+    x = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 0.6
+    runs = {}
+    for keep in (1.0, 0.25):
+        counted = _CountingEncoder(enc)
+        cfg = _cfg(scan_keep=keep)
+        adv = TriggerSearch(cfg)
+        with torch.no_grad():
+            anchors = enc(x).flatten(1).float()
+        adv(AttackInputs(counted, x, anchors, torch.arange(128), 0, None, cfg))
+        runs[keep] = (adv.scan_scores, [t.clone() for ps in adv._params["mask"] for t in ps], counted.images)
+    (full, full_masks, full_n), (half, half_masks, half_n) = runs[1.0], runs[0.25]
+    # the best squares: the same, in the same order, with the same scores (float32 forwards of other
+    # batch compositions: equal to rounding); lower in the list a pruned square may be missing
+    assert [s[1:] for s in half[:4]] == [s[1:] for s in full[:4]]
+    assert [s[0] for s in half[:4]] == pytest.approx([s[0] for s in full[:4]], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(half_masks, full_masks))
+    assert half_n * 3.5 <= full_n, (half_n, full_n)  # 27 scan images here: rounds of 4, 8, 16, 27
+
+
+def test_scan_rounds_follow_the_image_counts() -> None:
+    from cbd_fast.core.adversaries.search import _scan_rounds
+
+    assert _scan_rounds([1] * 32, 0.25) == [4, 8, 16, 32]  # 4, 8, 16, then all 32 images
+    assert _scan_rounds([4, 4, 4, 4, 4, 4, 4, 4], 0.25) == [1, 2, 4, 8]
+    assert _scan_rounds([0, 0, 9, 0, 0, 0, 0, 1], 0.25) == [3, 8]  # 9 images reach 4 and 8 at once
+    assert _scan_rounds([1, 1, 1, 0, 0, 0, 0, 0], 0.25) == [8]  # fewer than 4: one round
+    assert _scan_rounds([1] * 32, 1.0) == [32]  # the full scan
+
+
+def test_scan_keep_is_validated() -> None:
+    for bad in (0.0, 1.5, "x"):
+        with pytest.raises((ValueError, TypeError), match="scan_keep"):
+            _cfg(scan_keep=bad)

@@ -27,7 +27,27 @@ def images() -> torch.Tensor:
 
 
 def test_registry_lists_every_family():
-    assert set(ARCHITECTURES) == {"fmnistnet", "bn_gap_cnn", "resnet8", "groupnorm_cnn", "mlp", "tiny_vit"}
+    assert set(ARCHITECTURES) == {
+        "fmnistnet",
+        "bn_gap_cnn",
+        "resnet8",
+        "groupnorm_cnn",
+        "mlp",
+        "tiny_vit",
+        "resnet18",
+        "wide_vit",
+    }
+
+
+def test_wide_families_are_wide():
+    """The point of ``resnet18`` and ``wide_vit``: fan-ins far above the 16-channel families'."""
+    from cbd_fast.evaluation.architectures import build
+
+    def widest_fan_in(name: str) -> int:
+        return max(p[0].numel() for p in build(name).backbone.parameters() if p.ndim >= 2)
+
+    assert widest_fan_in("resnet18") == 9 * 512 and widest_fan_in("wide_vit") >= 1024
+    assert max(widest_fan_in(n) for n in ("bn_gap_cnn", "resnet8", "groupnorm_cnn")) <= 9 * 64
 
 
 @pytest.mark.parametrize("dim", DIMS)

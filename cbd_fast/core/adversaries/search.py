@@ -85,6 +85,53 @@ _WARP_GRIDS = (2, 4, 8)
 _ASSIGN_STREAM, _SCAN_STREAM, _START_STREAM = 11, 12, 0
 
 
+#: the mask scan's successive halving: buckets of the scan images, images per round, finalists
+_SCAN_BUCKETS, _SCAN_ROUND_IMAGES, _SCAN_FINALISTS = 256, (4, 8, 16), 16
+
+
+def _scan_rounds(counts: list[float], keep: float) -> list[int]:
+    """Bucket ends (exclusive) of the scan's rounds: the smallest prefixes of the buckets that hold
+    at least 4, 8, 16 images, then all of them; one round (every bucket) when ``keep`` is 1."""
+    n = len(counts)
+    if keep >= 1.0:
+        return [n]
+    ends, cum = [], 0.0
+    targets = list(_SCAN_ROUND_IMAGES)
+    for b, cnt in enumerate(counts):
+        cum += cnt
+        while targets and cum >= targets[0]:
+            targets.pop(0)
+            if not ends or ends[-1] != b + 1:
+                ends.append(b + 1)
+    if not ends or ends[-1] != n:
+        ends.append(n)
+    return ends
+
+
+def _square_shifts(
+    encoder: Any,
+    xs: torch.Tensor,
+    z0: torch.Tensor,
+    squares: list[tuple[int, int, int, str, torch.Tensor]],
+    batch_size: int,
+) -> torch.Tensor:
+    """sum over images of ``||f(x with the square pasted) - f(x)||^2``, one float64 per square.
+
+    xs: [n, C, H, W] float32 images; z0: [n, D] float32 their features; forwards of at most
+    ``batch_size`` images (the memory the run already needs).
+    """
+    out = torch.zeros(len(squares), dtype=torch.float64, device=xs.device)
+    chunk = max(1, batch_size // xs.shape[0])
+    for s0 in range(0, len(squares), chunk):
+        part = squares[s0 : s0 + chunk]
+        batch = xs.unsqueeze(0).repeat(len(part), 1, 1, 1, 1)
+        for j, (k, r, q, _, pix) in enumerate(part):
+            batch[j, :, :, r : r + k, q : q + k] = pix
+        z = encoder(batch.flatten(0, 1)).flatten(1).float().view(len(part), xs.shape[0], -1)
+        out[s0 : s0 + len(part)] = (z - z0).pow(2).sum(2).double().sum(1)
+    return out
+
+
 @register_adversary("trigger_search")
 class TriggerSearch(Adversary):
     """Per-sample PGD, a free-form mask + pattern, multi-scale warps, tone curves and universal
@@ -108,6 +155,9 @@ class TriggerSearch(Adversary):
         "mask_step": Option(0.1, float, 0.0, 1.0, doc="signed-gradient step of the mask values"),
         "pattern_step": Option(0.25, float, 0.0, 1.0, doc="signed-gradient step of the pattern values"),
         "scan_images": Option(32, int, 2, doc="images (of the first global batch) the mask scan scores"),
+        "scan_keep": Option(
+            0.25, float, 0.01, 1.0, doc="share of the scan's squares each round keeps (1: all, every image)"
+        ),
         "warp_bound": Option(0.06, float, 0.0, 0.5, doc="largest displacement, a fraction of min(H, W)"),
         "tone_bound": Option(0.25, float, 0.0, 1.0, doc="largest tone-curve offset"),
         "tone_knots": Option(8, int, 2, 256, doc="knots of the piecewise-linear tone curve"),
@@ -237,16 +287,27 @@ class TriggerSearch(Adversary):
     def _scan(self, inp: AttackInputs) -> list[list[torch.Tensor]]:
         """Initial masks: the squares (two areas, black / white / random) that move the features most.
 
-        Images scored: those of the (global) batch whose own uniform number falls below
-        ``scan_images / B_global`` (a choice that does not depend on ranks). Score of a square:
-        the mean relative squared feature shift ``||f(x') - f(x)||^2 / mean ||f(x)||^2``, summed over
-        ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs.
+        Images scored: those of the (global) batch whose own uniform number ``u`` falls below
+        ``share = scan_images / B_global`` (a choice that does not depend on ranks). Score of a square:
+        the mean relative squared feature shift ``||f(x') - f(x)||^2 / mean ||f(x)||^2`` over them,
+        summed over ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs.
+
+        Successive halving (Karnin et al. 2013; Jamieson and Talwalkar 2016) with ``scan_keep`` = q
+        below 1: every square is first scored on about 4 of the images, only the best fraction q
+        goes on to be scored on the next images (about 8 in all, then 16, then all of them), at
+        least ``max(_SCAN_FINALISTS, 8 * restarts)`` squares each round. Scores accumulate, so the
+        finalists are ranked on every scan image exactly as the full scan (q = 1) ranks them: the
+        two choose the same squares unless the full scan's choice is among the pruned. Rounds are
+        fixed by ``u`` in 256 buckets of [0, share) with globally summed counts, so every rank
+        prunes the same squares.
         """
         x, opt = inp.x, self.options
         _, c, h, w = x.shape
         b_global = inp.clean_features.shape[0]
+        share = min(1.0, opt["scan_images"] / b_global)
         u = per_sample_uniform(inp.indices, (), seed=int(self.config.seed), epoch=0, stream=_SCAN_STREAM)
-        xs = x[u < min(1.0, opt["scan_images"] / b_global)].float()
+        picked = u < share
+        xs, us = x[picked].float(), u[picked]
         area = opt["mask_area"] * h * w
         sides = sorted({max(1, min(h, w, round(math.sqrt(a)))) for a in (area / 4, area)})
         g = torch.Generator().manual_seed(int(self.config.seed) + 15485863)
@@ -262,26 +323,41 @@ class TriggerSearch(Adversary):
                 ("random", rand),
             ):
                 squares += [(k, r, q, kind, pix) for r in rows for q in cols]
-        # sums over this rank's scan images: [len(squares)] shifts, then the normaliser and the count
-        shift = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
-        norm = torch.zeros(2, dtype=torch.float64, device=x.device)
-        if xs.shape[0] > 0:
-            with attack_mode(inp.encoder):
-                z0 = inp.encoder(xs).flatten(1).float()
+        # Rounds: the bucket of an image is floor(256 u / share); round i scores the buckets < ends[i].
+        bucket = (us * (_SCAN_BUCKETS / share)).long().clamp(0, _SCAN_BUCKETS - 1)
+        counts = torch.bincount(bucket, minlength=_SCAN_BUCKETS).double()
+        if inp.reduce is not None:
+            counts = inp.reduce(counts)
+        ends = _scan_rounds(counts.cpu().tolist(), float(opt["scan_keep"]))
+        # total: the shifts summed over ranks and over the rounds so far (the same on every rank)
+        total = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
+        norm = torch.zeros(2, dtype=torch.float64, device=x.device)  # sum ||f(x)||^2, image count
+        alive = list(range(len(squares)))
+        with attack_mode(inp.encoder):
+            z0 = inp.encoder(xs).flatten(1).float() if xs.shape[0] > 0 else None
+            if z0 is not None:
                 norm[0] = z0.pow(2).sum(1).double().sum()
                 norm[1] = xs.shape[0]
-                # forwards of at most the training batch's size (the memory the run already needs)
-                chunk = max(1, x.shape[0] // xs.shape[0])
-                for s0 in range(0, len(squares), chunk):
-                    part = squares[s0 : s0 + chunk]
-                    batch = xs.unsqueeze(0).repeat(len(part), 1, 1, 1, 1)
-                    for j, (k, r, q, _, pix) in enumerate(part):
-                        batch[j, :, :, r : r + k, q : q + k] = pix
-                    z = inp.encoder(batch.flatten(0, 1)).flatten(1).float().view(len(part), xs.shape[0], -1)
-                    shift[s0 : s0 + len(part)] = (z - z0).pow(2).sum(2).double().sum(1)
+            lo = 0
+            for i, hi in enumerate(ends):
+                if i > 0:  # keep the best fraction of the survivors, ranked on the rounds so far
+                    finalists = max(_SCAN_FINALISTS, 8 * opt["restarts"])  # room for non-overlapping picks
+                    n_keep = max(finalists, math.ceil(opt["scan_keep"] * len(alive)))
+                    ranked = torch.argsort(total[alive].cpu(), descending=True, stable=True).tolist()
+                    alive = sorted(alive[j] for j in ranked[:n_keep])
+                in_round = (bucket >= lo) & (bucket < hi)
+                part = torch.zeros(len(alive), dtype=torch.float64, device=x.device)
+                if z0 is not None and bool(in_round.any()):
+                    sq = [squares[j] for j in alive]
+                    part = _square_shifts(inp.encoder, xs[in_round], z0[in_round], sq, x.shape[0])
+                if inp.reduce is not None:
+                    part = inp.reduce(part)
+                total[alive] += part
+                lo = hi
         if inp.reduce is not None:
-            shift, norm = inp.reduce(shift), inp.reduce(norm)
-        score = shift / norm[0].clamp_min(1e-12)  # sum of shifts / sum of squared norms
+            norm = inp.reduce(norm)
+        score = torch.full((len(squares),), -math.inf, dtype=torch.float64, device=x.device)
+        score[alive] = total[alive] / norm[0].clamp_min(1e-12)  # sum of shifts / sum of squared norms
         order = torch.argsort(score.cpu(), descending=True, stable=True).tolist()
         chosen: list[tuple[int, int, int, str, torch.Tensor]] = []
         for i in order:  # best squares that do not overlap an already chosen one
