@@ -8,8 +8,14 @@ floor and the speedups of cbd_fast over naive and strong.
 
 Before anything is timed, an agreement check runs the loops of the case from identical weights, data
 and random starts for a few steps and compares their loss curves and weight updates with the naive
-loop's (``TOLERANCES``). A loop that disagrees is NOT timed: its test fails and prints the
-disagreement, and the summary shows "DISAGREE" instead of a speedup.
+loop's (``TOLERANCES``). A loop that fails this end-to-end comparison gets a split check: its
+fine-tune is run on naive's adversarial images (same tolerances), and its own adversarial images are
+compared with naive's (share of differing pixels, eps-ball, attack loss): the same algorithm whose
+float rounding flips a few PGD signs (channels_last convolutions) passes it, another epsilon, step
+size, K, loss or fine-tune does not. A loop agrees end to end or by the split check (recorded as
+"agreement": "end_to_end" / "split", with the numbers of both in its message; ``test_agreement``
+prints them). A loop that disagrees is NOT timed: its test fails and prints the disagreement, and
+the summary shows "DISAGREE" instead of a speedup.
 
 Run (CPU defaults: the Fashion-MNIST CNN at bs 256, K 5, and ResNet-18 32 px at bs 8, K 2, 2 rounds)::
 
@@ -248,8 +254,14 @@ def _merge_agreement(exact: dict[str, Any], timed: dict[str, Any]) -> dict[str, 
     loops = {}
     for name, a in exact["loops"].items():
         b = timed["loops"].get(name, {"ok": False, "unavailable": True, "message": "not run"})
+        modes = (a.get("agreement"), b.get("agreement"))
         loops[name] = {
             "ok": bool(a["ok"] and b["ok"]),
+            "agreement": (
+                None
+                if None in modes
+                else (modes[0] if modes[0] == modes[1] else f"float32 {modes[0]}, timed {modes[1]}")
+            ),
             "unavailable": bool(a.get("unavailable") or b.get("unavailable")),
             "message": f"[float32, TF32 off] {a['message']} | [timed precision] {b['message']}",
             "float32": a,
@@ -263,8 +275,12 @@ def _merge_agreement(exact: dict[str, Any], timed: dict[str, Any]) -> dict[str, 
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_agreement(case: Case) -> None:
-    """The loops give matching loss curves and weight updates (see reference_loops.TOLERANCES)."""
+    """The loops give matching loss curves and weight updates, end to end or by the split check
+    (attack and fine-tune apart, see reference_loops.check_agreement); prints each loop's numbers."""
     report = _agreement(case)
+    for name, r in report["loops"].items():
+        if name != "naive":
+            print(f"\n[{case.id}] {name}: agreement {r.get('agreement')}: {r['message']}")
     bad = {n: r for n, r in report["loops"].items() if not r["ok"] and not r.get("unavailable")}
     assert not bad, "loops disagree with naive:\n" + "\n".join(r["message"] for r in bad.values())
     missing = [r["message"] for r in report["loops"].values() if r.get("unavailable")]
@@ -273,17 +289,33 @@ def test_agreement(case: Case) -> None:
 
 
 def test_agreement_detects_a_difference() -> None:
-    """The check is not vacuous: a loop run with another K, clean weight or BN mode is flagged."""
+    """The check is not vacuous: a loop run with another K, step size, clean weight or lr is
+    flagged, and the split check (attack and fine-tune apart) refuses it too, on the right part: an
+    attack difference fails the attack check, a fine-tune difference the fine-tune check."""
     cfg = bench_config(steps=2, batch_size=16, device="cpu")
     enc = build_encoder("fmnist_cnn", seed=0)
     g = torch.Generator().manual_seed(0)
     batches = [torch.rand(16, 1, 28, 28, generator=g) for _ in range(2)]
-    wrong = {"strong": cfg.replace(steps=1), "cbd_fast": cfg.replace(clean_weight=0.5)}
-    report = check_agreement(enc, batches, cfg, ["naive", "strong", "cbd_fast"], "cpu", configs=wrong)
+    attack = {"strong": cfg.replace(steps=1), "strong+cl": cfg.replace(step_size=cfg.step_size * 1.5)}
+    finetune = {"cbd_fast": cfg.replace(clean_weight=0.5), "cbd_fast+cl": cfg.replace(lr=cfg.lr * 1.1)}
+    wrong = {**attack, **finetune}
+    report = check_agreement(enc, batches, cfg, ["naive", *wrong], "cpu", configs=wrong)
     for name in wrong:
-        assert not report["loops"][name]["ok"], report["loops"][name]["message"]
-    same = check_agreement(enc, batches, cfg, ["naive", "strong"], "cpu")
-    assert same["loops"]["strong"]["ok"], same["loops"]["strong"]["message"]
+        rec = report["loops"][name]
+        assert not rec["ok"] and rec["agreement"] is None, rec["message"]
+        assert "finetune" in rec["split"] and not rec["split"]["ok"], rec["message"]
+    for name in attack:  # the fine-tune is the same: only the attack check refuses
+        split = report["loops"][name]["split"]
+        assert split["finetune"]["ok"] and not split["attack"]["ok"], report["loops"][name]["message"]
+        assert split["attack"]["pixel_share"] > 0.2
+    for name in finetune:
+        assert not report["loops"][name]["split"]["finetune"]["ok"], report["loops"][name]["message"]
+    same = check_agreement(enc, batches, cfg, ["naive", "strong", "strong+cl"], "cpu", split="always")
+    for name in ("strong", "strong+cl"):
+        rec = same["loops"][name]
+        assert rec["ok"] and rec["agreement"] in ("end_to_end", "split"), rec["message"]
+        share = rec["split"]["attack"]["pixel_share"]
+        assert rec["split"]["ok"] and share <= TOLERANCES["float32"]["xadv_share"], rec["message"]
 
 
 def test_summary_refuses_speedup_on_disagreement() -> None:
@@ -509,8 +541,15 @@ def summarize(
             parts = [r.get("float32"), r.get("timed")] if "float32" in r else [r]
             agree[name] = {
                 "ok": r["ok"],
+                "agreement": r.get("agreement"),
                 "checks": [
-                    {k: p.get(k) for k in ("precision", "loss_rdiff", "update_rdiff", "tolerance")}
+                    {
+                        **{
+                            k: p.get(k)
+                            for k in ("precision", "agreement", "loss_rdiff", "update_rdiff", "tolerance")
+                        },
+                        "split": _split_summary(p.get("split")),
+                    }
                     for p in parts
                     if p
                 ],
@@ -531,6 +570,43 @@ def summarize(
     except Exception as e:  # noqa: BLE001 - the summary must not fail on a config problem
         config = f"unavailable: {e}"
     return {"machine": machine_info(), "config": config, "tolerances": TOLERANCES, "groups": groups}
+
+
+def _split_summary(split: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The split check's headline numbers (fine-tune update difference, attack pixel share, largest
+    pixel difference in step sizes, attack loss difference), or its error, or None when not run."""
+    if not split:
+        return None
+    if "error" in split:
+        return {"ok": False, "error": split["error"]}
+    ft, at = split["finetune"], split["attack"]
+    return {
+        "ok": split["ok"],
+        "finetune_update_rdiff": min(ft["update_rdiff"], ft["weighted_update_rdiff"]),
+        "finetune_loss_rdiff": ft["loss_rdiff"],
+        "attack_pixel_share": at["pixel_share"],
+        "attack_max_diff_steps": at["max_diff_steps"],
+        "attack_loss_rdiff": at["attack_loss_rdiff"],
+    }
+
+
+def _agreement_cell(a: dict[str, Any]) -> str:
+    """The markdown table's agreement column: ok (end to end | split) / FAIL and the numbers."""
+    parts = []
+    for c in a["checks"]:
+        if c.get("loss_rdiff") is None:
+            continue
+        text = f"{c['precision']}: {c['loss_rdiff']:.1e} / {c['update_rdiff']:.1e}"
+        sp = c.get("split")
+        if sp and "error" not in sp:
+            text += (
+                f" (split: fine-tune {sp['finetune_update_rdiff']:.1e}, x_adv "
+                f"{100 * sp['attack_pixel_share']:.2f}% px differ, attack loss {sp['attack_loss_rdiff']:.1e})"
+            )
+        parts.append(text)
+    mode = {"end_to_end": "end to end", None: None}.get(a.get("agreement"), a.get("agreement"))
+    head = ("ok" + (f" ({mode})" if mode else "")) if a["ok"] else "FAIL"
+    return head + " " + "; ".join(parts)
 
 
 def _batch_of(gid: str) -> int | None:
@@ -561,23 +637,15 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += [
             f"### {gid}",
             "",
-            "| loop | ms / batch | images/s | x floor | x floor+cl | vs naive: loss / update rel diff |",
+            "| loop | ms / batch | images/s | x floor | x floor+cl "
+            "| vs naive: agreement, loss / update rel diff |",
             "| --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for name, r in g["loops"].items():
             xf = f"{r['x_floor']:.2f}" if r["x_floor"] else "-"
             xfc = f"{r['x_floor_cl']:.2f}" if r.get("x_floor_cl") else "-"
             a = g.get("agreement", {}).get(name)
-            agree = (
-                "-"
-                if a is None
-                else ("ok " if a["ok"] else "FAIL ")
-                + "; ".join(
-                    f"{c['precision']}: {c['loss_rdiff']:.1e} / {c['update_rdiff']:.1e}"
-                    for c in a["checks"]
-                    if c.get("loss_rdiff") is not None
-                )
-            )
+            agree = "-" if a is None else _agreement_cell(a)
             lines.append(
                 f"| {name} | {1e3 * r['median_s']:.1f} | {r['images_per_s']:.0f} | {xf} | {xfc} | {agree} |"
             )

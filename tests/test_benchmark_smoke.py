@@ -55,7 +55,8 @@ def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
 def test_loop_agreement_starts_every_loop_from_the_same_point() -> None:
     """The loop benchmark's agreement check: cbd_fast runs from the reference's random start (its
     first-step loss and gradients equal naive's to rounding), and a semantic difference that leaves
-    the first gradient unchanged (lr x 1.1) is still caught by the weight updates."""
+    the first gradient unchanged (lr x 1.1) is still caught by the weight updates, also by the split
+    check (fine-tune on naive's x_adv); an attack difference (step size x 1.5) fails its attack check."""
     import torch
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -73,8 +74,38 @@ def test_loop_agreement_starts_every_loop_from_the_same_point() -> None:
     for name in ("strong", "cbd_fast"):
         assert loops[name]["ok"], loops[name]["message"]
         assert loops[name]["first_loss_rdiff"] < 1e-5 and loops[name]["first_grad_rdiff"] < 1e-4
-    changed = {"cbd_fast": cfg.replace(lr=cfg.lr * 1.1)}
-    rec = check_agreement(enc, batches, cfg, ["naive", "cbd_fast"], "cpu", configs=changed)
-    rec = rec["loops"]["cbd_fast"]
-    assert not rec["ok"] and rec["first_grad_rdiff"] < 1e-4
+    changed = {
+        "cbd_fast": cfg.replace(lr=cfg.lr * 1.1),
+        "cbd_fast+cl": cfg.replace(step_size=cfg.step_size * 1.5),
+    }
+    report = check_agreement(enc, batches, cfg, ["naive", *changed], "cpu", configs=changed)["loops"]
+    rec = report["cbd_fast"]
+    assert not rec["ok"] and rec["agreement"] is None and rec["first_grad_rdiff"] < 1e-4
     assert min(rec["update_rdiff"], rec["weighted_update_rdiff"]) > 0.05
+    ft = rec["split"]["finetune"]  # same x_adv, lr x 1.1: the updates still differ
+    assert not rec["split"]["ok"] and not ft["ok"] and ft["first_grad_rdiff"] < 1e-4, rec["message"]
+    rec = report["cbd_fast+cl"]  # step size x 1.5: same fine-tune, most x_adv pixels elsewhere
+    assert not rec["ok"] and rec["agreement"] is None, rec["message"]
+    assert rec["split"]["finetune"]["ok"] and not rec["split"]["attack"]["ok"], rec["message"]
+    assert rec["split"]["attack"]["pixel_share"] > 0.2, rec["message"]
+
+
+def test_scan_benchmark_quick_run(tmp_path: Path) -> None:
+    """bench_scan.py: halving against the full scan, the same masks, far fewer image forwards."""
+    env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
+    env.pop("CBD_BENCH_FULL", None)
+    out = tmp_path / "scan.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_scan.py"), "-q", "-s"]
+        + ["-p", "no:cacheprovider", f"--benchmark-json={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    assert info["encoder"] == "fmnist_cnn" and info["same_choice"] is True
+    assert info["halving_image_forwards"] * 4 <= info["full_image_forwards"]
+    assert info["speedup"] == info["full_median_s"] / info["halving_median_s"]
