@@ -12,10 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_time_to_purify(env: dict[str, str], out: Path) -> tuple[str, dict]:
-    """bench_time_to_purify.py in a subprocess with ``env``: (its stdout, the case's extra_info)."""
+def _run_benchmark(script: str, env: dict[str, str], out: Path) -> tuple[str, dict]:
+    """``benchmarks/<script>`` in a subprocess with ``env``: (its stdout, the first case's extra_info)."""
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_time_to_purify.py"), "-q", "-s"]
+        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / script), "-q", "-s"]
         + ["-p", "no:cacheprovider", f"--benchmark-json={out}"],
         cwd=ROOT,
         env=env,
@@ -30,7 +30,7 @@ def _run_time_to_purify(env: dict[str, str], out: Path) -> tuple[str, dict]:
 def test_time_to_purify_quick_run(tmp_path: Path) -> None:
     env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
     env["CBD_TTP_CANDIDATE"] = "free_replays=2"
-    stdout, info = _run_time_to_purify(env, tmp_path / "ttp.json")
+    stdout, info = _run_benchmark("bench_time_to_purify.py", env, tmp_path / "ttp.json")
     assert "purify / plain_ft = " in stdout and "previous / purify = " in stdout
     assert "candidate / plain_ft = " in stdout and info["candidate"] == {"free_replays": 2}
     for key in ("purify", "previous", "plain_ft", "candidate"):
@@ -45,7 +45,7 @@ def test_time_to_purify_synthetic_encoder(tmp_path: Path) -> None:
     env = {**os.environ, "CBD_BENCH_THREADS": "1", "CBD_BENCH_ROUNDS": "1", "CBD_TTP_DEVICE": "cpu"}
     env.update(CBD_TTP_ENCODER="fmnist_cnn", CBD_TTP_IMAGES="64", CBD_TTP_SET="epochs=1,batch_size=32")
     env.pop("CBD_BENCH_QUICK", None)
-    stdout, info = _run_time_to_purify(env, tmp_path / "ttp_synthetic.json")
+    stdout, info = _run_benchmark("bench_time_to_purify.py", env, tmp_path / "ttp_synthetic.json")
     assert "synthetic fmnist_cnn on cpu (float32): cost only" in stdout
     assert info["synthetic"] and info["device"] == "cpu" and info["images"] == 64
     assert info["paper_curve"][0]["epoch"] == 1 and len(info["paper_curve"]) == 1
@@ -94,18 +94,7 @@ def test_scan_benchmark_quick_run(tmp_path: Path) -> None:
     """bench_scan.py: halving against the full scan, the same masks, far fewer image forwards."""
     env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
     env.pop("CBD_BENCH_FULL", None)
-    out = tmp_path / "scan.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", str(ROOT / "benchmarks" / "bench_scan.py"), "-q", "-s"]
-        + ["-p", "no:cacheprovider", f"--benchmark-json={out}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    info = json.loads(out.read_text())["benchmarks"][0]["extra_info"]
+    _, info = _run_benchmark("bench_scan.py", env, tmp_path / "scan.json")
     assert info["encoder"] == "fmnist_cnn" and info["same_choice"] is True
     assert info["halving_image_forwards"] * 4 <= info["full_image_forwards"]
     assert info["speedup"] == info["full_median_s"] / info["halving_median_s"]
