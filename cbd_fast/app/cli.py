@@ -748,6 +748,7 @@ def _health_line(history: list[dict[str, float]]) -> str | None:
         f"{last['health_knn']:.3f}, CKA {last['health_cka']:.3f}, effective rank ratio "
         f"{last['health_rank']:.3f}, spread ratio {last['health_spread']:.3f}"
         + (f", feature drift {last['health_drift']:.3f}" if "health_drift" in last else "")
+        + (f", pseudo-class changes {last['health_flip']:.3f}" if "health_flip" in last else "")
     )
 
 

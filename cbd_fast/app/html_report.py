@@ -36,6 +36,7 @@ _HEALTH = (
     ("health_rank", "effective rank ratio", "health_min_rank"),
     ("health_spread", "spread ratio", "health_min_spread"),
     ("health_drift", "feature drift (0 = unchanged)", "health_max_drift"),
+    ("health_flip", "pseudo-class changes (0 = none)", "health_max_flip"),
 )
 
 
@@ -534,7 +535,8 @@ def _summary(doc: Mapping[str, Any]) -> str:
             (
                 "final health",
                 f"k-NN {_fmt(last.get('health_knn'))}, CKA {_fmt(last.get('health_cka'))}, "
-                f"drift {_fmt(last.get('health_drift'))}",
+                f"drift {_fmt(last.get('health_drift'))}, "
+                f"pseudo-class changes {_fmt(last.get('health_flip'))}",
             )
         )
     ev = doc.get("evaluation") or {}

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 RECORD_VERSION = 1
-HEALTH_KEYS = ("health_knn", "health_cka", "health_rank", "health_spread", "health_drift")
+HEALTH_KEYS = ("health_knn", "health_cka", "health_rank", "health_spread", "health_drift", "health_flip")
 
 
 class RecordError(ValueError):

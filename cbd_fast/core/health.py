@@ -25,13 +25,21 @@ same images, so they need no labels and no head, and none depends on the feature
   ``mean ||z - z0||^2 / mean ||z0||^2`` (0 = unchanged; NaN when ``D != D'``). The figures above are
   blind to a rotation or a uniform shift of the whole cloud, which a head trained on the original
   features reads as a loss of accuracy: this one is not.
+- ``health_flip``: the share of images whose pseudo class changed. The pseudo classes are
+  ``FLIP_CLUSTERS`` k-means clusters of ``Z0``, and an image's class is its nearest centroid: a
+  linear head built without labels (the nearest-mean rule, whose boundaries are hyperplanes). The
+  drift says how far the features moved; this says how many crossed a boundary of the original
+  feature space, so an encoder whose images sit close to its boundaries (a fragile model) shows a
+  larger figure for the same drift. 0 = no image changed class (NaN when ``D != D'``, 1 when ``Z``
+  is not finite).
 - ``health_finite``: 1 when every feature is finite, else 0.
 
 An epoch is unhealthy when any feature is non-finite, ``health_knn < min_knn``,
 ``health_rank < min_rank`` or ``health_spread < min_spread``; the encoder a run would return (after
-its last epoch) also when ``health_drift > max_drift``. The drift is judged on that encoder only:
-the clean features may move while the adversarial pull is strongest and come back under the clean
-term, so an earlier epoch's drift is recorded, never acted on. The thresholds are documented in
+its last epoch) also when ``health_drift > max_drift`` or ``health_flip > max_flip``. Drift and
+flips are judged on that encoder only: the clean features may move while the adversarial pull is
+strongest and come back under the clean term, so an earlier epoch's figures are recorded, never
+acted on. The thresholds are documented in
 ``docs/method.md`` with the runs they were set on.
 """
 
@@ -61,6 +69,8 @@ __all__ = [
     "DEFAULT_MIN_RANK",
     "DEFAULT_MIN_SPREAD",
     "DEFAULT_MAX_DRIFT",
+    "DEFAULT_MAX_FLIP",
+    "FLIP_CLUSTERS",
     "K",
     "MIN_ENFORCED_IMAGES",
 ]
@@ -78,6 +88,11 @@ DEFAULT_MIN_SPREAD = 0.25
 #: above this relative squared drift of the clean features, a head trained on the original features
 #: misreads them (chosen on the dev attacks: ``docs/method.md``, 4.12)
 DEFAULT_MAX_DRIFT = 0.1
+#: above this share of held-out images that changed pseudo class, a head trained on the original
+#: features changes its prediction on too many of them (chosen on the dev attacks: ``docs/method.md``, 4.12)
+DEFAULT_MAX_FLIP = 0.12
+#: k-means clusters of the original features that stand in for a head's classes (``health_flip``)
+FLIP_CLUSTERS = 10
 
 
 class HealthError(RuntimeError):
@@ -109,13 +124,55 @@ def _spread(z: torch.Tensor, zc: torch.Tensor) -> float:
     return float(zc.pow(2).sum(1).mean() / den) if bool(den > 0) else 0.0
 
 
-def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str, float]:
+def pseudo_classes(
+    z0: torch.Tensor, k: int = FLIP_CLUSTERS, *, iters: int = 50, restarts: int = 4
+) -> torch.Tensor:
+    """[k', D] float64 centroids of k-means on the original features ``z0`` [M, D] (k' = min(k, M)).
+
+    Deterministic (k-means++ starts from a fixed seed, on the CPU in float64, the best of
+    ``restarts`` by within-cluster squared distance), so every rank and a resumed run get the same
+    centroids from the same features. A cluster left empty keeps its previous centroid.
+    """
+    z = z0.detach().to("cpu", torch.float64)
+    k = max(1, min(k, len(z)))
+    gen = torch.Generator().manual_seed(0)
+    best, best_cost = z[:k].clone(), math.inf
+    for _ in range(restarts):
+        c = z[torch.randint(len(z), (1,), generator=gen)]
+        while len(c) < k:  # k-means++: the next start with probability ~ squared distance
+            d = torch.cdist(z, c).pow(2).min(1).values
+            pick = (
+                torch.multinomial(d / d.sum(), 1, generator=gen)
+                if bool(d.sum() > 0)
+                else torch.tensor([len(c)])
+            )
+            c = torch.cat([c, z[pick]])
+        for _ in range(iters):
+            a = torch.cdist(z, c).argmin(1)
+            new = torch.stack([z[a == j].mean(0) if bool((a == j).any()) else c[j] for j in range(k)])
+            if torch.equal(new, c):
+                break
+            c = new
+        cost = float(torch.cdist(z, c).pow(2).min(1).values.sum())
+        if cost < best_cost:
+            best, best_cost = c, cost
+    return best
+
+
+def health_figures(
+    z: torch.Tensor, z0: torch.Tensor, *, k: int = K, centroids: torch.Tensor | None = None
+) -> dict[str, float]:
     """Compare current features ``z`` [M, D] with the original's ``z0`` [M, D'] (same images, M >= 3).
+
+    Args:
+        centroids: [k, D'] pseudo classes of ``z0`` (:func:`pseudo_classes`; computed here when
+            None): pass them to measure every epoch against the same ones.
 
     Returns:
         ``health_knn``, ``health_cka``, ``health_rank``, ``health_spread`` (floats; 0 when ``z`` is
-        not finite), ``health_drift`` (float; inf when ``z`` is not finite, NaN when ``D != D'``)
-        and ``health_finite`` (1.0 or 0.0).
+        not finite), ``health_drift`` (float; inf when ``z`` is not finite, NaN when ``D != D'``),
+        ``health_flip`` (float in [0, 1]; 1 when ``z`` is not finite, NaN when ``D != D'``) and
+        ``health_finite`` (1.0 or 0.0).
     """
     if z.dim() != 2 or z0.dim() != 2 or z.shape[0] != z0.shape[0] or z.shape[0] < 3:
         raise ValueError(
@@ -130,6 +187,7 @@ def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str
             "health_rank": 0.0,
             "health_spread": 0.0,
             "health_drift": math.inf,
+            "health_flip": 1.0,
             "health_finite": 0.0,
         }
     m = z.shape[0]
@@ -150,16 +208,20 @@ def health_figures(z: torch.Tensor, z0: torch.Tensor, *, k: int = K) -> dict[str
     spread = _spread(z, zc) / s0 if s0 > 0 else 0.0
     # 5. drift: squared distance to the original features (where a fixed head reads them), relative
     #    to their squared norm; only defined when both live in the same space.
-    drift = math.nan
+    drift = flip = math.nan
     if z.shape[1] == z0.shape[1]:
         n0 = z0.pow(2).sum(1).mean()
         drift = float((z - z0).pow(2).sum(1).mean() / n0) if bool(n0 > 0) else math.inf
+        # 6. pseudo-class changes: nearest centroid (of k-means on z0) before and after.
+        c = (pseudo_classes(z0) if centroids is None else centroids).to(z.device, torch.float64)
+        flip = float((torch.cdist(z, c).argmin(1) != torch.cdist(z0, c).argmin(1)).double().mean())
     return {
         "health_knn": float(hits.mean()),
         "health_cka": cka if math.isfinite(cka) else 0.0,
         "health_rank": rank,
         "health_spread": spread,
         "health_drift": drift,
+        "health_flip": flip,
         "health_finite": 1.0,
     }
 
@@ -171,7 +233,8 @@ class HealthCheck:
     Attributes:
         images: [M, C, H, W] the held-out unlabeled images on the run's device.
         reference: [M, D'] float32 features of the original encoder on them.
-        min_knn, min_rank, min_spread, max_drift: the thresholds (see the module docstring).
+        min_knn, min_rank, min_spread, max_drift, max_flip: the thresholds (see the module docstring).
+        centroids: [k, D'] float64 pseudo classes of ``reference`` (computed when not given).
     """
 
     images: torch.Tensor
@@ -180,6 +243,16 @@ class HealthCheck:
     min_rank: float = DEFAULT_MIN_RANK
     min_spread: float = DEFAULT_MIN_SPREAD
     max_drift: float = DEFAULT_MAX_DRIFT
+    max_flip: float = DEFAULT_MAX_FLIP
+    centroids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.centroids is None:
+            self.centroids = pseudo_classes(self.reference)
+
+    def figures(self, z: torch.Tensor) -> dict[str, float]:
+        """:func:`health_figures` of the current features ``z`` [M, D] against the reference."""
+        return health_figures(z, self.reference, centroids=self.centroids)
 
     def problems(self, figures: dict[str, float], *, final: bool = True) -> list[str]:
         """Why ``figures`` are unhealthy (empty when healthy); the drift limit applies only to the
@@ -202,6 +275,12 @@ class HealthCheck:
             out.append(
                 f"feature drift {figures['health_drift']:.3f} > {self.max_drift:g} (the clean features moved "
                 "away from where a head trained on the original encoder reads them: expect lost accuracy)"
+            )
+        if final and figures.get("health_flip", 0.0) > self.max_flip:  # NaN never fails
+            out.append(
+                f"pseudo-class changes {figures['health_flip']:.3f} > {self.max_flip:g} (that share of the "
+                "clean images crossed a boundary between clusters of the original features: a head trained "
+                "on the original encoder would change its prediction on about as many)"
             )
         return out
 
@@ -234,6 +313,7 @@ def make_health_check(run: Run, images: torch.Tensor) -> HealthCheck:
         min_rank=cfg.health_min_rank,
         min_spread=cfg.health_min_spread,
         max_drift=cfg.health_max_drift,
+        max_flip=cfg.health_max_flip,
     )
 
 
@@ -249,7 +329,7 @@ def check_health(
         HealthError: unhealthy under ``health="stop"``: names the figures, the thresholds and the
             last good checkpoint.
     """
-    figures = health_figures(_eval_features(run, run.features, check.images), check.reference)
+    figures = check.figures(_eval_features(run, run.features, check.images))
     problems = check.problems(figures, final=epoch + 1 >= run.config.epochs)
     if not problems or len(check.images) < MIN_ENFORCED_IMAGES:
         return figures
@@ -262,7 +342,8 @@ def check_health(
     if run.config.health == "warn":
         warnings.warn(text + "; continuing (health='warn')", RuntimeWarning, stacklevel=3)
         return figures
-    drift_only = len(problems) == 1 and problems[0].startswith("feature drift")
+    # drift and flips alone: the features moved but kept their shape (earlier epochs were not judged)
+    drift_only = all(p.startswith(("feature drift", "pseudo-class")) for p in problems)
     if not last_ckpt:
         kept = "no checkpoint was written (set checkpoint_dir to keep the healthy epochs)"
     elif drift_only:  # earlier epochs passed the collapse limits; their drift is only recorded
@@ -271,7 +352,7 @@ def check_health(
         kept = f"the last good checkpoint {last_ckpt} is intact"
     advice = (
         "Lower lr or raise clean_weight; if a new head will be trained on the purified encoder (the "
-        "drift does not matter then), raise health_max_drift"
+        "drift does not matter then), raise health_max_drift and health_max_flip"
         if drift_only
         else "Lower lr or clean_weight"
     )

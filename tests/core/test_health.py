@@ -13,7 +13,7 @@ from torch import nn
 import cbd_fast
 from cbd_fast import PurifyConfig
 from cbd_fast.core.clean_terms import CLEAN_TERMS, CleanTerm, CleanTermInputs, register_clean_term
-from cbd_fast.core.health import HealthCheck, HealthError, health_figures
+from cbd_fast.core.health import HealthCheck, HealthError, health_figures, pseudo_classes
 from cbd_fast.core.inputs import holdout_split
 
 
@@ -53,7 +53,8 @@ def test_figures_of_same_rotated_scaled_random_and_collapsed_features() -> None:
     towards_one_point = health_figures(5.0 + 0.01 * z0, z0)  # layout kept, everything near one point
     assert towards_one_point["health_knn"] > 0.4 and towards_one_point["health_spread"] < 0.01
     bad = health_figures(torch.full((200, 32), float("nan")), z0)
-    assert bad.pop("health_drift") == math.inf and set(bad.values()) == {0.0}
+    assert bad.pop("health_drift") == math.inf and bad.pop("health_flip") == 1.0
+    assert set(bad.values()) == {0.0}
 
 
 def test_drift_sees_what_the_shape_figures_cannot() -> None:
@@ -68,7 +69,7 @@ def test_drift_sees_what_the_shape_figures_cannot() -> None:
     assert health_figures(z0 + 0.2, z0)["health_drift"] == pytest.approx(0.04, rel=0.1)
     other_dim = health_figures(torch.randn(200, 16), z0)  # another space: not comparable
     assert math.isnan(other_dim["health_drift"])
-    check = HealthCheck(images=torch.zeros(1), reference=z0, max_drift=0.1)
+    check = HealthCheck(images=torch.zeros(1), reference=z0, max_drift=0.1, max_flip=1.0)
     assert all("drift" not in p for p in check.problems(other_dim))  # NaN never fails
     ok = health_figures(1.1 * z0, z0)
     assert check.problems(ok) == []
@@ -188,7 +189,75 @@ def test_a_drifting_run_is_stopped_and_the_limit_can_be_lifted(scale_term) -> No
     text = str(err.value)
     assert "raise health_max_drift" in text
     assert "k-NN agreement" not in text and "relative spread" not in text and "rank ratio" not in text
-    res = _drifting(health_max_drift=math.inf)()  # a new head will be trained: drift allowed
+    assert "health_max_flip" in text
+    res = _drifting(health_max_drift=math.inf, health_max_flip=math.inf)()  # a new head will be trained
     last = res.history[-1]
     assert res.history[0]["health_drift"] > 0.1  # the stopped run went past its drifting first epoch
     assert last["health_drift"] > 0.1 and last["health_knn"] > 0.5 and last["health_spread"] > 0.5
+
+
+def test_a_run_whose_images_change_pseudo_class_is_stopped_with_the_drift_limit_lifted(scale_term) -> None:
+    """Doubling the features moves images across the boundaries of the original's clusters: the flip
+    limit stops the run on its own, and the error names the figure and how to lift it."""
+    with pytest.raises(HealthError, match=r"after epoch 2/2 .* pseudo-class changes 0\.\d{3} > 0.12") as err:
+        _drifting(health_max_drift=math.inf)()
+    assert "feature drift" not in str(err.value) and "health_max_flip" in str(err.value)
+
+
+# ---- pseudo-class changes -------------------------------------------------------------------------
+
+
+def _blobs(separation: float, n: int = 300, k: int = 10, d: int = 16) -> torch.Tensor:
+    """[n, d] features in ``k`` Gaussian clusters (unit noise) whose centres are ``separation`` apart."""
+    g = torch.Generator().manual_seed(0)
+    centres = separation / math.sqrt(2) * torch.eye(k, d)  # pairwise distance = separation
+    return centres[torch.arange(n) % k] + torch.randn(n, d, generator=g)
+
+
+def test_flips_see_a_fragile_model_that_the_drift_cannot() -> None:
+    """The same relative move of the features (equal drift) flips few images of a model with well
+    separated classes and many of one whose classes overlap: the flip figure reads the margins."""
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for name, sep in (("robust", 30.0), ("fragile", 3.0)):
+        z0 = _blobs(sep)
+        noise = torch.randn(z0.shape, generator=g)
+        z = z0 + noise * (0.3 * z0.norm(dim=1, keepdim=True) / noise.norm(dim=1, keepdim=True))
+        out[name] = health_figures(z, z0)
+    assert out["robust"]["health_drift"] == pytest.approx(0.09, rel=0.01)
+    assert out["fragile"]["health_drift"] == pytest.approx(0.09, rel=0.01)
+    assert out["robust"]["health_flip"] == 0.0
+    assert out["fragile"]["health_flip"] > 0.05  # 0.107 here, against 0 for the robust model
+
+
+def test_flip_figure_cases() -> None:
+    z0 = _blobs(30.0)
+    assert health_figures(z0.clone(), z0)["health_flip"] == 0.0
+    labels = torch.arange(len(z0)) % 10
+    centres = torch.stack([z0[labels == j].mean(0) for j in range(10)])
+    moved = z0.clone()
+    moved[:60] = centres[(labels[:60] + 1) % 10]  # 60 of 300 images sent to the next cluster's centre
+    assert health_figures(moved, z0)["health_flip"] == pytest.approx(0.2)
+    assert math.isnan(health_figures(torch.randn(300, 8), z0)["health_flip"])  # another space
+    check = HealthCheck(images=torch.zeros(1), reference=z0, max_drift=math.inf)
+    figs = health_figures(moved, z0, centroids=check.centroids)
+    assert figs["health_flip"] == pytest.approx(0.2)
+    (problem,) = check.problems(figs)
+    assert problem.startswith("pseudo-class changes 0.200 > 0.12")
+    assert check.problems(figs, final=False) == []  # an earlier epoch is recorded, not judged
+    assert (
+        HealthCheck(images=torch.zeros(1), reference=z0, max_flip=1.0, max_drift=math.inf).problems(figs)
+        == []
+    )
+
+
+def test_pseudo_classes_are_deterministic_and_survive_degenerate_features() -> None:
+    z0 = _blobs(30.0)
+    a, b = pseudo_classes(z0), pseudo_classes(z0.clone())
+    assert a.shape == (10, 16) and a.dtype == torch.float64 and torch.equal(a, b)
+    # every centre found: one centroid per blob
+    assert len(set(torch.cdist(z0.double(), a).argmin(1).tolist())) == 10
+    assert pseudo_classes(z0[:4]).shape == (4, 16)  # fewer images than clusters
+    same = pseudo_classes(torch.ones(50, 8))  # one point repeated: no error, finite centroids
+    assert torch.isfinite(same).all()
+    assert health_figures(torch.ones(50, 8), torch.ones(50, 8))["health_flip"] == 0.0
