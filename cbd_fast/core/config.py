@@ -181,7 +181,8 @@ class PurifyConfig:
             (1 or ``math.inf`` turns it off; earlier epochs' figure is recorded only). Default 0.12,
             chosen on the dev attacks (``docs/method.md``, 4.12): it sees a model whose images sit
             close to its class boundaries, which loses accuracy at a drift under
-            ``health_max_drift``. Raise it, too, when a new head will be trained.
+            ``health_max_drift``. Acted on with at least 128 held-out images only (recorded
+            below). Raise it, too, when a new head will be trained.
     """
 
     epsilon: float = 40 / 255

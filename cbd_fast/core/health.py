@@ -36,7 +36,8 @@ same images, so they need no labels and no head, and none depends on the feature
 
 An epoch is unhealthy when any feature is non-finite, ``health_knn < min_knn``,
 ``health_rank < min_rank`` or ``health_spread < min_spread``; the encoder a run would return (after
-its last epoch) also when ``health_drift > max_drift`` or ``health_flip > max_flip``. Drift and
+its last epoch) also when ``health_drift > max_drift`` or (with at least ``MIN_FLIP_IMAGES``
+held-out images) ``health_flip > max_flip``. Drift and
 flips are judged on that encoder only: the clean features may move while the adversarial pull is
 strongest and come back under the clean term, so an earlier epoch's figures are recorded, never
 acted on. The thresholds are documented in
@@ -71,6 +72,7 @@ __all__ = [
     "DEFAULT_MAX_DRIFT",
     "DEFAULT_MAX_FLIP",
     "FLIP_CLUSTERS",
+    "MIN_FLIP_IMAGES",
     "K",
     "MIN_ENFORCED_IMAGES",
 ]
@@ -93,6 +95,9 @@ DEFAULT_MAX_DRIFT = 0.1
 DEFAULT_MAX_FLIP = 0.12
 #: k-means clusters of the original features that stand in for a head's classes (``health_flip``)
 FLIP_CLUSTERS = 10
+#: fewer held-out images than this leave ~a dozen per cluster or fewer, and one image is >= 0.8% of
+#: the figure: ``health_flip`` is then recorded, never acted on
+MIN_FLIP_IMAGES = 128
 
 
 class HealthError(RuntimeError):
@@ -276,7 +281,8 @@ class HealthCheck:
                 f"feature drift {figures['health_drift']:.3f} > {self.max_drift:g} (the clean features moved "
                 "away from where a head trained on the original encoder reads them: expect lost accuracy)"
             )
-        if final and figures.get("health_flip", 0.0) > self.max_flip:  # NaN never fails
+        enough = len(self.images) >= MIN_FLIP_IMAGES  # fewer: too noisy to act on
+        if final and enough and figures.get("health_flip", 0.0) > self.max_flip:  # NaN never fails
             out.append(
                 f"pseudo-class changes {figures['health_flip']:.3f} > {self.max_flip:g} (that share of the "
                 "clean images crossed a boundary between clusters of the original features: a head trained "

@@ -13,7 +13,7 @@ from torch import nn
 import cbd_fast
 from cbd_fast import PurifyConfig
 from cbd_fast.core.clean_terms import CLEAN_TERMS, CleanTerm, CleanTermInputs, register_clean_term
-from cbd_fast.core.health import HealthCheck, HealthError, health_figures, pseudo_classes
+from cbd_fast.core.health import MIN_FLIP_IMAGES, HealthCheck, HealthError, health_figures, pseudo_classes
 from cbd_fast.core.inputs import holdout_split
 
 
@@ -177,8 +177,8 @@ def scale_term():
     CLEAN_TERMS.pop("test_scale")
 
 
-def _drifting(**kw):
-    x = _structured_images(400)
+def _drifting(n: int = 400, **kw):
+    x = _structured_images(n)
     cfg = dict(epochs=2, batch_size=32, steps=1, progress=False, lr=0.01, clean_weight=50.0)
     return lambda: cbd_fast.Purifier(clean_term="test_scale", **cfg, **kw).fit(_encoder(), x)
 
@@ -200,8 +200,11 @@ def test_a_run_whose_images_change_pseudo_class_is_stopped_with_the_drift_limit_
     """Doubling the features moves images across the boundaries of the original's clusters: the flip
     limit stops the run on its own, and the error names the figure and how to lift it."""
     with pytest.raises(HealthError, match=r"after epoch 2/2 .* pseudo-class changes 0\.\d{3} > 0.12") as err:
-        _drifting(health_max_drift=math.inf)()
+        _drifting(n=10 * MIN_FLIP_IMAGES, health_max_drift=math.inf)()  # 128 held out: enough to act on
     assert "feature drift" not in str(err.value) and "health_max_flip" in str(err.value)
+    # the same run with 40 held-out images: the figure is recorded, not acted on
+    res = _drifting(health_max_drift=math.inf)()
+    assert res.history[-1]["health_flip"] > 0.12
 
 
 # ---- pseudo-class changes -------------------------------------------------------------------------
@@ -239,16 +242,17 @@ def test_flip_figure_cases() -> None:
     moved[:60] = centres[(labels[:60] + 1) % 10]  # 60 of 300 images sent to the next cluster's centre
     assert health_figures(moved, z0)["health_flip"] == pytest.approx(0.2)
     assert math.isnan(health_figures(torch.randn(300, 8), z0)["health_flip"])  # another space
-    check = HealthCheck(images=torch.zeros(1), reference=z0, max_drift=math.inf)
+    check = HealthCheck(images=torch.zeros(MIN_FLIP_IMAGES), reference=z0, max_drift=math.inf)
     figs = health_figures(moved, z0, centroids=check.centroids)
     assert figs["health_flip"] == pytest.approx(0.2)
     (problem,) = check.problems(figs)
     assert problem.startswith("pseudo-class changes 0.200 > 0.12")
     assert check.problems(figs, final=False) == []  # an earlier epoch is recorded, not judged
-    assert (
-        HealthCheck(images=torch.zeros(1), reference=z0, max_flip=1.0, max_drift=math.inf).problems(figs)
-        == []
-    )
+    lifted = HealthCheck(images=torch.zeros(MIN_FLIP_IMAGES), reference=z0, max_flip=1.0, max_drift=math.inf)
+    assert lifted.problems(figs) == []
+    # with fewer held-out images than MIN_FLIP_IMAGES the figure is too noisy: recorded, not acted on
+    few = HealthCheck(images=torch.zeros(MIN_FLIP_IMAGES - 1), reference=z0, max_drift=math.inf)
+    assert few.problems(figs) == []
 
 
 def test_pseudo_classes_are_deterministic_and_survive_degenerate_features() -> None:
