@@ -401,18 +401,8 @@ class PurifyConfig:
             _real(self, name, minimum=0.0)
             if getattr(self, name) > 1:
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}")
-        drift = self.health_max_drift
-        if isinstance(drift, bool) or not isinstance(drift, (int, float)):
-            raise TypeError(f"health_max_drift must be a real number; got {drift!r}")
-        if not drift > 0:  # NaN too
-            raise ValueError(f"health_max_drift must be > 0 (math.inf turns it off); got {drift}")
-        self.health_max_drift = float(drift)
-        flip = self.health_max_flip
-        if isinstance(flip, bool) or not isinstance(flip, (int, float)):
-            raise TypeError(f"health_max_flip must be a real number; got {flip!r}")
-        if not flip > 0:  # NaN too
-            raise ValueError(f"health_max_flip must be in (0, 1] (1 or math.inf turns it off); got {flip}")
-        self.health_max_flip = float(flip)
+        _upper_limit(self, "health_max_drift", "> 0 (math.inf turns it off)")
+        _upper_limit(self, "health_max_flip", "in (0, 1] (1 or math.inf turns it off)")
         if self.distributed not in _TRISTATE or (
             isinstance(self.distributed, int) and not isinstance(self.distributed, bool)
         ):
@@ -453,6 +443,17 @@ def _real(cfg: PurifyConfig, name: str, *, minimum: float, strict: bool = False)
         raise ValueError(f"{name} must be finite; got {value}")
     if (value <= minimum) if strict else (value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}; got {value}")
+    setattr(cfg, name, float(value))
+
+
+def _upper_limit(cfg: PurifyConfig, name: str, allowed: str) -> None:
+    """A health limit: a real number > 0 where ``math.inf`` (or any value the figure cannot reach)
+    turns it off; ``allowed`` words the range for the error."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    if not value > 0:  # NaN too
+        raise ValueError(f"{name} must be {allowed}; got {value}")
     setattr(cfg, name, float(value))
 
 

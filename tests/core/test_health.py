@@ -103,6 +103,16 @@ def test_holdout_split_is_a_tenth_at_most_and_deterministic() -> None:
         ("health_max_drift", 0, ValueError, r"health_max_drift must be > 0 \(math.inf turns it off\); got 0"),
         ("health_max_drift", float("nan"), ValueError, "health_max_drift must be > 0"),
         ("health_max_drift", "0.1", TypeError, "health_max_drift must be a real number; got '0.1'"),
+        (
+            "health_max_flip",
+            0,
+            ValueError,
+            r"health_max_flip must be in \(0, 1\] \(1 or math.inf turns it off\); got 0",
+        ),
+        ("health_max_flip", -0.5, ValueError, r"health_max_flip must be in \(0, 1\]"),
+        ("health_max_flip", float("nan"), ValueError, r"health_max_flip must be in \(0, 1\]"),
+        ("health_max_flip", True, TypeError, "health_max_flip must be a real number; got True"),
+        ("health_max_flip", "0.1", TypeError, "health_max_flip must be a real number; got '0.1'"),
     ],
 )
 def test_bad_health_settings_name_the_field(field, value, exc, match) -> None:
@@ -265,3 +275,11 @@ def test_pseudo_classes_are_deterministic_and_survive_degenerate_features() -> N
     same = pseudo_classes(torch.ones(50, 8))  # one point repeated: no error, finite centroids
     assert torch.isfinite(same).all()
     assert health_figures(torch.ones(50, 8), torch.ones(50, 8))["health_flip"] == 0.0
+
+
+def test_flip_limit_defaults_and_presets() -> None:
+    assert PurifyConfig().health_max_flip == 0.12
+    assert PurifyConfig(health_max_flip=1).validate().health_max_flip == 1.0  # an int is taken as a float
+    assert (
+        PurifyConfig.paper().health_max_flip == math.inf
+    )  # the published method moves the features by design
