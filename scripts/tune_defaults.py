@@ -162,26 +162,35 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.arch not in ARCHITECTURES:
         raise SystemExit(f"--arch: {args.arch!r} is not a zoo architecture; one of {sorted(ARCHITECTURES)}")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
+    run_jobs(
+        run_one, [(a, args.seed, overrides, args.tag, args.arch) for a in attacks], args.jobs, OUT, _describe
+    )
+    return 0
+
+
+def _describe(r: dict) -> str:
+    if r["after"] is None:
+        return f"{r['tag']} {r['attack']}: stopped: {r['error'][:160]}"
+    return (
+        f"{r['tag']} {r['attack']}: "
+        f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
+        f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  "
+        f"({r['seconds']:.0f} s)"
+    )
+
+
+def run_jobs(fn, calls: list[tuple], jobs: int, out: Path, describe) -> None:  # noqa: ANN001
+    """``fn(*call)`` for every call, ``jobs`` processes side by side; each result (a dict) is appended
+    to ``out`` as one JSON line as soon as it is done, and ``describe(result)`` printed."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-        futs = [ex.submit(run_one, a, args.seed, overrides, args.tag, args.arch) for a in attacks]
-        for f in as_completed(futs):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(max(1, jobs)) as ex:
+        for f in as_completed([ex.submit(fn, *call) for call in calls]):
             r = f.result()
-            with OUT.open("a") as fh:
+            with out.open("a") as fh:
                 fh.write(json.dumps(r, default=str) + "\n")
-            if r["after"] is None:
-                print(f"{r['tag']} {r['attack']}: stopped: {r['error'][:160]}", flush=True)
-                continue
-            print(
-                f"{r['tag']} {r['attack']}: "
-                f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
-                f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  "
-                f"({r['seconds']:.0f} s)",
-                flush=True,
-            )
-    return 0
+            print(describe(r), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ after on the 5,000 validation images, the last epoch's health figures) in
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -105,8 +104,17 @@ def run_one(
     }
 
 
+def _describe(r: dict) -> str:
+    return (
+        f"{r['arch']} {r['tag']} {r['attack']}: ACC {100 * r['before']['acc']:.1f} -> "
+        f"{100 * r['after']['acc']:.1f}  ASR {100 * r['before']['asr']:.1f} -> "
+        f"{100 * r['after']['asr']:.1f}  drift {r['history_last'].get('health_drift', float('nan')):.3f} "
+        f"({r['seconds']:.0f} s)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tune_defaults import DEV_ATTACKS, _parse_set
+    from tune_defaults import DEV_ATTACKS, _parse_set, run_jobs
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", default="defaults")
@@ -119,35 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="a held-out check: report seeds, test images")
     args = p.parse_args(argv)
     overrides = _parse_set(args.set)
-    OUT.mkdir(parents=True, exist_ok=True)
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-        futs = [
-            ex.submit(
-                run_one,
-                a,
-                args.seed,
-                overrides,
-                args.tag,
-                args.arch,
-                "report" if args.report else "tune",
-                args.zoo,
-            )
-            for a in args.attacks.split(",")
-        ]
-        for f in as_completed(futs):
-            r = f.result()
-            with (OUT / "results.jsonl").open("a") as fh:
-                fh.write(json.dumps(r, default=str) + "\n")
-            print(
-                f"{r['arch']} {r['tag']} {r['attack']}: ACC {100 * r['before']['acc']:.1f} -> "
-                f"{100 * r['after']['acc']:.1f}  ASR {100 * r['before']['asr']:.1f} -> "
-                f"{100 * r['after']['asr']:.1f}  "
-                f"drift {r['history_last'].get('health_drift', float('nan')):.3f} "
-                f"({r['seconds']:.0f} s)",
-                flush=True,
-            )
+    purpose = "report" if args.report else "tune"
+    calls = [
+        (a, args.seed, overrides, args.tag, args.arch, purpose, args.zoo) for a in args.attacks.split(",")
+    ]
+    run_jobs(run_one, calls, args.jobs, OUT / "results.jsonl", _describe)
     return 0
 
 
