@@ -51,26 +51,11 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmni
 
     torch.set_num_threads(1)
     from cbd_fast import Purifier, PurifyConfig
-    from cbd_fast.app.demo import _classifier, load_or_train
+    from cbd_fast.app.demo import _classifier
     from cbd_fast.core.health import HealthError
-    from cbd_fast.evaluation.backdoors import trigger_for
-    from cbd_fast.evaluation.fmnist import load_fashion_mnist
     from cbd_fast.evaluation.metrics import evaluate_backdoor
-    from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
-    from cbd_fast.evaluation.zoo import get_attack
 
-    check_purpose("tune", split_of_attack=get_attack(attack).split, seed=seed, images="validation")
-    train = load_fashion_mnist("train")
-    val = split_test_set(load_fashion_mnist("test"), "validation")
-    if arch == "fmnistnet" and attack in BACKDOOR_ATTACKS:
-        model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
-        trigger = trigger_for(attack)
-    else:
-        model, trigger = _zoo_model(attack, arch, seed, train)
-    ssl = get_attack(attack).kind == "encoder"
-    head = None if ssl else model.head
-    probe = (train.images[:10000], train.labels[:10000]) if ssl else None
-    x_unl, _ = defender_images(train, 0.05, seed=seed)
+    model, trigger, head, probe, val, x_unl = load_case(attack, seed, arch)
 
     def evaluate(backbone):
         return evaluate_backdoor(_classifier(backbone, head, probe), val.images, val.labels, trigger)
@@ -95,6 +80,33 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmni
         "seconds": secs,
         "history_last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }
+
+
+def load_case(attack: str, seed: int, arch: str = "fmnistnet", purpose: str = "tune"):  # noqa: ANN201
+    """``(model, trigger, head, probe, images, x_unlabeled)`` of one (attack, seed, arch), as the
+    protocol allows for ``purpose``: "tune" (dev attacks, tuning seeds, validation images) or
+    "report" (report seeds, test images). ``head`` is None for encoder attacks, which are read
+    through a linear probe trained on ``probe`` (10,000 clean labelled training images)."""
+    from cbd_fast.app.demo import load_or_train
+    from cbd_fast.evaluation.backdoors import trigger_for
+    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
+    from cbd_fast.evaluation.zoo import get_attack
+
+    images = "validation" if purpose == "tune" else "test"
+    check_purpose(purpose, split_of_attack=get_attack(attack).split, seed=seed, images=images)
+    train = load_fashion_mnist("train")
+    val = split_test_set(load_fashion_mnist("test"), images)
+    if arch == "fmnistnet" and attack in BACKDOOR_ATTACKS:
+        model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
+        trigger = trigger_for(attack)
+    else:
+        model, trigger = _zoo_model(attack, arch, seed, train)
+    ssl = get_attack(attack).kind == "encoder"
+    head = None if ssl else model.head
+    probe = (train.images[:10000], train.labels[:10000]) if ssl else None
+    x_unl, _ = defender_images(train, 0.05, seed=seed)
+    return model, trigger, head, probe, val, x_unl
 
 
 def _zoo_model(attack: str, arch: str, seed: int, train):  # noqa: ANN001, ANN202

@@ -41,32 +41,16 @@ def run_one(
     import tune_defaults
 
     torch.set_num_threads(1)
-    from tune_defaults import BACKDOOR_ATTACKS, _zoo_model
-
     if zoo:
         tune_defaults.ZOO_ROOT = ROOT / zoo
 
     from cbd_fast import Purifier, PurifyConfig
-    from cbd_fast.app.demo import _classifier, load_or_train
-    from cbd_fast.evaluation.backdoors import trigger_for
-    from cbd_fast.evaluation.fmnist import load_fashion_mnist
+    from cbd_fast.app.demo import _classifier
     from cbd_fast.evaluation.metrics import evaluate_backdoor
-    from cbd_fast.evaluation.protocol import check_purpose, defender_images, split_test_set
     from cbd_fast.evaluation.zoo import get_attack
 
     images = "validation" if purpose == "tune" else "test"
-    check_purpose(purpose, split_of_attack=get_attack(attack).split, seed=seed, images=images)
-    train = load_fashion_mnist("train")
-    val = split_test_set(load_fashion_mnist("test"), images)
-    if arch == "fmnistnet" and attack in BACKDOOR_ATTACKS:
-        model = load_or_train(attack, seed, train=train, cache_dir=ROOT / "runs" / "models", progress=False)
-        trigger = trigger_for(attack)
-    else:
-        model, trigger = _zoo_model(attack, arch, seed, train)
-    ssl = get_attack(attack).kind == "encoder"
-    head = None if ssl else model.head
-    probe = (train.images[:10000], train.labels[:10000]) if ssl else None
-    x_unl, _ = defender_images(train, 0.05, seed=seed)
+    model, trigger, head, probe, val, x_unl = tune_defaults.load_case(attack, seed, arch, purpose)
     clf0 = _classifier(model.backbone, head, probe)
     before = evaluate_backdoor(clf0, val.images, val.labels, trigger)
     cfg = PurifyConfig(
