@@ -8,9 +8,10 @@ weights and data:
     ``cbd_fast.purify`` with the library defaults (end to end: set-up, reference cache, health
     check, every epoch).
 ``previous``
-    ``purify`` with the previous release's per-batch work (every image attacked, ``steps`` 5, the
-    model's own anchors, no reference cache, a 32-image mask scan scoring every square on every
-    image, contiguous layout): what the defaults replaced, for the speed-up they bring.
+    ``purify`` with the previous release's per-batch work (every image attacked, ``steps`` 5 on the
+    whole batch, the model's own anchors, no reference cache, a 32-image mask scan scoring every
+    square on every image, contiguous layout): what the defaults replaced, for the speed-up they
+    bring.
 ``plain_ft``
     label-free fine-tuning of the same encoder with the same data, epochs, batch size, optimizer and
     schedule: the frozen original's features of every image computed once, then per batch one
@@ -115,7 +116,8 @@ PREVIOUS = {
     "steps": 5,
     "reference_cache": False,
     "channels_last": False,
-    "adversary_options": {"scan_images": 32, "scan_keep": 1.0},  # every square on every image
+    # every square on every image; every step on the whole batch
+    "adversary_options": {"scan_images": 32, "scan_keep": 1.0, "batch_steps": 0},
 }
 
 

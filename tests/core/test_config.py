@@ -17,7 +17,7 @@ def test_documented_defaults() -> None:
     cfg = PurifyConfig().validate()
     assert cfg.epsilon == pytest.approx(40 / 255)
     assert cfg.step_size == pytest.approx(8 / 255)
-    assert cfg.steps == 5 and cfg.adv_fraction == 1.0 and cfg.epochs == 4
+    assert cfg.steps == 7 and cfg.adv_fraction == 1.0 and cfg.epochs == 4
     assert cfg.reference_cache == "auto" and cfg.channels_last == "auto"
     assert cfg.temperature == 0.5
     assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 50.0

@@ -9,6 +9,7 @@ from torch import nn
 from cbd_fast import PurifyConfig
 from cbd_fast.core.adversaries import AttackInputs, TriggerSearch
 from cbd_fast.core.adversaries.search import FAMILIES
+from cbd_fast.ops.nt_xent import nt_xent as cbd_nt_xent
 from cbd_fast.core.adversaries.transforms import (
     additive,
     mask_blend,
@@ -294,3 +295,71 @@ def test_scan_keep_is_validated() -> None:
     for bad in (0.0, 1.5, "x"):
         with pytest.raises((ValueError, TypeError), match="scan_keep"):
             _cfg(scan_keep=bad)
+
+
+# ---- batch_steps: the whole batch for the first steps, the sparse rows alone for the rest ----------
+
+
+def _sparse_rows(adv: TriggerSearch, inp: AttackInputs) -> torch.Tensor:
+    fams = adv.active_families(inp.x)
+    return (adv._assign(inp, fams) == fams.index("sparse")).nonzero().squeeze(1)
+
+
+def test_batch_steps_forward_only_the_sparse_rows_after_the_shared_steps() -> None:
+    """Default ``batch_steps`` 2 of ``steps`` 5: 2 forwards of the whole batch, then 3 of the sparse
+    rows only (the mask family off so that no scan forwards are counted)."""
+    enc, x = _encoder(), torch.rand(48, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    for batch_steps, steps in ((2, 5), (0, 5), (7, 5), (1, 1), (2, 0)):
+        cfg = PurifyConfig(
+            adversary_options={"mask_weight": 0.0, "batch_steps": batch_steps}, steps=steps, seed=3
+        ).validate()
+        counted, adv = _CountingEncoder(enc), TriggerSearch(cfg)
+        inp = _inputs(enc, x, cfg)
+        n_sparse = _sparse_rows(adv, inp).numel()
+        assert 0 < n_sparse < 48
+        adv(AttackInputs(counted, x, inp.clean_features, inp.indices, 0, None, cfg))
+        shared = min(steps, batch_steps or steps)
+        assert counted.images == 48 * shared + n_sparse * (steps - shared), (batch_steps, steps)
+
+
+def test_sparse_only_steps_are_whole_batch_steps_with_the_other_families_stopped() -> None:
+    """After the shared steps, a sparse row's gradient is that of the whole-batch loss in which the
+    other rows keep the features of the last shared forward: recomputed here with whole-batch
+    forwards, the result is the same."""
+    enc, x = _encoder(4), torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    cfg = PurifyConfig(adversary_options={"batch_steps": 2}, steps=4, seed=5).validate()
+    fast = TriggerSearch(cfg)(_inputs(enc, x, cfg))
+
+    ref = TriggerSearch(cfg)
+    inp = _inputs(enc, x, cfg)
+    rows = _sparse_rows(TriggerSearch(cfg), inp)
+    assert 0 < rows.numel() < 40
+    st = ref.begin(inp)
+    z_last = None
+    for k in range(4):
+        x_adv, leaves = ref.compose(st, leaves=True)
+        z = enc(x_adv).flatten(1).float()
+        if k < 2:
+            z_last = z.detach()
+        else:  # the other rows: the features of the last shared forward
+            keep = torch.ones(40, dtype=torch.bool)
+            keep[rows] = False
+            z = torch.where(keep[:, None], z_last, z)
+        loss = cbd_nt_xent(z, inp.clean_features, cfg.temperature)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        if k < 2:
+            ref.ascend(st, leaves, list(grads), z)
+        else:  # the sparse rows' leaf is the second one (after the PGD rows')
+            assert grads[1].shape[0] == rows.numel()
+            with torch.no_grad():
+                st.x_s = sparse_step(st.x_s0, st.x_s.detach(), grads[1], 1.0, st.sparse_pixels)
+    slow, _ = ref.compose(st, leaves=False)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert not torch.equal(fast, TriggerSearch(cfg.replace(adversary_options={"batch_steps": 0}))(inp))
+
+
+def test_batch_steps_is_validated() -> None:
+    for bad in (-1, 1.5, "2"):
+        with pytest.raises((ValueError, TypeError), match="batch_steps"):
+            _cfg(batch_steps=bad)
+    assert TriggerSearch.check_options({"batch_steps": 0})["batch_steps"] == 0

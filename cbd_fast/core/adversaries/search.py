@@ -25,10 +25,15 @@ move the features most become the initial masks; the gradient then reshapes the 
 its area budget.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
-``steps`` times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean anchors)``,
-one backward giving the per-sample gradients and every universal parameter's gradient; signed
-gradient ascent then projection on each family's set. Cost: ``steps`` forward+backward passes of
-the batch, the same as per-sample PGD.
+``batch_steps`` (2) times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean
+anchors)``, one backward giving the per-sample gradients and every universal parameter's gradient;
+signed gradient ascent then projection on each family's set. The sparse rows then take the rest of
+``steps`` (5) alone: a forward of those rows only, the other rows' features held at those of the last
+shared forward in the same NT-Xent batch. The universal families persist and are refined on every batch,
+and an L-inf PGD row reaches its ball in a few steps; the L0 search picks its pixels step by step
+and is the one that needs the steps (``docs/method.md`` 4.20). Cost: ``2 * batch_steps + 2 * s *
+(steps - batch_steps)`` passes of the batch for a sparse share s, against ``2 * steps`` for
+per-sample PGD.
 
 Budget by measurement: a family's share of the batch is ``min_share`` plus the rest split in
 proportion to ``weight_f * strength_f``, where ``strength_f`` is an exponential moving average
@@ -169,15 +174,10 @@ class TriggerSearch(Adversary):
             0.08, float, 1e-4, 1.0, doc="largest share of pixels the sparse family changes"
         ),
         "sparse_step": Option(1.0, float, 1e-3, 1.0, doc="the sparse family's largest move per step"),
-        "sparse_steps": Option(
-            None, int, 1, 100,
-            doc="attack steps of the sparse rows (None: config.steps); the steps beyond config.steps "
-            "forward only those rows",
-        ),
-        "carry": Option(
-            0, int, 0, 2,
-            doc="per-sample starts from the image's last perturbation of the same family (1; 2: and "
-            "an assignment that does not change with the epoch); 0: fresh starts every batch",
+        "batch_steps": Option(
+            2, int, 0,
+            doc="of config.steps, how many attack the whole batch; the rest forward only the sparse "
+            "rows (0: all)",
         ),
     }
 
@@ -202,9 +202,6 @@ class TriggerSearch(Adversary):
         self._params: dict[str, list[list[torch.Tensor]]] | None = None
         self._calls = 0
         self.scan_scores: list[tuple[float, int, int, int, str]] = []
-        #: carried per-sample perturbations: delta [N, C, H, W] and family tag [N] (0 none, 1 pgd, 2 sparse)
-        self._carry_delta: torch.Tensor | None = None
-        self._carry_tag: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -257,8 +254,9 @@ class TriggerSearch(Adversary):
 
     def _assign(self, inp: AttackInputs, families: list[str]) -> torch.Tensor:
         """[B] int64 family position (into ``families``) per image, from its own uniform number."""
-        epoch = 0 if self.options["carry"] == 2 else inp.epoch
-        u = per_sample_uniform(inp.indices, (), seed=int(self.config.seed), epoch=epoch, stream=_ASSIGN_STREAM)
+        u = per_sample_uniform(
+            inp.indices, (), seed=int(self.config.seed), epoch=inp.epoch, stream=_ASSIGN_STREAM
+        )
         sh = self.shares(families)
         edges = torch.tensor([sh[f] for f in families], dtype=torch.float64).cumsum(0)
         edges = (edges / edges[-1]).to(torch.float32).to(u.device)
@@ -459,13 +457,12 @@ class TriggerSearch(Adversary):
                 inp.indices[idx_p], x.shape[1:], seed=int(cfg.seed), epoch=inp.epoch, stream=_START_STREAM
             )
             x_p = random_start(x_p0, u, eps) if eps > 0 else x_p0.clone()
-            x_p = self._carried(inp.indices[idx_p], 1, x_p0, x_p, eps)
         # sparse rows: start at the clean images (delta = 0; the first step picks the pixels)
         idx_s = rows.get("sparse")
         x_s0 = x_s = None
         if idx_s is not None and idx_s.numel() > 0:
             x_s0 = x[idx_s].contiguous()
-            x_s = self._carried(inp.indices[idx_s], 2, x_s0, x_s0.clone(), None)
+            x_s = x_s0.clone()
         h, w = x.shape[-2:] if x.dim() == 4 else (1, 1)
         return _Attack(
             inp=inp,
@@ -563,9 +560,12 @@ class TriggerSearch(Adversary):
 
     def _sparse_only_steps(self, st: _Attack, z: torch.Tensor, extra: int) -> None:
         """``extra`` more steps of the sparse rows alone: each forwards only those rows; the other
-        rows keep their last features ``z`` [B, D] (detached) in the NT-Xent batch, so a sparse row's
-        gradient is the one the whole-batch loss gives it once the other families have stopped.
-        Every rank runs the same number of gathers (a rank without sparse rows forwards nothing)."""
+        rows keep ``z`` [B, D] float32 (detached), the features of the last shared forward (taken
+        before that step's update: no extra forward for them), in the same NT-Xent batch. A sparse
+        row's gradient is then the whole-batch loss's with the other families stopped
+        (``tests/core/test_trigger_search.py``). Every rank runs the same number of gathers (a rank
+        without sparse rows forwards nothing); the sparse family's strength statistic is taken at
+        the last of these steps."""
         cfg, inp = self.config, st.inp
         fam_s = st.families.index("sparse")
         for _ in range(extra):
@@ -586,52 +586,9 @@ class TriggerSearch(Adversary):
                 assert st.x_s0 is not None
                 st.x_s = sparse_step(st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels)
 
-    @torch.no_grad()
-    def _carried(
-        self, idx: torch.Tensor, tag: int, x0: torch.Tensor, start: torch.Tensor, eps: float | None
-    ) -> torch.Tensor:
-        """``start`` with the rows whose image last had family ``tag`` replaced by ``x0`` + that
-        perturbation (projected on the family's set: the eps ball for PGD, [0, 1] for both)."""
-        if not self.options["carry"] or self._carry_tag is None:
-            return start
-        n = self._carry_tag.shape[0]
-        ok = idx < n
-        hit = torch.zeros_like(ok)
-        hit[ok] = self._carry_tag[idx[ok]] == tag
-        if not bool(hit.any()):
-            return start
-        d = self._carry_delta[idx[hit]].to(x0.dtype)
-        if eps is not None:
-            d = d.clamp(-eps, eps)
-        start = start.clone()
-        start[hit] = (x0[hit] + d).clamp(0.0, 1.0)
-        return start
-
-    @torch.no_grad()
-    def _keep(self, idx: torch.Tensor, tag: int, x0: torch.Tensor, x_adv: torch.Tensor) -> None:
-        """Store ``x_adv - x0`` as the carried perturbation of images ``idx`` (family ``tag``)."""
-        need = int(idx.max()) + 1
-        if self._carry_tag is None or self._carry_tag.shape[0] < need:
-            size = max(need, 2 * (0 if self._carry_tag is None else self._carry_tag.shape[0]))
-            delta = torch.zeros((size, *x0.shape[1:]), dtype=torch.float32, device=x0.device)
-            tagt = torch.zeros(size, dtype=torch.int8, device=x0.device)
-            if self._carry_tag is not None:
-                delta[: self._carry_tag.shape[0]] = self._carry_delta
-                tagt[: self._carry_tag.shape[0]] = self._carry_tag
-            self._carry_delta, self._carry_tag = delta, tagt
-        assert self._carry_delta is not None
-        self._carry_delta[idx] = (x_adv.float() - x0.float())
-        self._carry_tag[idx] = tag
-
     def end(self, st: _Attack) -> None:
         """Keep the refined universal parameters and update the strengths from the (global)
         statistics of the last :meth:`ascend`."""
-        if self.options["carry"]:
-            ix = st.inp.indices
-            if st.x_p is not None and st.idx_p is not None:
-                self._keep(ix[st.idx_p], 1, st.x_p0, st.x_p)
-            if st.x_s is not None and st.idx_s is not None:
-                self._keep(ix[st.idx_s], 2, st.x_s0, st.x_s)
         stats = st.stats
         if st.inp.reduce is not None:
             stats = st.inp.reduce(stats)
@@ -651,18 +608,19 @@ class TriggerSearch(Adversary):
         gradients); returns the detached adversarial batch."""
         cfg = self.config
         st = self.begin(inp)
-        z = None
+        steps = int(cfg.steps)
+        shared = min(steps, self.options["batch_steps"] or steps)
         with attack_mode(inp.encoder), torch.enable_grad():
-            for _ in range(int(cfg.steps)):
+            z = None
+            for _ in range(shared):
                 x_adv, leaves = self.compose(st, leaves=True)
                 z = inp.encoder(x_adv).flatten(1).float()
                 zg = inp.gather(z) if inp.gather is not None else z
                 loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else []
                 self.ascend(st, leaves, list(grads), z)
-            extra = int(self.options["sparse_steps"] or cfg.steps) - int(cfg.steps)
-            if extra > 0 and z is not None and "sparse" in st.families:
-                self._sparse_only_steps(st, z.detach(), extra)
+            if steps > shared and z is not None and "sparse" in st.families:
+                self._sparse_only_steps(st, z.detach(), steps - shared)
         x_adv, _ = self.compose(st, leaves=False)
         self.end(st)
         return x_adv
