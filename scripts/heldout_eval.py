@@ -280,7 +280,8 @@ def merge_cell(old: dict | None, new: dict) -> dict:
         return new
     scores = ("acc", "asr")
     old_model, new_model = old.get("model_record") or {}, new.get("model_record") or {}
-    if old_model and new_model and any(old_model.get(k) != new_model.get(k) for k in scores):
+    # a score only one record holds (an older record without it) is not a change
+    if any(k in old_model and k in new_model and old_model[k] != new_model[k] for k in scores):
         return new
     kept = dict(old.get("results", {}))
     if not same_defaults(old.get("cbd_config"), new.get("cbd_config") or {}):

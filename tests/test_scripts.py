@@ -98,6 +98,10 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     assert same_model["results"] == old["results"]
     new_model = {"cbd_config": {"steps": 5}, "model_record": {**rec, "asr": 0.98}, "results": {"i_bau": 4}}
     assert mod.merge_cell(old_m, new_model)["results"] == {"i_bau": 4}
+    # an older record without the scores (seconds and settings only) is not another model
+    old_rec = {**old, "model_record": {"seconds": 700.0, "settings": {"eps": 0.1}}}
+    kept = mod.merge_cell(old_rec, {"cbd_config": {"steps": 5}, "model_record": rec, "results": {"i_bau": 4}})
+    assert kept["results"] == {**old["results"], "i_bau": 4}
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
