@@ -9,7 +9,6 @@ from torch import nn
 from cbd_fast import PurifyConfig
 from cbd_fast.core.adversaries import AttackInputs, TriggerSearch
 from cbd_fast.core.adversaries.search import FAMILIES
-from cbd_fast.ops.nt_xent import nt_xent as cbd_nt_xent
 from cbd_fast.core.adversaries.transforms import (
     additive,
     mask_blend,
@@ -19,6 +18,7 @@ from cbd_fast.core.adversaries.transforms import (
     upsample,
     warp_images,
 )
+from cbd_fast.ops.nt_xent import nt_xent as cbd_nt_xent
 
 
 def _encoder(seed: int = 0) -> nn.Module:

@@ -28,7 +28,7 @@ One attack per batch: every image is assigned one family; all of them are attack
 ``batch_steps`` (2) times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean
 anchors)``, one backward giving the per-sample gradients and every universal parameter's gradient;
 signed gradient ascent then projection on each family's set. The sparse rows then take the rest of
-``steps`` (5) alone: a forward of those rows only, the other rows' features held at those of the last
+``steps`` (7) alone: a forward of those rows only, the other rows' features held at those of the last
 shared forward in the same NT-Xent batch. The universal families persist and are refined on every batch,
 and an L-inf PGD row reaches its ball in a few steps; the L0 search picks its pixels step by step
 and is the one that needs the steps (``docs/method.md`` 4.20). Cost: ``2 * batch_steps + 2 * s *
@@ -175,7 +175,9 @@ class TriggerSearch(Adversary):
         ),
         "sparse_step": Option(1.0, float, 1e-3, 1.0, doc="the sparse family's largest move per step"),
         "batch_steps": Option(
-            2, int, 0,
+            2,
+            int,
+            0,
             doc="of config.steps, how many attack the whole batch; the rest forward only the sparse "
             "rows (0: all)",
         ),
@@ -581,10 +583,14 @@ class TriggerSearch(Adversary):
                 continue
             (g_s,) = torch.autograd.grad(loss, [leaf])
             with torch.no_grad():
-                shift = 1.0 - F.cosine_similarity(zs.detach(), inp.local_clean_features[st.idx_s].float(), dim=1)
+                shift = 1.0 - F.cosine_similarity(
+                    zs.detach(), inp.local_clean_features[st.idx_s].float(), dim=1
+                )
                 st.stats[fam_s, 0] = shift.double().sum()
                 assert st.x_s0 is not None
-                st.x_s = sparse_step(st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels)
+                st.x_s = sparse_step(
+                    st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels
+                )
 
     def end(self, st: _Attack) -> None:
         """Keep the refined universal parameters and update the strengths from the (global)
