@@ -546,8 +546,7 @@ class TriggerSearch(Adversary):
             )
         if st.x_s is not None:
             g_s, grads = grads[0], grads[1:]
-            assert st.x_s0 is not None
-            st.x_s = sparse_step(st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels)
+            self._sparse_ascend(st, g_s)
         flat = torch.cat([gr.reshape(-1) for gr in grads]) if grads else None
         if flat is not None and st.inp.reduce is not None:
             flat = st.inp.reduce(flat)  # the global gradient of the universal parameters
@@ -587,10 +586,12 @@ class TriggerSearch(Adversary):
                     zs.detach(), inp.local_clean_features[st.idx_s].float(), dim=1
                 )
                 st.stats[fam_s, 0] = shift.double().sum()
-                assert st.x_s0 is not None
-                st.x_s = sparse_step(
-                    st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels
-                )
+                self._sparse_ascend(st, g_s)
+
+    def _sparse_ascend(self, st: _Attack, g_s: torch.Tensor) -> None:
+        """One step of the sparse rows from their gradient ``g_s`` [n_s, C, H, W] (``sparse_step``)."""
+        assert st.x_s is not None and st.x_s0 is not None
+        st.x_s = sparse_step(st.x_s0, st.x_s.detach(), g_s, self.options["sparse_step"], st.sparse_pixels)
 
     def end(self, st: _Attack) -> None:
         """Keep the refined universal parameters and update the strengths from the (global)
