@@ -15,9 +15,10 @@ Providers: ``eager`` (``cbd_fast.ops.reference.nt_xent_reference``, the 2N x 2N 
 Modes: ``fwd`` (no autograd) and ``fwdbwd`` (both views require grad, ``backward()``).
 
 Cases: 2N in {512, 2048, 8192, 32768} x D in {128, 512, 2048} where affordable. CPU default: the
-target case 2N=4096, D=128 float32 plus a few small ones; ``CBD_BENCH_FULL=1`` adds the larger
-CPU cases (on CUDA: 2N=1024 D=128 and 2N=32768 D=128 bfloat16, 2N=4096 D=256 float32, 2N=8192
-D=2048 bfloat16); ``CBD_BENCH_QUICK=1`` keeps two tiny cases and 2 rounds (CI smoke run);
+target case 2N=4096, D=128 float32 plus a few small ones (2N=256: ``purify``'s default batch);
+``CBD_BENCH_FULL=1`` adds the larger CPU cases (on CUDA: 2N=1024 D=128 and 2N=32768 D=128
+bfloat16, 2N=4096 D=256 float32, 2N=8192 D=2048 bfloat16); ``CBD_BENCH_QUICK=1`` keeps two tiny
+cases and 2 rounds (CI smoke run);
 ``CBD_BENCH_PROVIDERS=eager,cpp`` restricts the providers; ``CBD_BENCH_ROUNDS`` sets the rounds;
 ``CBD_BENCH_THREADS=1`` sets torch's (and the cpp kernel's) CPU threads.
 CUDA: 2N=8192, D=512 bfloat16 (target: fwd+bwd >= 2x eager) and 2N=131072, D=512 bfloat16 without eager (its
@@ -71,6 +72,7 @@ elif QUICK:
     CASES = [(512, 128, torch.float32, None), (1024, 64, torch.float32, None)]
 else:
     CASES = [
+        (256, 128, torch.float32, None),  # purify's default batch (128 images and their anchors)
         (512, 128, torch.float32, None),
         (2048, 128, torch.float32, None),
         (4096, 128, torch.float32, None),  # the CPU target: cpp fwd+bwd >= 1.5x eager

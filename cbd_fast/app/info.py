@@ -8,7 +8,7 @@ Example output (CPU machine, CPU build; abridged)::
       cuda_compiled      False
       cuda_reason        torch 2.13.0+cpu is a CPU-only build
       torch_version      2.13.0+cpu
-    compiled extension: loaded
+    compiled extension: loaded (CPU kernels: avx2)
     runtime: python 3.11.7, torch 2.13.0+cpu (CUDA None), GPUs visible 0, triton 3.9.0, ...
     backends for cpu tensors:
       cuda    no   the compiled extension was built without CUDA kernels
@@ -47,6 +47,7 @@ def collect() -> dict[str, Any]:
 
     Returns:
         ``{"version", "package_dir", "build": <build record>, "extension_error": str | None,
+        "cpu_isa": str | None (the CPU kernels' instruction set),
         "runtime": {"torch", "torch_cuda", "cuda_available", "gpu_count", "triton",
         "triton_interpret"}, "backends": {device: {backend: None | reason}}}``.
         Asking whether CUDA is available initialises nothing but the driver query.
@@ -67,6 +68,7 @@ def collect() -> dict[str, Any]:
         "package_dir": os.path.dirname(os.path.abspath(cbd_fast.__file__)),
         "build": dict(build_info()),
         "extension_error": _ext.load_error(),
+        "cpu_isa": _ext.cpu_isa(),
         "runtime": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -97,7 +99,9 @@ def format_report(info: dict[str, Any]) -> str:
     for key in sorted(build):
         lines.append(f"  {key:<{width}}  {_fmt(build[key])}")
     ext_err = info["extension_error"]
-    lines.append(f"compiled extension: {'loaded' if ext_err is None else 'not loaded: ' + ext_err}")
+    isa = info.get("cpu_isa")
+    loaded = "loaded" + (f" (CPU kernels: {isa})" if isa else "")
+    lines.append(f"compiled extension: {loaded if ext_err is None else 'not loaded: ' + ext_err}")
     rt = info["runtime"]
     lines.append(
         f"runtime: python {rt['python']}, torch {rt['torch']} (CUDA {rt['torch_cuda']}), "

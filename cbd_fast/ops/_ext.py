@@ -12,7 +12,7 @@ import importlib
 import os
 from types import ModuleType
 
-__all__ = ["load", "load_error", "has_cuda", "has_kernel", "NATIVE_OPS"]
+__all__ = ["load", "load_error", "cpu_isa", "has_cuda", "has_kernel", "NATIVE_OPS"]
 
 _state: dict[str, object] = {}
 
@@ -39,6 +39,13 @@ def load_error() -> str | None:
     """Why the extension could not be loaded, or None when it loaded."""
     load()
     return _state["error"]  # type: ignore[return-value]
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the compiled CPU NT-Xent kernel runs with here (``"avx512"``, ``"avx2"``
+    or ``"baseline"``: each has its own register tile), or None without the extension."""
+    module = load()
+    return None if module is None else getattr(module, "cpu_isa", None)
 
 
 #: The native ops behind each public op, as registered by the extension (csrc/torch/ops.cpp).

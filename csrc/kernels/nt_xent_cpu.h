@@ -17,7 +17,8 @@
 //
 // Vectorisation: the two micro-kernels below have fixed-size accumulators that GCC/Clang
 // vectorise; on x86-64 the float entry points are compiled three times (AVX-512, AVX2+FMA,
-// baseline) and picked at run time with __builtin_cpu_supports: no -march flag is needed.
+// baseline), each with a micro-tile sized for its registers (Tile), and picked at run time with
+// __builtin_cpu_supports: no -march flag is needed.
 //
 // NaN/Inf: a NaN anywhere in a row's scores makes that row's lse NaN (so the loss is NaN); no
 // input crashes. Do not compile this file with -ffast-math (the exp below relies on exact rounding).
@@ -43,12 +44,26 @@
 namespace cbd_fast {
 namespace nt_xent_cpu {
 
-constexpr int64_t kBlockRows = 64;  // rows of u per block (register-blocked by kMR)
-constexpr int64_t kBlockCols = 64;  // columns of the score tile (register-blocked by kNR)
-constexpr int kMR = 8;              // score micro-tile: kMR rows x kNR columns of accumulators
-constexpr int kNR = 16;
-constexpr int kWR = 4;   // W @ U micro-tile: kWR rows x kWD features of accumulators
-constexpr int kWD = 32;
+constexpr int64_t kBlockRows = 64;  // rows of u per block (register-blocked by MR)
+constexpr int64_t kBlockCols = 64;  // columns of the score tile (register-blocked by NR)
+
+// The micro-tile: MR rows x NR columns of accumulators, the NR columns held as one GCC/Clang
+// vector. NR is one native vector register of the ISA the variant is compiled for: a wider vector
+// is lowered to several registers and ran 2.9-3.8x slower (AVX2, fwd + bwd at 2N = 256-4096, D = 128
+// and 512: the 8 x 16 float tile against 8 x 8; SSE2: 8 x 8 against 8 x 4; double: 4 x 8 against
+// 8 x 2; benchmarks/NOTES.md 3.1). MR and NR divide kBlockRows and kBlockCols (the block loops
+// step by them without tails).
+template <int MR_, int NR_>
+struct Tile {
+  static constexpr int MR = MR_;
+  static constexpr int NR = NR_;
+  static_assert(kBlockRows % MR == 0 && kBlockCols % MR == 0, "MR must divide the blocks");
+  static_assert(kBlockRows % NR == 0 && kBlockCols % NR == 0, "NR must divide the blocks");
+};
+using TileAvx512 = Tile<8, 16>;  // 16 floats = 1 zmm; 8 accumulators of the 32 zmm
+using TileAvx2 = Tile<8, 8>;     // 8 floats = 1 ymm; 8 accumulators of the 16 ymm
+using TileBase = Tile<8, 4>;     // 4 floats = 1 xmm (SSE2); 8 of the 16 xmm
+using TileF64 = Tile<8, 2>;      // double, compiled for the baseline: 2 doubles = 1 xmm
 
 // exp(x) for float without libm, vectorisable: exp(x) = 2^k * exp(r), k = round(x / ln 2),
 // r = x - k ln 2 in [-ln2/2, ln2/2] (ln 2 split in two for an exact product), exp(r) by its
@@ -102,14 +117,15 @@ CBD_NTX_INLINE void pack_transposed(const Rows<T>& u, int64_t i0, int64_t rows, 
   }
 }
 
-// C[r][j] (+)= sum_k Ap[k][r] * Bp[k][j] for one kMR x kNR micro-tile, Ap and Bp "packed
+// C[r][j] (+)= sum_k Ap[k][r] * Bp[k][j] for one Tl::MR x Tl::NR micro-tile, Ap and Bp "packed
 // transposed" (k-major). Used for (1) the score tile (k = feature) and for (4) W @ U (k = column).
-template <typename T, bool kAccumulate>
+template <typename T, typename Tl, bool kAccumulate>
 CBD_NTX_INLINE void micro_kernel(const T* __restrict__ ap, int64_t lda, const T* __restrict__ bp,
                                  int64_t ldb, int64_t kdim, T* __restrict__ c, int64_t ldc) {
-  // kNR columns as one GCC/Clang vector (split into the target's registers: 1 zmm, 2 ymm, 4 xmm):
+  // NR columns as one GCC/Clang vector (split into the target's registers, see Tile):
   // acc[r] += broadcast(a[r]) * b, the register-blocked outer product of a GEMM micro-kernel.
-  typedef T Vec __attribute__((vector_size(sizeof(T) * kNR)));
+  constexpr int kMR = Tl::MR;
+  typedef T Vec __attribute__((vector_size(sizeof(T) * Tl::NR)));
   Vec acc[kMR];
   for (int r = 0; r < kMR; ++r) {
     if (kAccumulate) {
@@ -129,32 +145,24 @@ CBD_NTX_INLINE void micro_kernel(const T* __restrict__ ap, int64_t lda, const T*
 }
 
 // (1) St[c][r] = sum_k Bp[k][c] * Ap[k][r]: the score tile, transposed ([nbp][mbp]) so that the
-// weights of (4) come out k-major for the W @ U product. mbp % kNR == 0 and nbp % kMR == 0.
-template <typename T>
+// weights of (4) come out k-major for the W @ U product. mbp % NR == 0 and nbp % MR == 0.
+template <typename T, typename Tl>
 CBD_NTX_INLINE void score_block_t(const T* ap, int64_t mbp, const T* bp, int64_t nbp, int64_t d, T* st) {
-  for (int64_t c0 = 0; c0 < nbp; c0 += kMR)
-    for (int64_t r0 = 0; r0 < mbp; r0 += kNR)
-      micro_kernel<T, false>(bp + c0, nbp, ap + r0, mbp, d, st + c0 * mbp + r0, mbp);
-}
-
-// (1) S[r][c] = sum_k Ap[k][r] * Bp[k][c]: the score tile [mbp][nbp] (mbp % kMR == 0, nbp % kNR == 0).
-template <typename T>
-CBD_NTX_INLINE void score_block(const T* ap, int64_t mbp, const T* bp, int64_t nbp, int64_t d, T* s) {
-  for (int64_t r0 = 0; r0 < mbp; r0 += kMR)
-    for (int64_t c0 = 0; c0 < nbp; c0 += kNR)
-      micro_kernel<T, false>(ap + r0, mbp, bp + c0, nbp, d, s + r0 * nbp + c0, nbp);
+  for (int64_t c0 = 0; c0 < nbp; c0 += Tl::MR)
+    for (int64_t r0 = 0; r0 < mbp; r0 += Tl::NR)
+      micro_kernel<T, Tl, false>(bp + c0, nbp, ap + r0, mbp, d, st + c0 * mbp + r0, mbp);
 }
 
 // (4) acc[r][:] += sum_{c < nb} Wt[c][r] * ub[c][:] for r < mbp; Wt is [nb][mbp], ub row-major [nb, d].
-template <typename T>
+template <typename T, typename Tl>
 CBD_NTX_INLINE void wu_block(const T* wt, int64_t mbp, const T* ub, int64_t nb, int64_t d, T* acc) {
-  const int64_t d_main = d - d % kNR;
-  for (int64_t r0 = 0; r0 < mbp; r0 += kMR) {
-    for (int64_t x0 = 0; x0 < d_main; x0 += kNR)
-      micro_kernel<T, true>(wt + r0, mbp, ub + x0, d, nb, acc + r0 * d + x0, d);
-    for (int64_t c = 0; c < nb && d_main < d; ++c) {  // feature tail (d % kNR columns)
+  const int64_t d_main = d - d % Tl::NR;
+  for (int64_t r0 = 0; r0 < mbp; r0 += Tl::MR) {
+    for (int64_t x0 = 0; x0 < d_main; x0 += Tl::NR)
+      micro_kernel<T, Tl, true>(wt + r0, mbp, ub + x0, d, nb, acc + r0 * d + x0, d);
+    for (int64_t c = 0; c < nb && d_main < d; ++c) {  // feature tail (d % NR columns)
       const T* urow = ub + c * d;
-      for (int r = 0; r < kMR; ++r) {
+      for (int r = 0; r < Tl::MR; ++r) {
         const T w = wt[c * mbp + r0 + r];
         T* out = acc + (r0 + r) * d;
         for (int64_t x = d_main; x < d; ++x) out[x] += w * urow[x];
@@ -185,17 +193,16 @@ CBD_NTX_INLINE T dot(const T* x, const T* y, int64_t d) {
 }
 
 // Forward over the rows [r0, r1) of u: lse[i] (2) and term[i] = lse_i - s_{i,p(i)} (3).
-template <typename T>
+template <typename T, typename Tl>
 CBD_NTX_INLINE void fwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d, T inv_temp, int64_t r0,
                                   int64_t r1, T* lse, T* term) {
   const Rows<T> u{za, zb, n, d};
-  const int64_t mbp = round_up(kBlockRows, kMR), nbp = round_up(kBlockCols, kNR);
+  constexpr int64_t mbp = kBlockRows, nbp = kBlockCols;  // Tile: MR and NR divide both
   std::vector<T> ap(static_cast<size_t>(d * mbp)), bp(static_cast<size_t>(d * nbp)),
       s(static_cast<size_t>(mbp * nbp));
   const T neg_inf = -std::numeric_limits<T>::infinity();
   // per-row state, vectorised across the rows of the block (the score tile is stored transposed)
-  constexpr int64_t kRows = round_up(kBlockRows, kMR);
-  T m[kRows], l[kRows], tmax[kRows], shift[kRows], rescale[kRows], sum[kRows];
+  T m[mbp], l[mbp], tmax[mbp], shift[mbp], rescale[mbp], sum[mbp];
 
   for_each_block(n, r0, r1, [&](int64_t i0, int64_t rows) {
     pack_transposed(u, i0, rows, mbp, inv_temp, ap.data());  // inv_temp folded into the A pack
@@ -206,7 +213,7 @@ CBD_NTX_INLINE void fwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
     for (int64_t j0 = 0; j0 < 2 * n;) {
       const int64_t nb = std::min<int64_t>(kBlockCols, (j0 < n ? n : 2 * n) - j0);
       pack_transposed(u, j0, nb, nbp, T(1), bp.data());
-      score_block_t(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) St[c][r], c < nb
+      score_block_t<T, Tl>(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) St[c][r], c < nb
       for (int64_t c = 0; c < nb; ++c) {  // j != i
         const int64_t r = j0 + c - i0;
         if (r >= 0 && r < rows) s[c * mbp + r] = neg_inf;
@@ -246,14 +253,14 @@ CBD_NTX_INLINE void fwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
 
 // Backward over the rows [r0, r1) of u (4): writes coef * (sum_j W_kj u_j - 2 u_p(k)) to ga[k]
 // (k < n) or gb[k - n]; coef = grad * inv_temp / (2n). ga/gb may be null for a side not in range.
-template <typename T>
+template <typename T, typename Tl>
 CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d, T inv_temp, const T* lse,
                                   T coef, int64_t r0, int64_t r1, T* ga, T* gb) {
   const Rows<T> u{za, zb, n, d};
-  const int64_t mbp = round_up(kBlockRows, kMR), nbp = round_up(kBlockCols, kNR);
+  constexpr int64_t mbp = kBlockRows, nbp = kBlockCols;  // Tile: MR and NR divide both
   std::vector<T> ap(static_cast<size_t>(d * mbp)), bp(static_cast<size_t>(d * nbp)),
       s(static_cast<size_t>(mbp * nbp)), acc(static_cast<size_t>(mbp * d));
-  T lk[round_up(kBlockRows, kMR)];
+  T lk[mbp];
 
   for_each_block(n, r0, r1, [&](int64_t i0, int64_t rows) {
     pack_transposed(u, i0, rows, mbp, inv_temp, ap.data());
@@ -262,7 +269,7 @@ CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
     for (int64_t j0 = 0; j0 < 2 * n;) {
       const int64_t nb = std::min<int64_t>(kBlockCols, (j0 < n ? n : 2 * n) - j0);
       pack_transposed(u, j0, nb, nbp, T(1), bp.data());
-      score_block_t(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) recomputed, transposed
+      score_block_t<T, Tl>(ap.data(), mbp, bp.data(), nbp, d, s.data());  // (1) recomputed, transposed
       // (4) Wt[c][r] = exp(s_kj - lse_k) + exp(s_kj - lse_j) with k = i0 + r, j = j0 + c; 0 on the
       // diagonal and in the column padding (padding rows r >= rows are computed but never stored)
       for (int64_t c = 0; c < nbp; ++c) {
@@ -276,7 +283,7 @@ CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
         const int64_t diag = j0 + c - i0;
         if (diag >= 0 && diag < rows) wrow[diag] = T(0);
       }
-      wu_block(s.data(), mbp, u.row(j0), nb, d, acc.data());  // acc += W @ u_J
+      wu_block<T, Tl>(s.data(), mbp, u.row(j0), nb, d, acc.data());  // acc += W @ u_J
       j0 += nb;
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -291,59 +298,68 @@ CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
 
 // ---- entry points: run-time ISA dispatch for float, plain for double ------------------------------
 
+#define CBD_NTX_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+
 #if CBD_NTX_X86
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) CBD_NTX_FLATTEN inline void
-fwd_rows_f32_avx512(const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1,
-                    float* lse, float* term) {
-  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+__attribute__((target(CBD_NTX_AVX512))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx512(
+    const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
+    float* term) {
+  fwd_rows_impl<float, TileAvx512>(za, zb, n, d, it, r0, r1, lse, term);
 }
 __attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx2(
     const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
     float* term) {
-  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+  fwd_rows_impl<float, TileAvx2>(za, zb, n, d, it, r0, r1, lse, term);
 }
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) CBD_NTX_FLATTEN inline void
-bwd_rows_f32_avx512(const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse,
-                    float coef, int64_t r0, int64_t r1, float* ga, float* gb) {
-  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+__attribute__((target(CBD_NTX_AVX512))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx512(
+    const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse, float coef,
+    int64_t r0, int64_t r1, float* ga, float* gb) {
+  bwd_rows_impl<float, TileAvx512>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
 }
 __attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx2(
     const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse, float coef,
     int64_t r0, int64_t r1, float* ga, float* gb) {
-  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+  bwd_rows_impl<float, TileAvx2>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
 }
 #endif
 
 CBD_NTX_FLATTEN inline void fwd_rows_f32_base(const float* za, const float* zb, int64_t n, int64_t d, float it,
                                                int64_t r0, int64_t r1, float* lse, float* term) {
-  fwd_rows_impl<float>(za, zb, n, d, it, r0, r1, lse, term);
+  fwd_rows_impl<float, TileBase>(za, zb, n, d, it, r0, r1, lse, term);
 }
 CBD_NTX_FLATTEN inline void bwd_rows_f32_base(const float* za, const float* zb, int64_t n, int64_t d, float it,
                                                const float* lse, float coef, int64_t r0, int64_t r1, float* ga,
                                                float* gb) {
-  bwd_rows_impl<float>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
+  bwd_rows_impl<float, TileBase>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
 }
 
 enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// Which instruction set the float kernels use on this machine (checked once).
-inline Isa isa() {
+// Whether this machine can run the float kernels compiled for `level`.
+inline bool supported(Isa level) {
 #if CBD_NTX_X86
-  static const Isa level = [] {
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kBaseline;
-  }();
-  return level;
+  switch (level) {
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    default: return true;
+  }
 #else
-  return Isa::kBaseline;
+  return level == Isa::kBaseline;
 #endif
 }
 
-inline const char* isa_name() {
-  switch (isa()) {
+// Which instruction set the float kernels use on this machine (checked once): the widest supported.
+inline Isa isa() {
+  static const Isa level = supported(Isa::kAvx512) ? Isa::kAvx512
+                           : supported(Isa::kAvx2) ? Isa::kAvx2
+                                                   : Isa::kBaseline;
+  return level;
+}
+
+inline const char* isa_name(Isa level = isa()) {
+  switch (level) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "baseline";
@@ -352,35 +368,38 @@ inline const char* isa_name() {
 
 // Forward over rows [r0, r1) of u = [za; zb]: lse[i] = log sum_{j != i} exp(s_ij) and
 // term[i] = lse[i] - s_{i,p(i)}; the loss is sum(term) / (2n). Arrays: za, zb [n, d]; lse, term [2n].
+// `level` (default: this machine's) must be supported(); tests pass each supported level.
 inline void fwd_rows(const float* za, const float* zb, int64_t n, int64_t d, float inv_temp, int64_t r0,
-                     int64_t r1, float* lse, float* term) {
+                     int64_t r1, float* lse, float* term, Isa level = isa()) {
 #if CBD_NTX_X86
-  if (isa() == Isa::kAvx512) return fwd_rows_f32_avx512(za, zb, n, d, inv_temp, r0, r1, lse, term);
-  if (isa() == Isa::kAvx2) return fwd_rows_f32_avx2(za, zb, n, d, inv_temp, r0, r1, lse, term);
+  if (level == Isa::kAvx512) return fwd_rows_f32_avx512(za, zb, n, d, inv_temp, r0, r1, lse, term);
+  if (level == Isa::kAvx2) return fwd_rows_f32_avx2(za, zb, n, d, inv_temp, r0, r1, lse, term);
 #endif
   fwd_rows_f32_base(za, zb, n, d, inv_temp, r0, r1, lse, term);
 }
 
 inline void fwd_rows(const double* za, const double* zb, int64_t n, int64_t d, double inv_temp, int64_t r0,
                      int64_t r1, double* lse, double* term) {
-  fwd_rows_impl<double>(za, zb, n, d, inv_temp, r0, r1, lse, term);
+  fwd_rows_impl<double, TileF64>(za, zb, n, d, inv_temp, r0, r1, lse, term);
 }
 
 // Backward over rows [r0, r1) of u: grad of the loss scaled so that coef = grad * inv_temp / (2n);
 // rows k < n go to ga[k] ([n, d]), rows k >= n to gb[k - n]. lse is the forward's [2n] output.
 inline void bwd_rows(const float* za, const float* zb, int64_t n, int64_t d, float inv_temp, const float* lse,
-                     float coef, int64_t r0, int64_t r1, float* ga, float* gb) {
+                     float coef, int64_t r0, int64_t r1, float* ga, float* gb, Isa level = isa()) {
 #if CBD_NTX_X86
-  if (isa() == Isa::kAvx512) return bwd_rows_f32_avx512(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
-  if (isa() == Isa::kAvx2) return bwd_rows_f32_avx2(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+  if (level == Isa::kAvx512) return bwd_rows_f32_avx512(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+  if (level == Isa::kAvx2) return bwd_rows_f32_avx2(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
 #endif
   bwd_rows_f32_base(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
 }
 
 inline void bwd_rows(const double* za, const double* zb, int64_t n, int64_t d, double inv_temp,
                      const double* lse, double coef, int64_t r0, int64_t r1, double* ga, double* gb) {
-  bwd_rows_impl<double>(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
+  bwd_rows_impl<double, TileF64>(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
 }
+
+#undef CBD_NTX_AVX512
 
 }  // namespace nt_xent_cpu
 }  // namespace cbd_fast

@@ -76,8 +76,27 @@ std::vector<double> normalized_rows(int64_t n, int64_t d, std::mt19937& gen) {
   return x;
 }
 
+// The core's entry points at ISA `level` (float: each compiled variant; double has one).
+void fwd(const float* a, const float* b, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
+         float* term, ntx::Isa level) {
+  ntx::fwd_rows(a, b, n, d, it, r0, r1, lse, term, level);
+}
+void fwd(const double* a, const double* b, int64_t n, int64_t d, double it, int64_t r0, int64_t r1,
+         double* lse, double* term, ntx::Isa) {
+  ntx::fwd_rows(a, b, n, d, it, r0, r1, lse, term);
+}
+void bwd(const float* a, const float* b, int64_t n, int64_t d, float it, const float* lse, float coef,
+         int64_t r0, int64_t r1, float* ga, float* gb, ntx::Isa level) {
+  ntx::bwd_rows(a, b, n, d, it, lse, coef, r0, r1, ga, gb, level);
+}
+void bwd(const double* a, const double* b, int64_t n, int64_t d, double it, const double* lse, double coef,
+         int64_t r0, int64_t r1, double* ga, double* gb, ntx::Isa) {
+  ntx::bwd_rows(a, b, n, d, it, lse, coef, r0, r1, ga, gb);
+}
+
 template <typename T>
-void check_case(int64_t n, int64_t d, double temperature, std::mt19937& gen, bool identical_rows = false) {
+void check_case(int64_t n, int64_t d, double temperature, std::mt19937& gen, ntx::Isa level,
+                bool identical_rows = false) {
   std::vector<double> za = normalized_rows(n, d, gen), zb = normalized_rows(n, d, gen);
   if (identical_rows)
     for (int64_t i = 1; i < n; ++i)
@@ -89,19 +108,20 @@ void check_case(int64_t n, int64_t d, double temperature, std::mt19937& gen, boo
   std::vector<T> lse(2 * n, T(-999)), term(2 * n, T(-999)), ga(n * d, T(-999)), gb(n * d, T(-999));
   // two calls with a split that is not a block multiple: exercises range handling
   const int64_t mid = (2 * n) / 3;
-  ntx::fwd_rows(a.data(), b.data(), n, d, T(it), 0, mid, lse.data(), term.data());
-  ntx::fwd_rows(a.data(), b.data(), n, d, T(it), mid, 2 * n, lse.data(), term.data());
+  fwd(a.data(), b.data(), n, d, T(it), 0, mid, lse.data(), term.data(), level);
+  fwd(a.data(), b.data(), n, d, T(it), mid, 2 * n, lse.data(), term.data(), level);
   const T coef = T(grad * it / (2.0 * n));
-  ntx::bwd_rows(a.data(), b.data(), n, d, T(it), lse.data(), coef, 0, mid, ga.data(), gb.data());
-  ntx::bwd_rows(a.data(), b.data(), n, d, T(it), lse.data(), coef, mid, 2 * n, ga.data(), gb.data());
+  bwd(a.data(), b.data(), n, d, T(it), lse.data(), coef, 0, mid, ga.data(), gb.data(), level);
+  bwd(a.data(), b.data(), n, d, T(it), lse.data(), coef, mid, 2 * n, ga.data(), gb.data(), level);
 
   const bool f32 = sizeof(T) == 4;
   const double atol = f32 ? 2e-4 * it : 1e-10, rtol = f32 ? 1e-4 : 1e-10;
   double gscale = 0;  // gradients: absolute tolerance relative to their magnitude
   for (double g : want.ga) gscale = std::max(gscale, std::fabs(g));
   const double gtol = f32 ? 1e-4 * gscale + 1e-7 : 1e-10;
-  std::printf("  n=%lld d=%lld tau=%g %s%s\n", static_cast<long long>(n), static_cast<long long>(d),
-              temperature, f32 ? "float" : "double", identical_rows ? " identical" : "");
+  std::printf("  n=%lld d=%lld tau=%g %s%s%s\n", static_cast<long long>(n), static_cast<long long>(d),
+              temperature, f32 ? "float " : "double", f32 ? ntx::isa_name(level) : "",
+              identical_rows ? " identical" : "");
   CBD_CHECK_CLOSE(lse.data(), want.lse.data(), static_cast<size_t>(2 * n), atol, rtol);
   CBD_CHECK_CLOSE(term.data(), want.term.data(), static_cast<size_t>(2 * n), atol, rtol);
   CBD_CHECK_CLOSE(ga.data(), want.ga.data(), static_cast<size_t>(n * d), gtol, rtol);
@@ -109,7 +129,7 @@ void check_case(int64_t n, int64_t d, double temperature, std::mt19937& gen, boo
 
   // only-a backward: rows [0, n) write ga and never touch gb
   std::vector<T> ga2(n * d, T(-999)), gb2(n * d, T(-999));
-  ntx::bwd_rows(a.data(), b.data(), n, d, T(it), lse.data(), coef, 0, n, ga2.data(), gb2.data());
+  bwd(a.data(), b.data(), n, d, T(it), lse.data(), coef, 0, n, ga2.data(), gb2.data(), level);
   CBD_CHECK_CLOSE(ga2.data(), want.ga.data(), static_cast<size_t>(n * d), gtol, rtol);
   bool untouched = true;
   for (T v : gb2) untouched = untouched && v == T(-999);
@@ -153,10 +173,15 @@ int main() {
   const int64_t shapes[][2] = {{2, 1}, {3, 3}, {17, 64}, {64, 128}, {70, 257}, {129, 33}};
   const double temps[] = {0.05, 0.1, 0.5, 1.0};
   int t = 0;
-  for (const auto& sh : shapes) {
-    check_case<float>(sh[0], sh[1], temps[t++ % 4], gen);
-    check_case<double>(sh[0], sh[1], temps[t++ % 4], gen);
+  for (const auto& sh : shapes) check_case<double>(sh[0], sh[1], temps[t++ % 4], gen, ntx::isa());
+  // every float variant this machine can run (each has its own micro-tile)
+  for (ntx::Isa level : {ntx::Isa::kBaseline, ntx::Isa::kAvx2, ntx::Isa::kAvx512}) {
+    if (!ntx::supported(level)) {
+      std::printf("  %s: not supported here, skipped\n", ntx::isa_name(level));
+      continue;
+    }
+    for (const auto& sh : shapes) check_case<float>(sh[0], sh[1], temps[t++ % 4], gen, level);
+    check_case<float>(40, 16, 0.1, gen, level, /*identical_rows=*/true);
   }
-  check_case<float>(40, 16, 0.1, gen, /*identical_rows=*/true);
   return cbd_test::finish("test_nt_xent_core");
 }

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cbd_fast
+from cbd_fast.app.info import format_report
 from cbd_fast.ops import _ext
 from cbd_fast.ops import build_info as build_info_module
 from cbd_fast.ops.backends import BACKENDS
@@ -128,6 +129,9 @@ def test_info_json_and_interpreter() -> None:
         assert cpu["triton"] is None, cpu
     if RECORD["extension_built"] and not EXT_DISABLED:
         assert cpu["cpp"] is None, cpu
+        # the instruction set the CPU kernel dispatched to, and the report line that names it
+        assert info["cpu_isa"] in ("avx512", "avx2", "baseline"), info["cpu_isa"]
+        assert f"(CPU kernels: {info['cpu_isa']})" in format_report(info)
     if not torch.cuda.is_available():
         assert "no CUDA device" in info["backends"]["cuda"]["triton"]
 
@@ -137,6 +141,7 @@ def test_info_shows_why_the_extension_is_missing() -> None:
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert "CBD_FAST_DISABLE_EXT" in info["extension_error"]
+    assert info["cpu_isa"] is None
     assert "CBD_FAST_DISABLE_EXT" in info["backends"]["cpu"]["cpp"]
     assert "CBD_FAST_DISABLE_EXT" in info["backends"]["cuda"]["cuda"]
 
