@@ -4,6 +4,7 @@
     python scripts/tune_defaults.py --tag search --set adversary=trigger_search --jobs 2
     python scripts/tune_defaults.py --tag search_e6 --set adversary=trigger_search epochs=6
     python scripts/tune_defaults.py --tag r8 --arch resnet8 --attacks badnets,pixels
+    python scripts/tune_defaults.py --tag base --attacks badnets,wanet --run-seeds 0,1,2
 
 Runs ``cbd_fast.purify`` (the library defaults, updated with ``--set``) on every dev attack's
 tuning-seed model (``cbd_fast.evaluation.protocol``: dev attacks, tuning seeds, validation
@@ -11,7 +12,10 @@ images; anything else is refused) and appends one JSON line per (attack, seed) t
 ``runs/tune/results.jsonl``: ACC / ASR before and after on the 5,000 validation images, the
 seconds and the settings. ``--arch`` picks the dev models' architecture: ``fmnistnet`` (default)
 or another zoo architecture, whose dev models all come from the zoo (``runs/zoo/{arch}``, trained
-when missing). ``--summary`` prints a table of every tag (and architecture) tried.
+when missing). ``--run-seeds`` runs each attack once per ``PurifyConfig.seed`` (default: the model's
+seed): one run is noisy (``docs/method.md`` 4.21), so a choice should average several.
+``--summary`` prints a table of every tag (and architecture) tried, each cell the mean over the run
+seeds recorded for it (the latest record of each run seed).
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "tune" / "results.jsonl"
@@ -46,7 +52,12 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmnistnet") -> dict:
+def run_one(
+    attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmnistnet", run_seed: int | None = None
+) -> dict:
+    """One defense run of the dev model (``attack``, model ``seed``, ``arch``) with the defaults updated
+    by ``overrides``; ``PurifyConfig.seed`` is ``run_seed`` (None: the model's seed) unless
+    ``overrides`` sets it. Returns the JSON record (``run_seed`` included)."""
     import torch
 
     torch.set_num_threads(1)
@@ -61,8 +72,10 @@ def run_one(attack: str, seed: int, overrides: dict, tag: str, arch: str = "fmni
         return evaluate_backdoor(_classifier(backbone, head, probe), val.images, val.labels, trigger)
 
     before = evaluate(model.backbone)
-    cfg = PurifyConfig(**{"seed": seed, "progress": False, **overrides}).validate()
-    record = {"tag": tag, "arch": arch, "attack": attack, "seed": seed, "overrides": overrides}
+    cfg_seed = seed if run_seed is None else run_seed
+    cfg = PurifyConfig(**{"seed": cfg_seed, "progress": False, **overrides}).validate()
+    record = {"tag": tag, "arch": arch, "attack": attack, "seed": seed, "run_seed": cfg.seed}
+    record["overrides"] = overrides
     record["before"] = before
     t0 = time.perf_counter()
     try:
@@ -122,31 +135,67 @@ def _zoo_model(attack: str, arch: str, seed: int, train):  # noqa: ANN001, ANN20
     return model, trigger
 
 
+def _run_seed(r: dict) -> int:
+    """The defense run's ``PurifyConfig.seed`` of a record (older records: from its overrides or the
+    model seed)."""
+    return int(r.get("run_seed", r.get("overrides", {}).get("seed", r["seed"])))
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per tag (``tag@arch`` off ``fmnistnet``): per dev attack the mean ACC / ASR (%) over
+    its run seeds (the latest record of each run seed; None: not run; "stopped" when every run was
+    stopped), the run count, the mean ASR over the finished runs and the largest ACC drop."""
+    tags: dict[str, dict[tuple[str, int], dict]] = {}
+    for r in rows:  # later records of the same (attack, run seed) replace earlier ones
+        arch = r.get("arch", "fmnistnet")
+        name = r["tag"] if arch == "fmnistnet" else f"{r['tag']}@{arch}"
+        tags.setdefault(name, {})[(r["attack"], _run_seed(r))] = r
+    out = []
+    for name, by in tags.items():
+        cells: dict[str, Any] = {}
+        done = [r for r in by.values() if r["after"] is not None]
+        for a in DEV_ATTACKS:
+            rs = [r for (att, _), r in by.items() if att == a]
+            fin = [r for r in rs if r["after"] is not None]
+            if not rs:
+                cells[a] = None
+            elif not fin:
+                cells[a] = "stopped"
+            else:
+                cells[a] = (
+                    statistics.mean(100 * r["after"]["acc"] for r in fin),
+                    statistics.mean(100 * r["after"]["asr"] for r in fin),
+                )
+        out.append(
+            {
+                "tag": name,
+                "cells": cells,
+                "runs": len(by),
+                "run_seeds": sorted({s for _, s in by}),
+                "mean_asr": statistics.mean(100 * r["after"]["asr"] for r in done) if done else math.nan,
+                "max_acc_drop": max(
+                    (100 * (r["before"]["acc"] - r["after"]["acc"]) for r in done), default=math.nan
+                ),
+            }
+        )
+    return out
+
+
 def summary() -> None:
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
-    tags: dict[str, list[dict]] = {}
-    for r in rows:
-        arch = r.get("arch", "fmnistnet")
-        tags.setdefault(r["tag"] if arch == "fmnistnet" else f"{r['tag']}@{arch}", []).append(r)
-    print(f"{'tag':28s} " + " ".join(f"{a:>16s}" for a in DEV_ATTACKS) + "   meanASR  maxdACC")
-    for tag, rs in tags.items():
-        by = {r["attack"]: r for r in rs}
+    print(f"{'tag':28s} " + " ".join(f"{a:>16s}" for a in DEV_ATTACKS) + "   meanASR  maxdACC  run seeds")
+    for row in summarize(rows):
         cells = []
         for a in DEV_ATTACKS:
-            r = by.get(a)
-            if r is None:
-                cells.append(f"{'-':>11s}")
-            elif r["after"] is None:
-                cells.append("stopped")
+            c = row["cells"][a]
+            if c is None or isinstance(c, str):
+                cells.append(c or "-")
             else:
-                cells.append(f"{100 * r['after']['acc']:5.1f}/{100 * r['after']['asr']:5.1f}")
-        done = [r for r in rs if r["after"] is not None]
-        asr = [100 * r["after"]["asr"] for r in done] or [float("nan")]
-        dacc = [100 * (r["before"]["acc"] - r["after"]["acc"]) for r in done] or [float("nan")]
+                cells.append(f"{c[0]:5.1f}/{c[1]:5.1f}")
         print(
-            f"{tag:28s} "
+            f"{row['tag']:28s} "
             + " ".join(f"{c:>16s}" for c in cells)
-            + f"   {statistics.mean(asr):6.1f}  {max(dacc):6.1f}"
+            + f"   {row['mean_asr']:6.1f}  {row['max_acc_drop']:6.1f}  {','.join(map(str, row['run_seeds']))}"
         )
 
 
@@ -157,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--attacks", default=",".join(BACKDOOR_ATTACKS), help=f"comma-separated, from {DEV_ATTACKS}"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the dev models' seed (a tuning seed)")
+    p.add_argument(
+        "--run-seeds",
+        default=None,
+        help="comma-separated PurifyConfig seeds, one run of each attack per seed (default: --seed)",
+    )
     p.add_argument("--arch", default="fmnistnet", help="the dev models' architecture (a zoo architecture)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summary", action="store_true")
@@ -174,17 +228,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.arch not in ARCHITECTURES:
         raise SystemExit(f"--arch: {args.arch!r} is not a zoo architecture; one of {sorted(ARCHITECTURES)}")
-    run_jobs(
-        run_one, [(a, args.seed, overrides, args.tag, args.arch) for a in attacks], args.jobs, OUT, _describe
-    )
+    try:
+        run_seeds = [int(v) for v in args.run_seeds.split(",")] if args.run_seeds else [args.seed]
+    except ValueError:
+        raise SystemExit(f"--run-seeds must be comma-separated integers; got {args.run_seeds!r}") from None
+    if "seed" in overrides and args.run_seeds:
+        raise SystemExit("--run-seeds and --set seed=... both set PurifyConfig.seed; use one")
+    calls = [(a, args.seed, overrides, args.tag, args.arch, rs) for rs in run_seeds for a in attacks]
+    run_jobs(run_one, calls, args.jobs, OUT, _describe)
     return 0
 
 
 def _describe(r: dict) -> str:
     if r["after"] is None:
-        return f"{r['tag']} {r['attack']}: stopped: {r['error'][:160]}"
+        return f"{r['tag']} {r['attack']} (run seed {_run_seed(r)}): stopped: {r['error'][:160]}"
     return (
-        f"{r['tag']} {r['attack']}: "
+        f"{r['tag']} {r['attack']} (run seed {_run_seed(r)}): "
         f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
         f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  "
         f"({r['seconds']:.0f} s)"

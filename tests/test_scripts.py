@@ -183,3 +183,49 @@ def test_heldout_eval_readme_table_shows_stopped_runs() -> None:
     assert "89.0 / 3.0 (1)" in row  # the one finished seed, marked
     data = {"cells": {"1": cell(1, stopped), "2": cell(2, stopped)}}
     assert "| stopped |" in mod.readme_table(data).splitlines()[2]
+
+
+def _tune_record(attack: str, seed: int, asr: float | None, **extra: object) -> dict:
+    after = None if asr is None else {"acc": 0.88, "asr": asr}
+    return {"tag": "t", "attack": attack, "seed": 0, "before": {"acc": 0.9, "asr": 1.0}, "after": after} | {
+        "overrides": {},
+        **({"run_seed": seed} if seed is not None else {}),
+        **extra,
+    }
+
+
+def test_tune_defaults_summary_averages_run_seeds() -> None:
+    """Cells average the run seeds; a later record of the same run seed replaces the earlier one; an
+    old record without ``run_seed`` counts under its override's (or its model's) seed."""
+    mod = _load_script("tune_defaults")
+    rows = [
+        _tune_record("wanet", 0, 0.50),
+        _tune_record("wanet", 0, 0.10),  # rerun of run seed 0: replaces 0.50
+        _tune_record("wanet", 1, 0.30),
+        _tune_record("badnets", None, 0.04, overrides={"seed": 2}),  # old record: run seed 2
+        _tune_record("sig", 1, None, error="HealthError: stopped"),
+    ]
+    (row,) = mod.summarize(rows)
+    assert row["run_seeds"] == [0, 1, 2]
+    assert row["runs"] == 4
+    acc, asr = row["cells"]["wanet"]
+    assert asr == pytest.approx(20.0) and acc == pytest.approx(88.0)
+    assert row["cells"]["badnets"][1] == pytest.approx(4.0)
+    assert row["cells"]["sig"] == "stopped"
+    assert row["cells"]["blended"] is None
+    assert row["mean_asr"] == pytest.approx((10 + 30 + 4) / 3)
+    assert row["max_acc_drop"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--run-seeds", "0,x"], "--run-seeds must be comma-separated integers"),
+        (["--run-seeds", "0,1", "--set", "seed=3"], "use one"),
+        (["--attacks", "trojannn"], "not dev attacks"),
+    ],
+)
+def test_tune_defaults_refuses_bad_arguments(argv: list[str], message: str) -> None:
+    mod = _load_script("tune_defaults")
+    with pytest.raises(SystemExit, match=message):
+        mod.main(argv)
