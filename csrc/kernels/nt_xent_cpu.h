@@ -49,10 +49,10 @@ constexpr int64_t kBlockCols = 64;  // columns of the score tile (register-block
 
 // The micro-tile: MR rows x NR columns of accumulators, the NR columns held as one GCC/Clang
 // vector. NR is one native vector register of the ISA the variant is compiled for: a wider vector
-// is lowered to several registers and ran 2.9-3.8x slower (AVX2, fwd + bwd at 2N = 256-4096, D = 128
-// and 512: the 8 x 16 float tile against 8 x 8; SSE2: 8 x 8 against 8 x 4; double: 4 x 8 against
-// 8 x 2; benchmarks/NOTES.md 3.1). MR and NR divide kBlockRows and kBlockCols (the block loops
-// step by them without tails).
+// is lowered to several registers and runs slower (fwd + bwd at 2N = 256-4096, D = 128 and 512:
+// on AVX2 the 8 x 16 float tile took 2.8-4.1x the time of 8 x 8, on SSE2 1.5-2.7x that of 8 x 4;
+// benchmarks/NOTES.md 3.1). MR and NR divide kBlockRows and kBlockCols (the block loops step by
+// them without tails).
 template <int MR_, int NR_>
 struct Tile {
   static constexpr int MR = MR_;
@@ -170,8 +170,6 @@ CBD_NTX_INLINE void wu_block(const T* wt, int64_t mbp, const T* ub, int64_t nb, 
     }
   }
 }
-
-constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Calls fn(i0, rows) for the blocks of [r0, r1): at most kBlockRows rows, never straddling n.
 template <typename Fn>
