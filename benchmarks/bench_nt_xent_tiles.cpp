@@ -42,11 +42,11 @@ void fwd_bwd(Data& x) {
 
 #if CBD_NTX_X86
 template <typename Tl>
-__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))) CBD_NTX_FLATTEN void run_avx512(Data& x) {
+__attribute__((target(CBD_NTX_TARGET_AVX512))) CBD_NTX_FLATTEN void run_avx512(Data& x) {
   fwd_bwd<Tl>(x);
 }
 template <typename Tl>
-__attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN void run_avx2(Data& x) {
+__attribute__((target(CBD_NTX_TARGET_AVX2))) CBD_NTX_FLATTEN void run_avx2(Data& x) {
   fwd_bwd<Tl>(x);
 }
 #endif

@@ -5,6 +5,7 @@
     python scripts/tune_defaults.py --tag search_e6 --set adversary=trigger_search epochs=6
     python scripts/tune_defaults.py --tag r8 --arch resnet8 --attacks badnets,pixels
     python scripts/tune_defaults.py --tag base --attacks badnets,wanet --run-seeds 0,1,2
+    python scripts/tune_defaults.py --tag base --removal-test --run-seeds 0,1,2,3,4,5,6,7,8,9
 
 Runs ``cbd_fast.purify`` (the library defaults, updated with ``--set``) on every dev attack's
 tuning-seed model (``cbd_fast.evaluation.protocol``: dev attacks, tuning seeds, validation
@@ -16,6 +17,14 @@ when missing). ``--run-seeds`` runs each attack once per ``PurifyConfig.seed`` (
 seed): one run is noisy (``docs/method.md`` 4.21), so a choice should average several.
 ``--summary`` prints a table of every tag (and architecture) tried, each cell the mean over the run
 seeds recorded for it (the latest record of each run seed).
+
+``--removal-test`` runs the library's removal test instead (the setting of
+``tests/core/test_purify.py::test_purify_removes_a_backdoor_and_keeps_clean_behaviour``: a +-0.1
+blended-pattern backdoor in a small CNN, 192 unlabeled images, batch 32, 6 epochs; the test asks for
+ASR after < 30%) with the ``--set`` overrides, once per run seed, and appends to
+``runs/tune/removal_test.jsonl``; ``--summary`` then also prints each tag's ASR over the run seeds.
+The test itself runs seed 0 only, and its ASR varies a lot with the seed (``docs/method.md`` 4.22):
+a setting is judged on several.
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "tune" / "results.jsonl"
+REMOVAL_OUT = ROOT / "runs" / "tune" / "removal_test.jsonl"
+#: the removal test's limit on the ASR after (tests/core/test_purify.py)
+REMOVAL_LIMIT = 0.3
 ZOO_ROOT = ROOT / "runs" / "zoo"
 #: the five attacks of ``backdoors.py`` (their models come from ``app.demo.load_or_train``)
 BACKDOOR_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
@@ -93,6 +105,53 @@ def run_one(
         "seconds": secs,
         "history_last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }
+
+
+def run_removal_test(run_seed: int, overrides: dict, tag: str) -> dict:
+    """The library's removal test with ``PurifyConfig.seed = run_seed`` and ``overrides`` on top of
+    its own setting; returns the JSON record (``after``: ACC, ASR, trigger shift, clean drift)."""
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, str(ROOT))
+    from cbd_fast import PurifyConfig, purify
+    from tests.core.test_purify import Backdoor
+
+    backdoor = Backdoor()
+    cfg = PurifyConfig(**{"batch_size": 32, "epochs": 6, "progress": False, "seed": run_seed, **overrides})
+    t0 = time.perf_counter()
+    after = backdoor.measure(purify(backdoor.model.backbone, backdoor.x[:192], cfg.validate()))
+    return {
+        "kind": "removal_test",
+        "tag": tag,
+        "run_seed": cfg.seed,
+        "overrides": overrides,
+        "before": backdoor.measure(backdoor.model.backbone),
+        "after": after,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def summarize_removal(rows: list[dict]) -> list[dict]:
+    """Per tag, over its run seeds (the latest record of each): ASR after (%) by run seed, mean, max
+    and the number of seeds under the test's limit."""
+    tags: dict[str, dict[int, float]] = {}
+    for r in rows:
+        tags.setdefault(r["tag"], {})[int(r["run_seed"])] = 100 * r["after"]["asr"]
+    out = []
+    for tag, by in tags.items():
+        asr = [by[s] for s in sorted(by)]
+        out.append(
+            {
+                "tag": tag,
+                "run_seeds": sorted(by),
+                "asr": asr,
+                "mean_asr": statistics.mean(asr),
+                "max_asr": max(asr),
+                "passed": sum(a < 100 * REMOVAL_LIMIT for a in asr),
+            }
+        )
+    return out
 
 
 def load_case(attack: str, seed: int, arch: str = "fmnistnet", purpose: str = "tune"):  # noqa: ANN201
@@ -181,8 +240,14 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _read(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
 def summary() -> None:
-    rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()]
+    rows = _read(OUT)
     print(f"{'tag':28s} " + " ".join(f"{a:>16s}" for a in DEV_ATTACKS) + "   meanASR  maxdACC  run seeds")
     for row in summarize(rows):
         cells = []
@@ -197,6 +262,15 @@ def summary() -> None:
             + " ".join(f"{c:>16s}" for c in cells)
             + f"   {row['mean_asr']:6.1f}  {row['max_acc_drop']:6.1f}  {','.join(map(str, row['run_seeds']))}"
         )
+    removal = summarize_removal(_read(REMOVAL_OUT))
+    if removal:
+        print(f"\nremoval test (ASR after %, limit {100 * REMOVAL_LIMIT:.0f}):")
+        for row in removal:
+            seeds = " ".join(f"{s}:{a:.1f}" for s, a in zip(row["run_seeds"], row["asr"]))
+            print(
+                f"{row['tag']:28s} mean {row['mean_asr']:5.1f}  max {row['max_asr']:5.1f}  "
+                f"passed {row['passed']}/{len(row['asr'])}  ({seeds})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default="fmnistnet", help="the dev models' architecture (a zoo architecture)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--summary", action="store_true")
+    p.add_argument(
+        "--removal-test",
+        action="store_true",
+        help="run the library's removal test (once per run seed) instead of the dev attacks",
+    )
     args = p.parse_args(argv)
     if args.summary:
         summary()
@@ -234,6 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--run-seeds must be comma-separated integers; got {args.run_seeds!r}") from None
     if "seed" in overrides and args.run_seeds:
         raise SystemExit("--run-seeds and --set seed=... both set PurifyConfig.seed; use one")
+    if args.removal_test:
+        seeds = [overrides.pop("seed")] if "seed" in overrides else run_seeds
+        run_jobs(
+            run_removal_test,
+            [(s, overrides, args.tag) for s in seeds],
+            args.jobs,
+            REMOVAL_OUT,
+            _describe_removal,
+        )
+        return 0
     calls = [(a, args.seed, overrides, args.tag, args.arch, rs) for rs in run_seeds for a in attacks]
     run_jobs(run_one, calls, args.jobs, OUT, _describe)
     return 0
@@ -247,6 +336,15 @@ def _describe(r: dict) -> str:
         f"ACC {100 * r['before']['acc']:.1f} -> {100 * r['after']['acc']:.1f}  "
         f"ASR {100 * r['before']['asr']:.1f} -> {100 * r['after']['asr']:.1f}  "
         f"({r['seconds']:.0f} s)"
+    )
+
+
+def _describe_removal(r: dict) -> str:
+    a = r["after"]
+    verdict = "passes" if a["asr"] < REMOVAL_LIMIT else "FAILS"
+    return (
+        f"{r['tag']} removal test (run seed {r['run_seed']}): ASR {100 * r['before']['asr']:.1f} -> "
+        f"{100 * a['asr']:.1f} ({verdict}), ACC {100 * a['acc']:.1f}  ({r['seconds']:.0f} s)"
     )
 
 

@@ -217,6 +217,22 @@ def test_tune_defaults_summary_averages_run_seeds() -> None:
     assert row["max_acc_drop"] == pytest.approx(2.0)
 
 
+def test_tune_defaults_removal_summary_per_tag() -> None:
+    """The removal-test summary: ASR by run seed (the latest record of each), mean, max, and the seeds
+    under the test's 30% limit."""
+    mod = _load_script("tune_defaults")
+
+    def rec(tag: str, seed: int, asr: float) -> dict:
+        return {"kind": "removal_test", "tag": tag, "run_seed": seed, "after": {"acc": 1.0, "asr": asr}}
+
+    rows = [rec("a", 1, 0.40), rec("a", 0, 0.10), rec("a", 1, 0.35), rec("b", 0, 0.05)]
+    a, b = mod.summarize_removal(rows)
+    assert a["run_seeds"] == [0, 1] and a["asr"] == pytest.approx([10.0, 35.0])
+    assert a["mean_asr"] == pytest.approx(22.5) and a["max_asr"] == pytest.approx(35.0)
+    assert a["passed"] == 1
+    assert b["tag"] == "b" and b["passed"] == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -33,6 +33,9 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CBD_NTX_X86 1
+// The target() strings of the AVX-512 and AVX2 variants (shared with benchmarks/bench_nt_xent_tiles.cpp).
+#define CBD_NTX_TARGET_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
+#define CBD_NTX_TARGET_AVX2 "avx2,fma"
 #define CBD_NTX_FLATTEN __attribute__((flatten))
 #define CBD_NTX_INLINE inline __attribute__((always_inline))
 #else
@@ -296,25 +299,23 @@ CBD_NTX_INLINE void bwd_rows_impl(const T* za, const T* zb, int64_t n, int64_t d
 
 // ---- entry points: run-time ISA dispatch for float, plain for double ------------------------------
 
-#define CBD_NTX_AVX512 "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"
-
 #if CBD_NTX_X86
-__attribute__((target(CBD_NTX_AVX512))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx512(
+__attribute__((target(CBD_NTX_TARGET_AVX512))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx512(
     const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
     float* term) {
   fwd_rows_impl<float, TileAvx512>(za, zb, n, d, it, r0, r1, lse, term);
 }
-__attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx2(
+__attribute__((target(CBD_NTX_TARGET_AVX2))) CBD_NTX_FLATTEN inline void fwd_rows_f32_avx2(
     const float* za, const float* zb, int64_t n, int64_t d, float it, int64_t r0, int64_t r1, float* lse,
     float* term) {
   fwd_rows_impl<float, TileAvx2>(za, zb, n, d, it, r0, r1, lse, term);
 }
-__attribute__((target(CBD_NTX_AVX512))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx512(
+__attribute__((target(CBD_NTX_TARGET_AVX512))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx512(
     const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse, float coef,
     int64_t r0, int64_t r1, float* ga, float* gb) {
   bwd_rows_impl<float, TileAvx512>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
 }
-__attribute__((target("avx2,fma"))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx2(
+__attribute__((target(CBD_NTX_TARGET_AVX2))) CBD_NTX_FLATTEN inline void bwd_rows_f32_avx2(
     const float* za, const float* zb, int64_t n, int64_t d, float it, const float* lse, float coef,
     int64_t r0, int64_t r1, float* ga, float* gb) {
   bwd_rows_impl<float, TileAvx2>(za, zb, n, d, it, lse, coef, r0, r1, ga, gb);
@@ -396,8 +397,6 @@ inline void bwd_rows(const double* za, const double* zb, int64_t n, int64_t d, d
                      const double* lse, double coef, int64_t r0, int64_t r1, double* ga, double* gb) {
   bwd_rows_impl<double, TileF64>(za, zb, n, d, inv_temp, lse, coef, r0, r1, ga, gb);
 }
-
-#undef CBD_NTX_AVX512
 
 }  // namespace nt_xent_cpu
 }  // namespace cbd_fast
