@@ -648,6 +648,30 @@ API_CASES = [
     Case("config: temperature 0", _purify(temperature=0), ValueError, ("temperature must be > 0", "got 0")),
     Case("config: lr NaN", _purify(lr=float("nan")), ValueError, ("lr must be finite", "nan")),
     Case("config: momentum 1", _purify(momentum=1.0), ValueError, ("momentum must be in [0, 1)", "1.0")),
+    Case(
+        "config: input_mean without input_std",
+        _purify(input_mean=(0.5,)),
+        ValueError,
+        ("input_mean and input_std go together", "input_std=None"),
+    ),
+    Case(
+        "config: input_std 0",
+        _purify(input_mean=(0.5,), input_std=(0.0,)),
+        ValueError,
+        ("input_std must be > 0", "(0.0,)"),
+    ),
+    Case(
+        "purify: input_mean of 3 channels on 1-channel images",
+        _purify(input_mean=(0.5,) * 3, input_std=(0.2,) * 3),
+        ValueError,
+        ("3 value(s) per channel", "with C = 1"),
+    ),
+    Case(
+        "purify: standardised images",
+        _purify((_images() - 0.5) / 0.2),
+        ValueError,
+        ("data must be in [0, 1]", "input_mean"),
+    ),
     Case("config: steps 2.5", _purify(steps=2.5), TypeError, ("steps must be an integer", "2.5")),
     Case("config: epochs as string", _purify(epochs="3"), TypeError, ("epochs must be an integer", "'3'")),
     Case(

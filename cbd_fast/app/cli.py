@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cbd_fast.core.backbones import with_standardisation
+
 __all__ = ["main", "build_parser", "load_config_file", "parse_set_options", "merge_config", "CLIError"]
 
 PROG = "cbd-fast"
@@ -508,6 +510,25 @@ def _check_out_path(path: str, what: str) -> Path:
     return p
 
 
+class _Standardised(nn.Module):
+    """``module`` behind an input standardisation step (``NormalizedInputs``)."""
+
+    def __init__(self, module: nn.Module, step: Any) -> None:
+        super().__init__()
+        self.module = module
+        self.step = step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.step(self.module, x)
+
+
+def _standardised(module: nn.Module, config: Any) -> nn.Module:
+    """``module`` as the run read it: behind ``PurifyConfig.input_mean`` / ``input_std`` when set (for
+    the report's evaluation and diagnostic), else ``module`` itself."""
+    step = with_standardisation(None, config.input_mean, config.input_std)
+    return module if step is None else _Standardised(module, step)
+
+
 class _Counting(nn.Module):
     """Runs a classifier on ``device`` and advances a progress bar by each batch's size; returns
     CPU logits (the labels stay on the CPU)."""
@@ -675,8 +696,12 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if evaluation_set is not None:
         ex, ey = evaluation_set
         evaluation = {
-            "before": _evaluate(before, ex, ey, args.trigger, args.target, "evaluating (before)"),
-            "after": _evaluate(purified, ex, ey, args.trigger, args.target, "evaluating (after)"),
+            "before": _evaluate(
+                _standardised(before, config), ex, ey, args.trigger, args.target, "evaluating (before)"
+            ),
+            "after": _evaluate(
+                _standardised(purified, config), ex, ey, args.trigger, args.target, "evaluating (after)"
+            ),
         }
     record_json, record_md, record = _write_record(args, config, result, data, loaded, saved, evaluation)
     report_path = None
@@ -807,12 +832,13 @@ def _write_purify_report(
     device = _module_device(purified)
     before = before.to(device)
     t0 = time.perf_counter()
+    view_fn = with_standardisation(feature_fn, config.input_mean, config.input_std)  # as the run read them
     projections = report.collect_projections(
-        before, purified, x, feature_fn=feature_fn, x_triggered=x_trig, config=config, n=args.report_samples
+        before, purified, x, feature_fn=view_fn, x_triggered=x_trig, config=config, n=args.report_samples
     )
     diagnostic = None
     if args.diagnostic:
-        diagnostic = _diagnostic(args, before, feature_fn, x[: args.report_samples])
+        diagnostic = _diagnostic(args, before, feature_fn, x[: args.report_samples], config)
     extra = {
         "model": loaded.describe(),
         "feature_fn": repr(feature_fn),
@@ -842,23 +868,24 @@ def _write_purify_report(
     )
 
 
-def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: Any) -> dict:
+def _diagnostic(args: argparse.Namespace, model: Any, feature_fn: Any, images: Any, config: Any) -> dict:
     """The evocation diagnostic (``cbd_fast.evaluation.diagnostics``) of the original ``model``.
 
-    ``images`` [N, C, H, W] float in [0, 1]; the encoder is ``model`` read through ``feature_fn``, and
-    with a ``feature_fn`` the whole ``model`` is also the classifier of the class shares.
+    ``images`` [N, C, H, W] float in [0, 1]; the encoder is ``model`` read through ``feature_fn``
+    behind the run's input standardisation, and with a ``feature_fn`` the whole ``model`` is also the
+    classifier of the class shares.
     """
     from cbd_fast.core.features import Features
     from cbd_fast.evaluation import diagnostics
 
     kwargs: dict[str, Any] = {}
     if feature_fn is not None:  # the loaded model is a classifier: class shares are measurable
-        kwargs["classifier"] = model
+        kwargs["classifier"] = _standardised(model, config)
     if args.trigger:
         from cbd_fast.evaluation import backdoors as attacks
 
         kwargs.update(trigger=attacks.make_trigger(args.trigger), target=args.target)
-    encoder = Features(model, feature_fn)
+    encoder = Features(model, with_standardisation(feature_fn, config.input_mean, config.input_std))
     return diagnostics.evocation_diagnostic(encoder, images.to(_module_device(model)), **kwargs)
 
 

@@ -45,12 +45,15 @@ __all__ = [
     "BackboneFeatures",
     "ForwardFeatures",
     "HeadInputFeatures",
+    "NormalizedInputs",
     "SubmoduleFeatures",
     "TransformersFeatures",
     "auto_feature_fn",
     "describe_features",
     "detect_family",
     "find_submodule",
+    "normalization_hint",
+    "with_standardisation",
 ]
 
 #: the model families with an automatic feature extractor
@@ -325,6 +328,95 @@ class TransformersFeatures(BackboneFeatures):
 
     def __repr__(self) -> str:
         return f"TransformersFeatures({self.model!r})"
+
+
+class NormalizedInputs(BackboneFeatures):
+    """Feeds the encoder ``(x - mean) / std`` per channel, then extracts as ``inner`` does.
+
+    ``purify`` works on images in [0, 1] (the attack's radius and box, the search's triggers, the
+    augmentation) while a backbone trained on standardised inputs (an ImageNet model: mean 0.485,
+    0.456, 0.406, std 0.229, 0.224, 0.225) must see them standardised: ``PurifyConfig.input_mean``
+    and ``input_std`` put this step in front of every forward of the run. The purified module is
+    returned without it, to be used exactly as before.
+
+    Args:
+        mean, std: per-channel values (one value: every channel), std > 0.
+        inner: the feature extractor after the step (None: the module's own output).
+    """
+
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], inner: BackboneFeatures | Callable | None
+    ) -> None:
+        self.mean, self.std, self.inner = tuple(mean), tuple(std), inner
+        self.family = getattr(inner, "family", "module")
+        self._consts: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.mean)
+        if x.dim() != 4 or n not in (1, x.shape[1]):
+            raise ValueError(
+                f"input_mean / input_std have {n} value(s) per channel but the images have shape "
+                f"{tuple(x.shape)} ([B, C, H, W] with C = {x.shape[1] if x.dim() > 1 else '?'}); give one "
+                "value per channel, or one for all"
+            )
+        key = (x.device, x.dtype)
+        if key not in self._consts:  # [1, C, 1, 1] constants, once per device and dtype
+            shape = (1, n, 1, 1)
+            self._consts[key] = (
+                torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape),
+                torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape),
+            )
+        mean, std = self._consts[key]
+        x = (x - mean) / std
+        return module(x) if self.inner is None else self.inner(module, x)
+
+    def describe(self) -> str:
+        inner = describe_features(self.inner)
+        return f"{inner}, inputs standardised (mean {_fmt(self.mean)}, std {_fmt(self.std)})"
+
+    def __getstate__(self) -> dict[str, Any]:  # pickles without the cached tensors
+        return {**self.__dict__, "_consts": {}}
+
+    def __repr__(self) -> str:
+        return f"NormalizedInputs(mean={self.mean}, std={self.std}, inner={self.inner!r})"
+
+
+def with_standardisation(
+    feature_fn: Callable | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
+) -> Callable | None:
+    """``feature_fn`` behind ``(x - mean) / std`` (a :class:`NormalizedInputs`); unchanged when
+    ``mean`` is None or the step is the identity (mean 0, std 1)."""
+    if mean is None or std is None or (all(v == 0.0 for v in mean) and all(v == 1.0 for v in std)):
+        return feature_fn
+    return NormalizedInputs(mean, std, feature_fn)
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values)
+
+
+def normalization_hint(module: nn.Module) -> str | None:
+    """A warning for a model that declares the input standardisation it expects (a timm model's
+    ``pretrained_cfg`` mean / std) when the run does not apply one; None when it declares none."""
+    model = _unwrap(module)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(cfg, Mapping):
+        return None
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        return None
+    try:
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        return None
+    if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
+        return None
+    return (
+        f"{_class_name(model)} declares input standardisation mean ({_fmt(mean)}) std ({_fmt(std)}) "
+        "(pretrained_cfg), and purify feeds it the images in [0, 1] as given. If the model was "
+        f"trained on standardised images, pass PurifyConfig(input_mean={mean}, input_std={std}); if "
+        "it was trained on [0, 1] images, set input_mean=(0.0,), input_std=(1.0,) to silence this"
+    )
 
 
 # ------------------------------------------------------------------------------------------ choice

@@ -127,6 +127,15 @@ class PurifyConfig:
             ``clean_term="contrastive_views"`` always augments its two views with ``"crop_flip"``
             when this is ``"none"``.
         crop_padding: padding of the random crop in pixels (>= 0). Default 2.
+        input_mean: the per-channel mean of the standardisation the encoder expects, applied in
+            front of every forward of the run: the encoder sees ``(x - input_mean) / input_std``
+            while the images, the attack's radius and its triggers stay in [0, 1]. One value per
+            channel, or one for all; with ``input_std`` (both or neither). Default None (the encoder
+            takes the images in [0, 1] as given). An ImageNet model: ``input_mean=(0.485, 0.456,
+            0.406), input_std=(0.229, 0.224, 0.225)``. The returned module does not include the
+            step: use it as before, on standardised images.
+        input_std: the per-channel standard deviation of that standardisation (> 0; as many values
+            as ``input_mean``). Default None.
 
     Reproducibility and runtime:
         seed: seeds the data order, the random starts (per sample, from (seed, epoch, index)),
@@ -211,6 +220,8 @@ class PurifyConfig:
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
     seed: int = 0
     device: str = "auto"
     amp_dtype: str = "auto"
@@ -365,6 +376,7 @@ class PurifyConfig:
         _choice(self, "bn_policy", BN_POLICIES)
         _choice(self, "augmentation", AUGMENTATIONS)
         _int(self, "crop_padding", minimum=0)
+        _input_standardisation(self)
         _int(self, "seed", minimum=0)
         if not isinstance(self.device, str) or not self.device:
             if type(self.device).__name__ == "device":  # a torch.device: keep its string form
@@ -457,6 +469,42 @@ def _upper_limit(cfg: PurifyConfig, name: str, allowed: str) -> None:
     if not value > 0:  # NaN too
         raise ValueError(f"{name} must be {allowed}; got {value}")
     setattr(cfg, name, float(value))
+
+
+def _input_standardisation(cfg: PurifyConfig) -> None:
+    """``input_mean`` / ``input_std``: both None, or two sequences of finite reals of one length
+    (std > 0), stored as tuples of floats."""
+    mean, std = cfg.input_mean, cfg.input_std
+    if mean is None and std is None:
+        return
+    if mean is None or std is None:
+        raise ValueError(
+            "input_mean and input_std go together (both or neither); "
+            f"got input_mean={mean!r}, input_std={std!r}"
+        )
+    values = {}
+    for name, value in (("input_mean", mean), ("input_std", std)):
+        if hasattr(value, "tolist"):  # a torch tensor or numpy array
+            value = value.tolist()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = (value,)
+        try:
+            seq = tuple(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a sequence of per-channel numbers; got {value!r}") from None
+        if not seq or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in seq):
+            raise TypeError(f"{name} must be a non-empty sequence of per-channel numbers; got {value!r}")
+        if not all(math.isfinite(v) for v in seq):
+            raise ValueError(f"{name} must be finite; got {value!r}")
+        values[name] = tuple(float(v) for v in seq)
+    if len(values["input_mean"]) != len(values["input_std"]):
+        raise ValueError(
+            f"input_mean and input_std must have one value per channel each; got {len(values['input_mean'])} "
+            f"and {len(values['input_std'])} ({mean!r}, {std!r})"
+        )
+    if any(v <= 0 for v in values["input_std"]):
+        raise ValueError(f"input_std must be > 0 for every channel; got {std!r}")
+    cfg.input_mean, cfg.input_std = values["input_mean"], values["input_std"]
 
 
 def _int(cfg: PurifyConfig, name: str, *, minimum: int) -> None:

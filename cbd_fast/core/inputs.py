@@ -184,7 +184,11 @@ def check_images(x: torch.Tensor, *, what: str = "images", values: bool = True) 
                 )
             lo_v, hi_v = min(lo_v, lo_f), max(hi_v, hi_f)
         if lo_v < 0.0 or hi_v > 1.0:
-            raise ValueError(f"{what} must be in [0, 1]; got min {lo_v:g}, max {hi_v:g}")
+            raise ValueError(
+                f"{what} must be in [0, 1]; got min {lo_v:g}, max {hi_v:g}. Standardised images (e.g. "
+                "ImageNet mean / std)? Pass the [0, 1] images and set PurifyConfig(input_mean=..., "
+                "input_std=...): the encoder then sees them standardised"
+            )
 
 
 class _IndexedDataset(Dataset):

@@ -36,7 +36,12 @@ from torch import nn
 
 from cbd_fast.core import checkpoint as ckpt
 from cbd_fast.core import distributed as dist
-from cbd_fast.core.backbones import auto_feature_fn, describe_features
+from cbd_fast.core.backbones import (
+    auto_feature_fn,
+    describe_features,
+    normalization_hint,
+    with_standardisation,
+)
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.epoch import run_epoch
 from cbd_fast.core.features import FeatureFn, flatten_features
@@ -97,6 +102,22 @@ class PurifyResult:
     runtime: dict[str, Any] | None = None
 
 
+def _run_feature_fn(
+    encoder: nn.Module, feature_fn: FeatureFn | None, config: PurifyConfig
+) -> FeatureFn | None:
+    """What the run calls for features: ``feature_fn``, else the automatic choice of the model's
+    family (timm / torchvision / transformers: their pre-logits features), behind the input
+    standardisation of ``config.input_mean`` / ``input_std`` when set (an identity one is skipped).
+    Without one, a model that declares the standardisation it expects gets a warning."""
+    if feature_fn is None:
+        feature_fn = auto_feature_fn(encoder)
+    if config.input_mean is None:
+        hint = normalization_hint(encoder)
+        if hint is not None:
+            logger.warning(hint)
+    return with_standardisation(feature_fn, config.input_mean, config.input_std)
+
+
 class Purifier:
     """The CBD loop as an object: :meth:`fit` for a whole run, :meth:`prepare` + :meth:`step` for
     one batch at a time (benchmarks, custom loops).
@@ -143,8 +164,7 @@ class Purifier:
             the module being purified (on the run's device).
         """
         check_encoder(encoder, feature_fn, inplace)
-        if feature_fn is None:
-            feature_fn = auto_feature_fn(encoder)
+        feature_fn = _run_feature_fn(encoder, feature_fn, self.config)
         ctx = make_context(self.config)
         _warn_if_slow(ctx, self.config)
         self._run = prepare_run(self.config, ctx, encoder, feature_fn, inplace)
@@ -223,8 +243,7 @@ class Purifier:
                 config.
         """
         check_encoder(encoder, feature_fn, inplace)
-        if feature_fn is None:  # timm / torchvision / transformers: their pre-logits features
-            feature_fn = auto_feature_fn(encoder)
+        feature_fn = _run_feature_fn(encoder, feature_fn, self.config)
         ctx = make_context(self.config)
         _warn_if_slow(ctx, self.config)
         # All randomness (data loader seeds, dropout) comes from a fork of torch's RNG seeded with

@@ -85,6 +85,12 @@ def test_cli_timm(name, want, images, tmp_path, capsys):
     weights = _safetensors(model, tmp_path / "w.safetensors")
     args = ["--model", f"timm:{name}", "--factory-kwargs", '{"num_classes": 10}', "--weights", weights]
     args += ["--image-size", "32"]  # the test models' pretrained_cfg says 160
+    # the standardisation the model declares, as a user passes it (without it purify warns)
+    mean, std = tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"])
+    args += ["--set", f"input_mean={list(mean)}", "--set", f"input_std={list(std)}"]
+    base, dim = want.rsplit(", ", 1)
+    fmt = lambda v: ", ".join(f"{x:.4g}" for x in v)  # noqa: E731
+    want = f"{base}, inputs standardised (mean {fmt(mean)}, std {fmt(std)}), {dim}"
     original = {k: v.clone() for k, v in model.state_dict().items()}
     purified = _purify_and_verify(capsys, tmp_path, args, images, want, None, original)
     loaded = modelio.load_model(

@@ -191,6 +191,32 @@ def test_purify_report_diagnostic_and_evaluation_wiring(files, tmp_path, capsys,
     assert 0 <= doc["evaluation"]["before"]["asr"] <= 1
 
 
+def test_purify_input_standardisation_reaches_the_run_and_the_report(files, tmp_path, capsys):
+    """--set input_mean/input_std: the run and the report's evaluation read the model on standardised
+    images; the saved model and the record carry no wrapper."""
+    rep = tmp_path / "rep"
+    code, _, err = run(
+        ["purify", *factory_args(files), "--feature-layer", "backbone", "--data", files["x"], "--limit", "16",
+         "--out", tmp_path / "m.pt", "--report", rep, "--eval-data", files["x"],
+         "--eval-labels", files["labels"], "--report-samples", "8",
+         "--set", "input_mean=[0.5]", "--set", "input_std=[0.25]", *FAST, "-q"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((rep / "report.json").read_text())
+    assert "inputs standardised (mean 0.5, std 0.25)" in doc["extra"]["features"]
+    net = FMNISTNet(**KW)
+    net.load_state_dict(_load_sd(files["sd"]))
+    net.eval()
+    x, y = torch.load(files["x"]).float() / 255, torch.from_numpy(np.load(files["labels"]))
+    with torch.no_grad():
+        acc_std = (net((x - 0.5) / 0.25).argmax(1) == y).float().mean().item()
+        acc_raw = (net(x).argmax(1) == y).float().mean().item()
+    assert acc_std != acc_raw  # the check below can tell the two apart
+    assert doc["evaluation"]["before"]["acc"] == pytest.approx(acc_std)
+    assert set(_load_sd(tmp_path / "m.pt")) == set(net.state_dict())  # the model as it came, no wrapper
+
+
 def test_report_options_without_report_warn(files, tmp_path, capsys):
     code, _, err = run(
         ["purify", "--model", files["ts"], "--data", files["x"], "--limit", "16", "--out", tmp_path / "m.ts",
