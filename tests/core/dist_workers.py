@@ -302,7 +302,9 @@ def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
     """``PURIFY`` with ``adversary`` (``"default"``: the library's default adversary and options;
     ``"subset"``: the default adversary on a random half of each batch, with the original's anchors:
     ranks then hold different numbers of attacked images; ``"free"``: the default adversary with
-    ``free_replays=2``, its ascent steps taken from the fine-tune's backward)."""
+    ``free_replays=2``, its ascent steps taken from the fine-tune's backward; ``"standardised"``: the
+    default adversary with ``input_mean`` / ``input_std`` and the reference cache, so that every
+    forward, the frozen original's included, goes through the standardisation)."""
     out = dict(PURIFY)
     if adversary == "default":
         del out["adversary"]
@@ -312,6 +314,9 @@ def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
     elif adversary == "free":
         del out["adversary"]
         out.update(free_replays=2)
+    elif adversary == "standardised":
+        del out["adversary"]
+        out.update(input_mean=(0.4,), input_std=(0.3,), reference_cache=True)
     else:
         out["adversary"] = adversary
     return out
