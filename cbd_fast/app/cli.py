@@ -375,6 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--device", default="auto", help="where the model runs: auto (CUDA if visible), cpu, cuda:N"
     )
+    g.add_argument(
+        "--input-mean",
+        metavar="M[,M...]",
+        help="standardise the [0, 1] images with this per-channel mean before the model (with --input-std; "
+        "what purify's input_mean does), e.g. 0.485,0.456,0.406",
+    )
+    g.add_argument("--input-std", metavar="S[,S...]", help="the per-channel std of --input-mean")
 
     p = subs.add_parser(
         "verify-record",
@@ -520,6 +527,33 @@ class _Standardised(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.step(self.module, x)
+
+
+def _standardisation_options(args: argparse.Namespace) -> Any:
+    """``--input-mean`` / ``--input-std`` as a validated ``PurifyConfig`` carrying them (None: unset).
+
+    Raises:
+        UsageError: a value that is not a comma-separated list of numbers, or one the config refuses
+            (only one of the two, different lengths, std <= 0).
+    """
+    from cbd_fast import PurifyConfig
+
+    values = {}
+    for name in ("input_mean", "input_std"):
+        raw = getattr(args, name)
+        if raw is None:
+            continue
+        try:
+            values[name] = tuple(float(v) for v in raw.split(","))
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} must be comma-separated numbers, e.g. 0.485,0.456,0.406; got {raw!r}"
+            ) from None
+    try:
+        return PurifyConfig(**values).validate()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--input-mean/--input-std: {exc}") from None
 
 
 def _standardised(module: nn.Module, config: Any) -> nn.Module:
@@ -903,7 +937,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = _load_model(args)
     data = _load_data(args, loaded.module, split=args.split, labels=args.labels)
     labels = _labelled(data, "data")
-    result = _evaluate(loaded.module, data.images, labels, args.trigger, args.target, "evaluating", device)
+    model = _standardised(loaded.module, _standardisation_options(args))
+    result = _evaluate(model, data.images, labels, args.trigger, args.target, "evaluating", device)
     result.update(
         model=args.model,
         model_sha256=loaded.sha256,

@@ -514,6 +514,38 @@ def test_evaluate_needs_labels_and_reads_them_from_files(files, tmp_path, capsys
     assert code == 0 and json.loads(stdout)["n"] == 32 and "asr" not in json.loads(stdout)
 
 
+def test_evaluate_input_standardisation(files, capsys):
+    """--input-mean/--input-std: the model reads (x - mean) / std, as purify's input_mean does."""
+    base = [
+        "evaluate",
+        *factory_args(files),
+        "--data",
+        files["x"],
+        "--labels",
+        files["labels"],
+        "--json",
+        "-",
+        "-q",
+    ]
+    net = FMNISTNet(**KW)
+    net.load_state_dict(_load_sd(files["sd"]))
+    net.eval()
+    x, y = torch.load(files["x"]).float() / 255, torch.from_numpy(np.load(files["labels"]))
+    with torch.no_grad():
+        acc_std = (net((x - 0.5) / 0.25).argmax(1) == y).float().mean().item()
+        acc_raw = (net(x).argmax(1) == y).float().mean().item()
+    assert acc_std != acc_raw
+    code, stdout, err = run([*base, "--input-mean", "0.5", "--input-std", "0.25"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["acc"] == pytest.approx(acc_std)
+    code, stdout, err = run(base, capsys)
+    assert code == 0 and json.loads(stdout)["acc"] == pytest.approx(acc_raw)
+    code, _, err = run([*base, "--input-mean", "0.5"], capsys)
+    assert code == 2 and "both or neither" in err
+    code, _, err = run([*base, "--input-mean", "0.5,x", "--input-std", "1,1"], capsys)
+    assert code == 2 and "--input-mean must be comma-separated numbers" in err and "'0.5,x'" in err
+
+
 def test_evaluate_device_option(files, capsys):
     base = ["evaluate", "--model", files["net_ts"], "--data", files["x"], "--labels", files["labels"], "-q"]
     code, _, err = run([*base, "--device", "gpu0"], capsys)
