@@ -191,6 +191,20 @@ def test_purify_report_diagnostic_and_evaluation_wiring(files, tmp_path, capsys,
     assert 0 <= doc["evaluation"]["before"]["asr"] <= 1
 
 
+def _accuracy_by_hand(files: dict[str, Path], mean: float, std: float) -> tuple[float, float]:
+    """ACC of the ``sd`` classifier on the ``x`` images standardised with ``mean`` / ``std``, and on
+    them as given; asserts the two differ (so a check can tell them apart)."""
+    net = FMNISTNet(**KW)
+    net.load_state_dict(_load_sd(files["sd"]))
+    net.eval()
+    x, y = torch.load(files["x"]).float() / 255, torch.from_numpy(np.load(files["labels"]))
+    with torch.no_grad():
+        acc_std = (net((x - mean) / std).argmax(1) == y).float().mean().item()
+        acc_raw = (net(x).argmax(1) == y).float().mean().item()
+    assert acc_std != acc_raw
+    return acc_std, acc_raw
+
+
 def test_purify_input_standardisation_reaches_the_run_and_the_report(files, tmp_path, capsys):
     """--set input_mean/input_std: the run and the report's evaluation read the model on standardised
     images; the saved model and the record carry no wrapper."""
@@ -205,16 +219,9 @@ def test_purify_input_standardisation_reaches_the_run_and_the_report(files, tmp_
     assert code == 0, err
     doc = json.loads((rep / "report.json").read_text())
     assert "inputs standardised (mean 0.5, std 0.25)" in doc["extra"]["features"]
-    net = FMNISTNet(**KW)
-    net.load_state_dict(_load_sd(files["sd"]))
-    net.eval()
-    x, y = torch.load(files["x"]).float() / 255, torch.from_numpy(np.load(files["labels"]))
-    with torch.no_grad():
-        acc_std = (net((x - 0.5) / 0.25).argmax(1) == y).float().mean().item()
-        acc_raw = (net(x).argmax(1) == y).float().mean().item()
-    assert acc_std != acc_raw  # the check below can tell the two apart
+    acc_std, _ = _accuracy_by_hand(files, 0.5, 0.25)
     assert doc["evaluation"]["before"]["acc"] == pytest.approx(acc_std)
-    assert set(_load_sd(tmp_path / "m.pt")) == set(net.state_dict())  # the model as it came, no wrapper
+    assert set(_load_sd(tmp_path / "m.pt")) == set(_load_sd(files["sd"]))  # the model as it came, no wrapper
 
 
 def test_report_options_without_report_warn(files, tmp_path, capsys):
@@ -527,14 +534,7 @@ def test_evaluate_input_standardisation(files, capsys):
         "-",
         "-q",
     ]
-    net = FMNISTNet(**KW)
-    net.load_state_dict(_load_sd(files["sd"]))
-    net.eval()
-    x, y = torch.load(files["x"]).float() / 255, torch.from_numpy(np.load(files["labels"]))
-    with torch.no_grad():
-        acc_std = (net((x - 0.5) / 0.25).argmax(1) == y).float().mean().item()
-        acc_raw = (net(x).argmax(1) == y).float().mean().item()
-    assert acc_std != acc_raw
+    acc_std, acc_raw = _accuracy_by_hand(files, 0.5, 0.25)
     code, stdout, err = run([*base, "--input-mean", "0.5", "--input-std", "0.25"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["acc"] == pytest.approx(acc_std)
