@@ -518,7 +518,7 @@ def _check_out_path(path: str, what: str) -> Path:
 
 
 class _Standardised(nn.Module):
-    """``module`` behind an input standardisation step (``NormalizedInputs``)."""
+    """``module`` behind an input standardisation step (``StandardisedInputs``)."""
 
     def __init__(self, module: nn.Module, step: Any) -> None:
         super().__init__()

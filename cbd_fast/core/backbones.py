@@ -45,14 +45,14 @@ __all__ = [
     "BackboneFeatures",
     "ForwardFeatures",
     "HeadInputFeatures",
-    "NormalizedInputs",
+    "StandardisedInputs",
     "SubmoduleFeatures",
     "TransformersFeatures",
     "auto_feature_fn",
     "describe_features",
     "detect_family",
     "find_submodule",
-    "normalization_hint",
+    "standardisation_hint",
     "with_standardisation",
 ]
 
@@ -330,7 +330,7 @@ class TransformersFeatures(BackboneFeatures):
         return f"TransformersFeatures({self.model!r})"
 
 
-class NormalizedInputs(BackboneFeatures):
+class StandardisedInputs(BackboneFeatures):
     """Feeds the encoder ``(x - mean) / std`` per channel, then extracts as ``inner`` does.
 
     ``purify`` works on images in [0, 1] (the attack's radius and box, the search's triggers, the
@@ -378,24 +378,28 @@ class NormalizedInputs(BackboneFeatures):
         return {**self.__dict__, "_consts": {}}
 
     def __repr__(self) -> str:
-        return f"NormalizedInputs(mean={self.mean}, std={self.std}, inner={self.inner!r})"
+        return f"StandardisedInputs(mean={self.mean}, std={self.std}, inner={self.inner!r})"
 
 
 def with_standardisation(
     feature_fn: Callable | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None
 ) -> Callable | None:
-    """``feature_fn`` behind ``(x - mean) / std`` (a :class:`NormalizedInputs`); unchanged when
+    """``feature_fn`` behind ``(x - mean) / std`` (a :class:`StandardisedInputs`); unchanged when
     ``mean`` is None or the step is the identity (mean 0, std 1)."""
-    if mean is None or std is None or (all(v == 0.0 for v in mean) and all(v == 1.0 for v in std)):
+    if mean is None or std is None or _identity(mean, std):
         return feature_fn
-    return NormalizedInputs(mean, std, feature_fn)
+    return StandardisedInputs(mean, std, feature_fn)
+
+
+def _identity(mean: tuple[float, ...], std: tuple[float, ...]) -> bool:
+    return all(v == 0.0 for v in mean) and all(v == 1.0 for v in std)
 
 
 def _fmt(values: tuple[float, ...]) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
 
 
-def normalization_hint(module: nn.Module) -> str | None:
+def standardisation_hint(module: nn.Module) -> str | None:
     """A warning for a model that declares the input standardisation it expects (a timm model's
     ``pretrained_cfg`` mean / std) when the run does not apply one; None when it declares none."""
     model = _unwrap(module)
@@ -409,7 +413,7 @@ def normalization_hint(module: nn.Module) -> str | None:
         mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     except (TypeError, ValueError):
         return None
-    if all(v == 0.0 for v in mean) and all(v == 1.0 for v in std):
+    if _identity(mean, std):
         return None
     return (
         f"{_class_name(model)} declares input standardisation mean ({_fmt(mean)}) std ({_fmt(std)}) "

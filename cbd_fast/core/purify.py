@@ -39,7 +39,7 @@ from cbd_fast.core import distributed as dist
 from cbd_fast.core.backbones import (
     auto_feature_fn,
     describe_features,
-    normalization_hint,
+    standardisation_hint,
     with_standardisation,
 )
 from cbd_fast.core.config import PurifyConfig
@@ -112,7 +112,7 @@ def _run_feature_fn(
     if feature_fn is None:
         feature_fn = auto_feature_fn(encoder)
     if config.input_mean is None:
-        hint = normalization_hint(encoder)
+        hint = standardisation_hint(encoder)
         if hint is not None:
             logger.warning(hint)
     return with_standardisation(feature_fn, config.input_mean, config.input_std)

@@ -27,7 +27,7 @@ from cbd_fast.core.backbones import (
     auto_feature_fn,
     describe_features,
     detect_family,
-    normalization_hint,
+    standardisation_hint,
 )
 from tests.app._optional import require_module
 
@@ -297,7 +297,7 @@ def test_timm_models(name, want):
     timm = require_module("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    hint = normalization_hint(model)  # its pretrained_cfg declares a mean / std
+    hint = standardisation_hint(model)  # its pretrained_cfg declares a mean / std
     assert hint is not None and "input_mean=(" in hint and type(model).__name__ in hint
     res = _purify_and_check(model, want, head=None)
     fn = auto_feature_fn(res.encoder)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cbd_fast import PurifyConfig, purify
-from cbd_fast.core.backbones import NormalizedInputs, describe_features, normalization_hint
+from cbd_fast.core.backbones import StandardisedInputs, describe_features, standardisation_hint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,8 +129,8 @@ def test_standardised_data_gets_a_hint() -> None:
 
 
 def test_a_model_that_declares_its_standardisation_gets_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    assert normalization_hint(RGBEncoder()) is None
-    hint = normalization_hint(TimmLike())
+    assert standardisation_hint(RGBEncoder()) is None
+    hint = standardisation_hint(TimmLike())
     assert hint is not None and "input_mean=(0.485, 0.456, 0.406)" in hint
     with caplog.at_level(logging.WARNING, logger="cbd_fast"):
         purify(TimmLike(), _images(16), **FAST)
@@ -142,7 +142,7 @@ def test_a_model_that_declares_its_standardisation_gets_a_warning(caplog: pytest
 
 
 def test_extractor_describes_itself_and_pickles_without_its_cache() -> None:
-    fn = NormalizedInputs(MEAN, STD, None)
+    fn = StandardisedInputs(MEAN, STD, None)
     enc = _encoder().eval()
     x = _images(4)
     torch.testing.assert_close(fn(enc, x), enc(Standardise()(x)))
