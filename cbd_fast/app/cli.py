@@ -530,7 +530,8 @@ class _Standardised(nn.Module):
 
 
 def _standardisation_options(args: argparse.Namespace) -> Any:
-    """``--input-mean`` / ``--input-std`` as a validated ``PurifyConfig`` carrying them (None: unset).
+    """``--input-mean`` / ``--input-std`` as a validated ``PurifyConfig`` carrying them (both fields
+    None when the flags are not given).
 
     Raises:
         UsageError: a value that is not a comma-separated list of numbers, or one the config refuses
