@@ -667,6 +667,24 @@ API_CASES = [
         ("3 value(s) per channel", "with C = 1"),
     ),
     Case(
+        "purify: head of the wrong kind",
+        _purify(head=3),
+        TypeError,
+        ("head must be None", "got int 3"),
+    ),
+    Case(
+        "purify: head that is not a submodule",
+        _purify(head="fc"),
+        ValueError,
+        ("head 'fc' is not a submodule", "_Enc"),
+    ),
+    Case(
+        "config: health_max_head_change 0",
+        _purify(health_max_head_change=0.0),
+        ValueError,
+        ("health_max_head_change", "0.0"),
+    ),
+    Case(
         "purify: standardised images",
         _purify((_images() - 0.5) / 0.2),
         ValueError,

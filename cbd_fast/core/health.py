@@ -32,12 +32,17 @@ same images, so they need no labels and no head, and none depends on the feature
   feature space, so an encoder whose images sit close to its boundaries (a fragile model) shows a
   larger figure for the same drift. 0 = no image changed class (NaN when ``D != D'``, 1 when ``Z``
   is not finite).
+- ``health_head_change`` (only when the head that reads the features is known,
+  ``cbd_fast.core.heads``): the share of images whose predicted class (the argmax of the head's
+  logits) changed. What ``health_flip`` estimates, measured: when it is there, its limit is acted
+  on instead of the pseudo classes'.
 - ``health_finite``: 1 when every feature is finite, else 0.
 
 An epoch is unhealthy when any feature is non-finite, ``health_knn < min_knn``,
 ``health_rank < min_rank`` or ``health_spread < min_spread``; the encoder a run would return (after
 its last epoch) also when ``health_drift > max_drift`` or (with at least ``MIN_FLIP_IMAGES``
-held-out images) ``health_flip > max_flip``. Drift and
+held-out images) ``health_head_change > max_head_change`` with a head, ``health_flip > max_flip``
+without one. Drift and
 flips are judged on that encoder only: the clean features may move while the adversarial pull is
 strongest and come back under the clean term, so an earlier epoch's figures are recorded, never
 acted on. The thresholds are documented in
@@ -55,6 +60,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cbd_fast.core.backbones import with_standardisation
+from cbd_fast.core.heads import FeatureHead, HeadSpec, resolve_head
 from cbd_fast.core.modes import eval_mode
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +78,7 @@ __all__ = [
     "DEFAULT_MIN_SPREAD",
     "DEFAULT_MAX_DRIFT",
     "DEFAULT_MAX_FLIP",
+    "DEFAULT_MAX_HEAD_CHANGE",
     "FLIP_CLUSTERS",
     "MIN_FLIP_IMAGES",
     "K",
@@ -93,6 +101,10 @@ DEFAULT_MAX_DRIFT = 0.1
 #: above this share of held-out images that changed pseudo class, a head trained on the original
 #: features changes its prediction on too many of them (chosen on the dev attacks: ``docs/method.md``, 4.12)
 DEFAULT_MAX_FLIP = 0.12
+#: above this share of held-out images whose prediction the known head changed, too many clean
+#: predictions changed (the same rule as ``DEFAULT_MAX_FLIP``, on the dev runs' own heads:
+#: ``docs/method.md``, 4.12)
+DEFAULT_MAX_HEAD_CHANGE = 0.12
 #: k-means clusters of the original features that stand in for a head's classes (``health_flip``)
 FLIP_CLUSTERS = 10
 #: fewer held-out images than this leave ~a dozen per cluster or fewer, and one image is >= 0.8% of
@@ -238,8 +250,11 @@ class HealthCheck:
     Attributes:
         images: [M, C, H, W] the held-out unlabeled images on the run's device.
         reference: [M, D'] float32 features of the original encoder on them.
-        min_knn, min_rank, min_spread, max_drift, max_flip: the thresholds (see the module docstring).
+        min_knn, min_rank, min_spread, max_drift, max_flip, max_head_change: the thresholds (see
+            the module docstring).
         centroids: [k, D'] float64 pseudo classes of ``reference`` (computed when not given).
+        head: the head that reads the features (:class:`cbd_fast.core.heads.FeatureHead`), or None.
+        reference_pred: [M] int64 the head's predictions on ``reference`` (computed when not given).
     """
 
     images: torch.Tensor
@@ -250,14 +265,27 @@ class HealthCheck:
     max_drift: float = DEFAULT_MAX_DRIFT
     max_flip: float = DEFAULT_MAX_FLIP
     centroids: torch.Tensor | None = None
+    head: FeatureHead | None = None
+    max_head_change: float = DEFAULT_MAX_HEAD_CHANGE
+    reference_pred: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.centroids is None:
             self.centroids = pseudo_classes(self.reference)
+        if self.head is not None and self.reference_pred is None:
+            self.reference_pred = self.head.predict(self.reference)
 
     def figures(self, z: torch.Tensor) -> dict[str, float]:
-        """:func:`health_figures` of the current features ``z`` [M, D] against the reference."""
-        return health_figures(z, self.reference, centroids=self.centroids)
+        """:func:`health_figures` of the current features ``z`` [M, D] against the reference, and
+        ``health_head_change`` with a head (1 when ``z`` is not finite or not the head's width)."""
+        out = health_figures(z, self.reference, centroids=self.centroids)
+        if self.head is not None and self.reference_pred is not None:
+            change = 1.0
+            if out["health_finite"] == 1.0 and z.shape[1] == self.reference.shape[1]:
+                pred = self.head.predict(z).to(self.reference_pred.device)
+                change = float((pred != self.reference_pred).double().mean())
+            out["health_head_change"] = change
+        return out
 
     def problems(self, figures: dict[str, float], *, final: bool = True) -> list[str]:
         """Why ``figures`` are unhealthy (empty when healthy); the drift limit applies only to the
@@ -282,7 +310,13 @@ class HealthCheck:
                 "away from where a head trained on the original encoder reads them: expect lost accuracy)"
             )
         enough = len(self.images) >= MIN_FLIP_IMAGES  # fewer: too noisy to act on
-        if final and enough and figures.get("health_flip", 0.0) > self.max_flip:  # NaN never fails
+        change = figures.get("health_head_change")
+        if final and enough and change is not None and change > self.max_head_change:
+            out.append(
+                f"changed predictions {change:.3f} > {self.max_head_change:g} (the model's head predicts "
+                "another class than before on that share of the clean images: expect lost accuracy)"
+            )
+        if final and enough and change is None and figures.get("health_flip", 0.0) > self.max_flip:
             out.append(
                 f"pseudo-class changes {figures['health_flip']:.3f} > {self.max_flip:g} (that share of the "
                 "clean images crossed a boundary between clusters of the original features: a head trained "
@@ -306,12 +340,22 @@ def _eval_features(run: Run, module: Callable[[torch.Tensor], torch.Tensor], x: 
         return torch.cat([module(x[i : i + 256]).float() for i in range(0, len(x), 256)])
 
 
-def make_health_check(run: Run, images: torch.Tensor) -> HealthCheck:
+def make_health_check(run: Run, images: torch.Tensor, head: HeadSpec = None) -> HealthCheck:
     """The run's check on ``images`` [M, C, H, W] (uint8 or float), with the ORIGINAL encoder's
-    features as the reference: call it before the first update (and before restoring a checkpoint)."""
+    features as the reference and ``head`` resolved on the original (``cbd_fast.core.heads``): call
+    it before the first update (and before restoring a checkpoint)."""
     cfg = run.config
     x = _float_images(images, run)
     original = run.reference if run.reference is not None else run.features
+    feature_head = resolve_head(
+        head,
+        run.model,
+        run.features._feature_fn,
+        with_standardisation(None, cfg.input_mean, cfg.input_std),
+        x,
+        run.ctx.autocast,
+        reduced_precision=run.ctx.amp_dtype is not None or run.dtype != torch.float32,
+    )
     return HealthCheck(
         images=x,
         reference=_eval_features(run, original, x),
@@ -320,6 +364,8 @@ def make_health_check(run: Run, images: torch.Tensor) -> HealthCheck:
         min_spread=cfg.health_min_spread,
         max_drift=cfg.health_max_drift,
         max_flip=cfg.health_max_flip,
+        head=feature_head,
+        max_head_change=cfg.health_max_head_change,
     )
 
 
@@ -349,7 +395,7 @@ def check_health(
         warnings.warn(text + "; continuing (health='warn')", RuntimeWarning, stacklevel=3)
         return figures
     # drift and flips alone: the features moved but kept their shape (earlier epochs were not judged)
-    drift_only = all(p.startswith(("feature drift", "pseudo-class")) for p in problems)
+    drift_only = all(p.startswith(("feature drift", "pseudo-class", "changed predictions")) for p in problems)
     if not last_ckpt:
         kept = "no checkpoint was written (set checkpoint_dir to keep the healthy epochs)"
     elif drift_only:  # earlier epochs passed the collapse limits; their drift is only recorded
@@ -358,7 +404,8 @@ def check_health(
         kept = f"the last good checkpoint {last_ckpt} is intact"
     advice = (
         "Lower lr or raise clean_weight; if a new head will be trained on the purified encoder (the "
-        "drift does not matter then), raise health_max_drift and health_max_flip"
+        "drift does not matter then), raise health_max_drift, health_max_flip and "
+        "health_max_head_change"
         if drift_only
         else "Lower lr or clean_weight"
     )

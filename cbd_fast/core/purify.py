@@ -45,6 +45,7 @@ from cbd_fast.core.backbones import (
 from cbd_fast.core.config import PurifyConfig
 from cbd_fast.core.epoch import run_epoch
 from cbd_fast.core.features import FeatureFn, flatten_features
+from cbd_fast.core.heads import HeadSpec, check_head_argument
 from cbd_fast.core.health import check_health, make_health_check
 from cbd_fast.core.inputs import ImageStream, MappedSampler, holdout_split, images_at
 from cbd_fast.core.modes import eval_mode
@@ -88,6 +89,8 @@ class PurifyResult:
         config: the validated config used.
         features: what the features were, e.g. ``"timm forward_features + avg pool, 768-d"``
             (:func:`cbd_fast.core.backbones.describe_features`).
+        head: the head whose changed predictions the health check measured
+            (``health_head_change``), e.g. ``"timm ResNet get_classifier()"``; None without one.
         runtime: where and how it ran: ``device``, ``amp_dtype`` (the autocast dtype or
             ``"float32"``), ``channels_last``, ``world_size``, ``backend_requested`` (``"auto"`` or
             the config's), ``backends`` (per op, the backend float32 calls start with there; one
@@ -100,6 +103,7 @@ class PurifyResult:
     config: PurifyConfig
     features: str | None = None
     runtime: dict[str, Any] | None = None
+    head: str | None = None
 
 
 def _run_feature_fn(
@@ -220,7 +224,13 @@ class Purifier:
 
     # ------------------------------------------------------------------ the run
     def fit(
-        self, encoder: nn.Module, data: Any, feature_fn: FeatureFn | None = None, *, inplace: bool = False
+        self,
+        encoder: nn.Module,
+        data: Any,
+        feature_fn: FeatureFn | None = None,
+        *,
+        inplace: bool = False,
+        head: HeadSpec = None,
     ) -> PurifyResult:
         """Purify ``encoder`` on unlabeled ``data``.
 
@@ -232,6 +242,11 @@ class Purifier:
                 ``"image"``), or a DataLoader used as is. Labels are never read.
             feature_fn: optional ``feature_fn(module, x) -> features``, e.g. ``lambda m, x: m.features(x)``.
             inplace: purify ``encoder`` itself instead of a copy.
+            head: the head that reads the features, for the health check's changed predictions
+                (``health_head_change``): None, the model's own classifier when it is a timm,
+                torchvision or Hugging Face classifier whose head verifiably reads these features;
+                a submodule name (verified); a callable ``features [B, D] -> logits [B, K]`` (used as
+                given, never modified); False, none (``cbd_fast.core.heads``).
 
         Returns:
             a :class:`PurifyResult` (``encoder``, per-epoch ``history``, ``config``).
@@ -243,6 +258,7 @@ class Purifier:
                 config.
         """
         check_encoder(encoder, feature_fn, inplace)
+        check_head_argument(head)
         feature_fn = _run_feature_fn(encoder, feature_fn, self.config)
         ctx = make_context(self.config)
         _warn_if_slow(ctx, self.config)
@@ -253,10 +269,16 @@ class Purifier:
             torch.random.default_generator.manual_seed(self.config.seed)
             if ctx.device.type == "cuda":
                 torch.cuda.manual_seed(self.config.seed)
-            return self._fit(ctx, encoder, data, feature_fn, inplace)
+            return self._fit(ctx, encoder, data, feature_fn, inplace, head)
 
     def _fit(
-        self, ctx: Any, encoder: nn.Module, data: Any, feature_fn: FeatureFn | None, inplace: bool
+        self,
+        ctx: Any,
+        encoder: nn.Module,
+        data: Any,
+        feature_fn: FeatureFn | None,
+        inplace: bool,
+        head: HeadSpec,
     ) -> PurifyResult:
         cfg = self.config
         first = next(p for p in encoder.parameters() if p.is_floating_point())
@@ -278,7 +300,8 @@ class Purifier:
         health = None
         if cfg.health != "off":  # the original's features, before any change (and before a resume)
             images = images_at(data, held) if held else probe[: cfg.health_images]
-            health = make_health_check(run, images) if len(images) >= 3 else None  # 3: a neighbour and more
+            # 3 images at least: a neighbour and more
+            health = make_health_check(run, images, head) if len(images) >= 3 else None
         history: list[dict[str, float]] = []
         start_epoch = 0
         with dist.run_guard(ctx.dist):
@@ -310,6 +333,7 @@ class Purifier:
             config=cfg,
             features=features,
             runtime=_runtime(ctx, cfg),
+            head=None if health is None or health.head is None else health.head.source,
         )
 
 
@@ -487,6 +511,7 @@ def purify(
     *,
     feature_fn: FeatureFn | None = None,
     inplace: bool = False,
+    head: HeadSpec = None,
     **overrides: Any,
 ) -> nn.Module:
     """Purify a possibly backdoored backbone without labels (Contrastive Backdoor Defense).
@@ -501,6 +526,10 @@ def purify(
         config: a :class:`PurifyConfig`, a dict of its fields, or None (defaults).
         feature_fn: optional ``feature_fn(module, x) -> features``, e.g. ``lambda m, x: m.features(x)``.
         inplace: purify ``encoder`` itself (its parameters and buffers change) instead of a copy.
+        head: the head that reads the features, for the health check's changed predictions: None
+            (the model's own classifier when verifiable), a submodule name, a callable ``features
+            [B, D] -> logits [B, K]`` (e.g. ``head=model.fc`` when purifying ``model.backbone``), or
+            False (see :meth:`Purifier.fit`).
         **overrides: PurifyConfig fields, e.g. ``epochs=3, lr=0.005`` (unknown names -> TypeError
             listing the valid ones).
 
@@ -516,4 +545,5 @@ def purify(
         >>> type(clean) is type(backbone) and clean is not backbone
         True
     """
-    return Purifier(config, **overrides).fit(encoder, data, feature_fn=feature_fn, inplace=inplace).encoder
+    fit = Purifier(config, **overrides).fit(encoder, data, feature_fn=feature_fn, inplace=inplace, head=head)
+    return fit.encoder

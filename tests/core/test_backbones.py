@@ -355,3 +355,51 @@ def test_transformers_vit_from_a_local_folder(tmp_path):
     base.save_pretrained(tmp_path / "base")
     loaded = transformers.AutoModel.from_pretrained(tmp_path / "base", local_files_only=True).eval()
     _purify_and_check(loaded, "transformers ViTModel CLS token (last_hidden_state[:, 0]), 32-d", None)
+
+
+# ------------------------------------------------------------------------------------------ heads
+
+
+def _assert_head_reads_the_features(model: nn.Module) -> None:
+    """The model's own head is found, verified, and predicts what the model predicts."""
+    from cbd_fast.core.heads import resolve_head
+
+    fn = auto_feature_fn(model)
+    x = _images(6)
+    head = resolve_head(None, model, fn, None, x, torch.no_grad)
+    assert head is not None, type(model).__name__
+    with torch.no_grad():
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else out.logits
+        assert torch.equal(head.predict(fn(model, x).float()), logits.argmax(1))
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext", "test_vit"])
+def test_timm_heads_are_found_and_verified(name):
+    timm = require_module("timm")
+    torch.manual_seed(0)
+    _assert_head_reads_the_features(timm.create_model(name, pretrained=False, num_classes=10).eval())
+    headless = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    from cbd_fast.core.heads import resolve_head
+
+    assert resolve_head(None, headless, auto_feature_fn(headless), None, _images(4), torch.no_grad) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("resnet18", {}), ("mobilenet_v3_small", {}), ("convnext_tiny", {}), ("vit_b_16", {"image_size": 32})],
+)
+def test_torchvision_heads_are_found_and_verified(name, kwargs):
+    models = require_module("torchvision.models")
+    torch.manual_seed(0)
+    _assert_head_reads_the_features(getattr(models, name)(num_classes=10, **kwargs).eval())
+
+
+def test_transformers_heads_are_found_and_verified():
+    transformers, config = _tiny_vit_config()
+    torch.manual_seed(0)
+    _assert_head_reads_the_features(transformers.ViTForImageClassification(config).eval())
+    from cbd_fast.core.heads import resolve_head
+
+    base = transformers.ViTModel(config).eval()  # no classifier: no head
+    assert resolve_head(None, base, auto_feature_fn(base), None, _images(4), torch.no_grad) is None
