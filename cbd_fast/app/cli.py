@@ -5,6 +5,7 @@ Subcommands::
     cbd-fast demo [demo options]            the Fashion-MNIST demo (cbd_fast.app.demo)
     cbd-fast purify --model M --data D --out OUT [--config cfg.yaml] [--set key=value ...]
                     [--report DIR] [--limit N | --fraction F] [--feature-layer NAME | --forward-features]
+                    [--head NAME|none]
     cbd-fast evaluate --model M (--data D --labels L | --dataset fashion-mnist) [--trigger T] [--target 0]
     cbd-fast verify-record RECORD [MODEL ...] [--input FILE] [--data FILE] [--all]
     cbd-fast info [--json]                  how cbd_fast was built, which backends run here
@@ -22,6 +23,8 @@ images (recursive) or a ``.npy``/``.npz``/``.pt`` tensor file (read with ``allow
 Features: ``--feature-layer NAME`` / ``--forward-features``, else chosen by the model's family
 (``cbd_fast.core.backbones``: timm ``forward_features`` + its pooling, a torchvision classifier's
 pre-logits input, a Hugging Face model's CLS token or pooled output) and printed (``features: ...``).
+``--head NAME`` names the classifier that reads them (default: such a model's own head, when it
+verifiably does; ``none``: no head), so that the health check measures the predictions it changes.
 
 Outputs of ``purify``: the model (``--out``, plus ``.safetensors``), the purification record
 ``<out stem>.record.json`` + ``.record.md`` (SHA-256 of the input model files, the outputs and the
@@ -274,6 +277,14 @@ def _add_model(p: argparse.ArgumentParser, *, features: bool) -> None:
             "--forward-features",
             action="store_true",
             help="features from model.forward_features (timm classifiers)",
+        )
+        g.add_argument(
+            "--head",
+            metavar="NAME",
+            default=None,
+            help="the classifier submodule that maps the features to logits, for the health check's "
+            "changed predictions (verified against the model's output); 'none': no head; default: a "
+            "timm / torchvision / Hugging Face classifier's own head when it verifiably reads the features",
         )
 
 
@@ -710,7 +721,8 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     from cbd_fast import Purifier
 
     t0 = time.perf_counter()
-    result = Purifier(config).fit(loaded.module, data.images, feature_fn=feature_fn, inplace=True)
+    head = False if args.head is not None and args.head.lower() == "none" else args.head
+    result = Purifier(config).fit(loaded.module, data.images, feature_fn=feature_fn, inplace=True, head=head)
     seconds = time.perf_counter() - t0
     purified = result.encoder
     from cbd_fast.core.distributed import is_main_process
@@ -758,6 +770,8 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     print(f"purified model written to {', '.join(saved['files'])} ({saved['form']}; {seconds:.1f} s)")
     if result.features:
         print(f"features: {result.features}")
+    if result.head:
+        print(f"head: {result.head} (the health check counts its changed predictions)")
     health = _health_line(result.history)
     if health:
         print(health)
@@ -787,6 +801,7 @@ def _write_record(
         config=config.to_dict(),
         history=result.history,
         features=result.features,
+        head=result.head,
         runtime=result.runtime,
         model={
             k: model[k] for k in ("form", "source", "class", "parameters", "trust_pickle", "factory_kwargs")
@@ -809,6 +824,7 @@ def _health_line(history: list[dict[str, float]]) -> str | None:
         f"{last['health_rank']:.3f}, spread ratio {last['health_spread']:.3f}"
         + (f", feature drift {last['health_drift']:.3f}" if "health_drift" in last else "")
         + (f", pseudo-class changes {last['health_flip']:.3f}" if "health_flip" in last else "")
+        + (f", changed predictions {last['health_head_change']:.3f}" if "health_head_change" in last else "")
     )
 
 
@@ -878,6 +894,7 @@ def _write_purify_report(
         "model": loaded.describe(),
         "feature_fn": repr(feature_fn),
         "features": result.features,
+        "head": result.head,
         "runtime": result.runtime,
         "data": data.describe(),
         "outputs": saved,

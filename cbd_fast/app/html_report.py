@@ -37,6 +37,7 @@ _HEALTH = (
     ("health_spread", "spread ratio", "health_min_spread"),
     ("health_drift", "feature drift (0 = unchanged)", "health_max_drift"),
     ("health_flip", "pseudo-class changes (0 = none)", "health_max_flip"),
+    ("health_head_change", "changed predictions of the head (0 = none)", "health_max_head_change"),
 )
 
 
@@ -536,7 +537,12 @@ def _summary(doc: Mapping[str, Any]) -> str:
                 "final health",
                 f"k-NN {_fmt(last.get('health_knn'))}, CKA {_fmt(last.get('health_cka'))}, "
                 f"drift {_fmt(last.get('health_drift'))}, "
-                f"pseudo-class changes {_fmt(last.get('health_flip'))}",
+                f"pseudo-class changes {_fmt(last.get('health_flip'))}"
+                + (
+                    f", changed predictions {_fmt(last.get('health_head_change'))}"
+                    if "health_head_change" in last
+                    else ""
+                ),
             )
         )
     ev = doc.get("evaluation") or {}

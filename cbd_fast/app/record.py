@@ -58,7 +58,15 @@ __all__ = [
 ]
 
 RECORD_VERSION = 1
-HEALTH_KEYS = ("health_knn", "health_cka", "health_rank", "health_spread", "health_drift", "health_flip")
+HEALTH_KEYS = (
+    "health_knn",
+    "health_cka",
+    "health_rank",
+    "health_spread",
+    "health_drift",
+    "health_flip",
+    "health_head_change",
+)
 
 
 class RecordError(ValueError):
@@ -199,6 +207,7 @@ def build_record(
     config: Mapping[str, Any],
     history: Sequence[Mapping[str, Any]] = (),
     features: str | None = None,
+    head: str | None = None,
     runtime: Mapping[str, Any] | None = None,
     model: Mapping[str, Any] | None = None,
     evaluation: Mapping[str, Any] | None = None,
@@ -214,6 +223,7 @@ def build_record(
         config: ``PurifyConfig.to_dict()``.
         history: ``PurifyResult.history`` (losses and health figures are summarised).
         features: what the features were (``PurifyResult.features``).
+        head: the head the health check read (``PurifyResult.head``; None: none).
         runtime: device, precision and op backends (``PurifyResult.runtime``).
         model: a description of the model (form, class, parameters, source).
         evaluation: ACC/ASR before and after, when measured.
@@ -239,6 +249,7 @@ def build_record(
         "output_model": {"files": [file_entry(p, "output") for p in outputs]},
         "data": dict(data),
         "features": features,
+        "head": head,
         "config": dict(config),
         "versions": _versions(),
         "runtime": dict(runtime) if runtime else None,
@@ -357,6 +368,8 @@ def model_card(record: Mapping[str, Any]) -> str:
         if key in model:
             lines.append(f"- {key}: {_md(model[key])}")
     lines.append(f"- features purified: {_md(record.get('features'))}")
+    if record.get("head"):
+        lines.append(f"- head whose changed predictions the health check counted: {_md(record['head'])}")
     runtime = record.get("runtime") or {}
     for key, value in runtime.items():
         lines.append(f"- {key}: {_md(value)}")

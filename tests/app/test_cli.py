@@ -224,6 +224,24 @@ def test_purify_input_standardisation_reaches_the_run_and_the_report(files, tmp_
     assert set(_load_sd(tmp_path / "m.pt")) == set(_load_sd(files["sd"]))  # the model as it came, no wrapper
 
 
+def test_purify_head_option_measures_changed_predictions(files, tmp_path, capsys):
+    """--head NAME: the health check measures the predictions of the model's own head (printed and in
+    the record); --head none: no such figure."""
+    common = ["--feature-layer", "backbone", "--data", files["x"], "--limit", "16", *FAST]
+    code, out, err = run(
+        ["purify", *factory_args(files), *common, "--head", "head", "--out", tmp_path / "a.pt"], capsys
+    )
+    assert code == 0, err
+    assert "changed predictions" in out and "head: FMNISTNet.head" in out
+    record = json.loads((tmp_path / "a.record.json").read_text())
+    assert "health_head_change" in json.dumps(record) and record["head"] == "FMNISTNet.head"
+    code, out, err = run(
+        ["purify", *factory_args(files), *common, "--head", "none", "--out", tmp_path / "b.pt"], capsys
+    )
+    assert code == 0, err
+    assert "changed predictions" not in out
+
+
 def test_report_options_without_report_warn(files, tmp_path, capsys):
     code, _, err = run(
         ["purify", "--model", files["ts"], "--data", files["x"], "--limit", "16", "--out", tmp_path / "m.ts",
@@ -340,6 +358,7 @@ def _bad_cases(files: dict[str, Path], tmp: Path) -> dict[str, tuple[list, str]]
         "missing config": ([*base, *data, "--config", tmp / "none.yaml"], "config file not found"),
         "no feature layer": ([*base[:-1], "neck", *data], "feature layer 'neck' not found .*backbone, head"),
         "nan features": (["--model", "tests.app.test_cli:nan_net", *data], "non-finite"),
+        "no head": ([*base, *data, "--head", "neck"], "head 'neck' is not a submodule of FMNISTNet"),
         "out folder missing": (
             [*base, *data, "--out", tmp / "no" / "dir" / "m.pt"],
             "output folder does not exist",
@@ -361,6 +380,7 @@ BAD = [
     "missing config",
     "no feature layer",
     "nan features",
+    "no head",
     "out folder missing",
 ]
 
