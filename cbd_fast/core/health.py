@@ -402,13 +402,21 @@ def check_health(
         kept = f"the previous epoch's checkpoint {last_ckpt} is intact; its drift is in the history"
     else:
         kept = f"the last good checkpoint {last_ckpt} is intact"
-    advice = (
-        "Lower lr or raise clean_weight; if a new head will be trained on the purified encoder (the "
-        "drift does not matter then), raise health_max_drift, health_max_flip and "
-        "health_max_head_change"
-        if drift_only
-        else "Lower lr or clean_weight"
-    )
+    if not drift_only:
+        advice = "Lower lr or clean_weight"
+    elif check.head is None:
+        advice = (
+            "Lower lr or raise clean_weight. If the model's head is at hand, pass it (purify(..., "
+            "head=...)): the check then counts the predictions it really changed instead of "
+            "estimating them. If a new head will be trained on the purified encoder (the drift does "
+            "not matter then), raise health_max_drift and health_max_flip"
+        )
+    else:
+        advice = (
+            "Lower lr or raise clean_weight; if a new head will be trained on the purified encoder "
+            "(the drift does not matter then), pass head=False and raise health_max_drift and "
+            "health_max_flip, or raise health_max_head_change"
+        )
     raise HealthError(
         f"{text}. Purification stopped and the broken encoder is not returned ({kept}). {advice}, or set "
         "health='warn' to continue anyway"

@@ -200,6 +200,7 @@ def test_a_drifting_run_is_stopped_and_the_limit_can_be_lifted(scale_term) -> No
     assert "raise health_max_drift" in text
     assert "k-NN agreement" not in text and "relative spread" not in text and "rank ratio" not in text
     assert "health_max_flip" in text
+    assert "pass it (purify(..., head=...))" in text  # no head known: the advice offers one
     res = _drifting(health_max_drift=math.inf, health_max_flip=math.inf)()  # a new head will be trained
     last = res.history[-1]
     assert res.history[0]["health_drift"] > 0.1  # the stopped run went past its drifting first epoch
