@@ -116,6 +116,13 @@ class PurifyConfig:
             clean features). Default ``"anchor"``.
         clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0 (chosen on
             the dev attacks with the trigger search; ``docs/method.md``, 4.2).
+        head_weight: weight (>= 0) of a head term, used only with a known head (``purify(...,
+            head=...)``): the KL divergence of the head's predictions on the adversarial features
+            from its predictions on the ORIGINAL encoder's clean features of the same images, so
+            the adversarial images are pulled back where the head reads them. No label is read.
+            Default 0 (off; an option under measurement, ``docs/method.md`` 4.23).
+        head_clean: with ``head_weight``, also pull the head's predictions on the clean images'
+            current features to those on the original's (the two KL terms averaged). Default False.
         bn_policy: BatchNorm during the fine-tune step: ``"train"`` (batch statistics, running
             statistics updated), ``"eval"`` (running statistics kept; affine weights trained) or
             ``"frozen"`` (eval and affine weights not trained). The attack ALWAYS runs BN in eval
@@ -224,6 +231,8 @@ class PurifyConfig:
     pull_target: str = "clean"
     clean_term: str = "anchor"
     clean_weight: float = 50.0
+    head_weight: float = 0.0
+    head_clean: bool = False
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2
@@ -363,6 +372,13 @@ class PurifyConfig:
         if self.adv_fraction > 1:
             raise ValueError(f"adv_fraction must be in (0, 1]; got {self.adv_fraction}")
         _choice(self, "attack_anchors", ATTACK_ANCHORS)
+        _real(self, "head_weight", minimum=0.0)
+        _bool(self, "head_clean")
+        if self.head_weight > 0 and self.free_replays is not None:
+            raise ValueError(
+                f"head_weight > 0 needs the steps-step attack; got head_weight={self.head_weight} with "
+                f"free_replays={self.free_replays}"
+            )
         if self.free_replays is not None:
             _int(self, "free_replays", minimum=1)
             if self.free_replays > 64:

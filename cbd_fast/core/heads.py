@@ -73,6 +73,11 @@ class FeatureHead:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.logits(z)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """[M, K] float32 logits of ``z`` [M, D], differentiable in ``z`` (the head's own
+        parameters are frozen)."""
         x = z if self.in_shape is None else z.reshape(z.shape[0], *self.in_shape)
         if isinstance(self.module, nn.Module):
             p = next(self.module.parameters(), None)

@@ -108,6 +108,8 @@ class Run:
         flags, requires_grad: the caller's training flags and requires_grad, restored at the end.
         reference_cache: the frozen original's features per sample index (``fit`` builds it when
             ``config.reference_cache`` allows; None: computed per batch).
+        head: the head that reads the features (``cbd_fast.core.heads.FeatureHead``; ``fit`` sets it
+            from the health check), for ``config.head_weight``; None: none.
     """
 
     config: PurifyConfig
@@ -128,6 +130,7 @@ class Run:
     flags: dict[str, bool]
     requires_grad: dict[str, bool]
     reference_cache: ReferenceCache | None = None
+    head: Any = None
 
 
 def check_encoder(encoder: Any, feature_fn: Any, inplace: Any) -> None:
@@ -195,7 +198,10 @@ def prepare_run(
     adversary = make_adversary(config)
     # The frozen original (before any change) for terms that compare against it.
     needs_reference = (
-        clean_term.needs_reference or config.pull_target == "original" or config.attack_anchors == "original"
+        clean_term.needs_reference
+        or config.pull_target == "original"
+        or config.attack_anchors == "original"
+        or config.head_weight > 0
     )
     reference = _frozen_copy(encoder, ctx, feature_fn) if needs_reference else None
     # The caller's flags, read from the caller's module (a copy made under no_grad loses them).

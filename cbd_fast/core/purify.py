@@ -168,6 +168,11 @@ class Purifier:
             the module being purified (on the run's device).
         """
         check_encoder(encoder, feature_fn, inplace)
+        if self.config.head_weight > 0:
+            raise ValueError(
+                f"head_weight={self.config.head_weight} needs the head, which fit(..., head=...) resolves; "
+                "prepare / step take none: use fit, or head_weight=0"
+            )
         feature_fn = _run_feature_fn(encoder, feature_fn, self.config)
         ctx = make_context(self.config)
         _warn_if_slow(ctx, self.config)
@@ -302,6 +307,12 @@ class Purifier:
             images = images_at(data, held) if held else probe[: cfg.health_images]
             # 3 images at least: a neighbour and more
             health = make_health_check(run, images, head) if len(images) >= 3 else None
+        run.head = None if health is None else health.head
+        if cfg.head_weight > 0 and run.head is None:
+            raise ValueError(
+                f"head_weight={cfg.head_weight} needs the head that reads the features: pass "
+                "purify(..., head=...) (and keep health on); none was given or verified"
+            )
         history: list[dict[str, float]] = []
         start_epoch = 0
         with dist.run_guard(ctx.dist):

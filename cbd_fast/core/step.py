@@ -7,7 +7,8 @@ Per batch of unlabeled images ``x`` [B, C, H, W]:
    from ``c``;
 3. one forward of ``[x_adv; x; extra clean views]`` in fine-tune mode and one optimiser step on
    ``NTXent(f(x_adv), f(x)) + clean_weight * clean_term`` (pulling plus keeping clean behaviour),
-   the gradient passed through the spike guard first.
+   the gradient passed through the spike guard first. With ``head_weight`` and a known head ``h``
+   the loss also holds ``KL(h(f0(x)) || h(f(x_adv)))`` (:func:`_head_term`).
 
 With ``free_replays`` = m (:func:`_free_step`) the batch is instead replayed m times, each replay one
 forward + backward of ``[x_adv; x]`` that updates the weights and takes the adversary's next ascent
@@ -250,7 +251,26 @@ def _finetune_terms(run: Run, bt: _Batch, x_adv: torch.Tensor) -> tuple[torch.Te
     else:
         clean = clean.float()
         loss = pull + cfg.clean_weight * clean
+    if cfg.head_weight > 0 and run.head is not None and bt.n_att > 0:
+        loss = loss + cfg.head_weight * _head_term(run, bt, z_adv, z_clean)
     return loss, pull, clean, attack_loss, z_adv
+
+
+def _head_term(run: Run, bt: _Batch, z_adv: torch.Tensor, z_clean: torch.Tensor) -> torch.Tensor:
+    """``KL(h(f0(x)) || h(f(x_adv)))`` over the attacked rows (mean per image): the head ``h``'s
+    predictions on the adversarial features pulled to its predictions on the original encoder's
+    clean features of the same images; with ``head_clean`` also ``KL(h(f0(x)) || h(f(x)))`` over
+    the clean rows, averaged with it (0-dim float32, differentiable in ``z_adv`` [M, D] and
+    ``z_clean`` [B, D])."""
+    assert bt.reference is not None and run.head is not None
+    with torch.no_grad():
+        target = run.head.logits(bt.reference(bt.x)).log_softmax(1)
+    log_q = run.head.logits(z_adv).log_softmax(1)
+    kl = torch.nn.functional.kl_div(log_q, bt.take(target), log_target=True, reduction="batchmean")
+    if run.config.head_clean:
+        log_c = run.head.logits(z_clean).log_softmax(1)
+        kl = 0.5 * (kl + torch.nn.functional.kl_div(log_c, target, log_target=True, reduction="batchmean"))
+    return kl
 
 
 def _update(run: Run, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -248,3 +248,35 @@ def test_bad_head_arguments_fail_before_training():
         cbd_fast.purify(model.backbone, x, head=3, **RUN)
     with pytest.raises(ValueError, match="head 'fc' is not a submodule of Classifier"):
         cbd_fast.purify(model, x, feature_fn=_backbone_features, head="fc", **RUN)
+
+
+# ------------------------------------------------------------------------------------------ head_weight
+
+
+def test_head_weight_needs_a_head_and_the_steps_attack():
+    model = Classifier()
+    x = torch.rand(64, 1, 4, 4)
+    with pytest.raises(ValueError, match="head_weight=1.0 needs the head that reads the features"):
+        cbd_fast.purify(model.backbone, x, head_weight=1.0, **RUN)
+    with pytest.raises(ValueError, match="prepare / step take none"):
+        cbd_fast.Purifier(head_weight=1.0).prepare(model.backbone)
+    with pytest.raises(ValueError, match="head_weight > 0 needs the steps-step attack; .* free_replays=2"):
+        cbd_fast.PurifyConfig(head_weight=1.0, free_replays=2).validate()
+    with pytest.raises(ValueError, match="head_weight must be >= 0"):
+        cbd_fast.PurifyConfig(head_weight=-1.0).validate()
+
+
+@pytest.mark.parametrize("head_clean", [False, True])
+def test_head_weight_pulls_the_adversarial_predictions_to_the_original_ones(head_clean):
+    """The head term: KL of the head's predictions on the adversarial (and, with head_clean, the
+    clean) features from its predictions on the original's clean features; it changes the run."""
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.rand(400, 1, 4, 4)
+    base = cbd_fast.Purifier(**RUN).fit(model.backbone, x, head=model.head)
+    res = cbd_fast.Purifier(**RUN, head_weight=1.0, head_clean=head_clean).fit(
+        model.backbone, x, head=model.head
+    )
+    assert res.history[-1]["loss"] != base.history[-1]["loss"]
+    assert any(not torch.equal(v, base.encoder.state_dict()[k]) for k, v in res.encoder.state_dict().items())
+    assert all(p.requires_grad for p in model.head.parameters())  # the caller's head: untouched
