@@ -181,11 +181,13 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
         """Run ``purify`` for ``name``; a run the health check (or a non-finite loss) stopped is a
         result too, recorded with its reason: the user gets an error, not an encoder."""
         t0 = time.perf_counter()
+        # the model's head, for the health check's changed predictions (an encoder attack's head is
+        # retrained after purification: there is none to give)
+        head = False if encoder_kind else model.head
         try:
             if no_adversary:
-                fit = Purifier(config.replace(adversary="none", epsilon=0.0)).fit(model.backbone, x_def)
-            else:
-                fit = Purifier(config).fit(model.backbone, x_def)
+                config = config.replace(adversary="none", epsilon=0.0)
+            fit = Purifier(config).fit(model.backbone, x_def, head=head)
         except (HealthError, RuntimeError) as exc:
             results[name] = {
                 "error": f"{type(exc).__name__}: {str(exc)[:400]}",

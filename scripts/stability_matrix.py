@@ -431,7 +431,8 @@ def run_cell(cell: Cell, train_only: bool = False) -> dict[str, Any]:
     out.update(unl_info, before=before, config=jsonable(config.to_dict()), core=core_fingerprint())
     t0 = time.perf_counter()
     try:
-        result = cbd_fast.Purifier(config).fit(model.backbone, x_unl)
+        # the model's head: the health check measures the predictions it changes
+        result = cbd_fast.Purifier(config).fit(model.backbone, x_unl, head=model.head)
     except Exception as exc:  # recorded, not raised: a stopped run is a result of the matrix
         out.update(error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - t0)
         out["nonfinite"] = "non-finite" in str(exc) or "NaN" in str(exc)

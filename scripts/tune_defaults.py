@@ -90,8 +90,8 @@ def run_one(
     record["overrides"] = overrides
     record["before"] = before
     t0 = time.perf_counter()
-    try:
-        fit = Purifier(cfg).fit(model.backbone, x_unl)
+    try:  # the model's head, for the health check's changed predictions (none for encoder attacks)
+        fit = Purifier(cfg).fit(model.backbone, x_unl, head=False if head is None else head)
     except HealthError as exc:  # a run the health check stopped is a result: no encoder came back
         return record | {
             "after": None,
@@ -102,9 +102,24 @@ def run_one(
     last = fit.history[-1] if fit.history else {}
     return record | {
         "after": evaluate(fit.encoder),
+        "head_change": None if head is None else head_change(model.backbone, fit.encoder, head, val.images),
         "seconds": secs,
         "history_last": {k: v for k, v in last.items() if isinstance(v, (int, float))},
     }
+
+
+def head_change(original, purified, head, images) -> float:  # noqa: ANN001
+    """The share of ``images`` whose prediction ``head`` changes from ``original``'s features to
+    ``purified``'s: on the evaluation images, what the health check's ``health_head_change``
+    measures on the defender's held-out images."""
+    import torch
+
+    from cbd_fast.core.features import batched_features
+
+    with torch.no_grad():
+        before = head(batched_features(original, images)).argmax(1)
+        after = head(batched_features(purified, images)).argmax(1)
+    return float((before != after).float().mean())
 
 
 def run_removal_test(run_seed: int, overrides: dict, tag: str) -> dict:
@@ -120,7 +135,10 @@ def run_removal_test(run_seed: int, overrides: dict, tag: str) -> dict:
     backdoor = Backdoor()
     cfg = PurifyConfig(**{"batch_size": 32, "epochs": 6, "progress": False, "seed": run_seed, **overrides})
     t0 = time.perf_counter()
-    after = backdoor.measure(purify(backdoor.model.backbone, backdoor.x[:192], cfg.validate()))
+    # the model's head goes to the health check (and to head_weight when set); it changes nothing else
+    after = backdoor.measure(
+        purify(backdoor.model.backbone, backdoor.x[:192], cfg.validate(), head=backdoor.model.head)
+    )
     return {
         "kind": "removal_test",
         "tag": tag,

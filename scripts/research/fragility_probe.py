@@ -57,7 +57,7 @@ def run_one(
         **{"seed": seed, "progress": False, "health": "warn", "health_max_drift": 1e9, **overrides}
     ).validate()
     t0 = time.perf_counter()
-    fit = Purifier(cfg).fit(model.backbone, x_unl)
+    fit = Purifier(cfg).fit(model.backbone, x_unl, head=False if head is None else head)
     secs = time.perf_counter() - t0
     clf1 = _classifier(fit.encoder, head, probe)
     after = evaluate_backdoor(clf1, val.images, val.labels, trigger)
