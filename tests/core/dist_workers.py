@@ -304,7 +304,9 @@ def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
     ranks then hold different numbers of attacked images; ``"free"``: the default adversary with
     ``free_replays=2``, its ascent steps taken from the fine-tune's backward; ``"standardised"``: the
     default adversary with ``input_mean`` / ``input_std`` and the reference cache, so that every
-    forward, the frozen original's included, goes through the standardisation)."""
+    forward, the frozen original's included, goes through the standardisation); ``"head"``: the
+    default adversary with a given head guiding the fine-tuning (``head_weight``, ``head_clean``):
+    a per-image KL over each rank's own rows, averaged by DDP's gradient mean)."""
     out = dict(PURIFY)
     if adversary == "default":
         del out["adversary"]
@@ -317,6 +319,10 @@ def purify_settings(adversary: str = "pgd") -> dict[str, Any]:
     elif adversary == "standardised":
         del out["adversary"]
         out.update(input_mean=(0.4,), input_std=(0.3,), reference_cache=True)
+    elif adversary == "head":
+        del out["adversary"]
+        torch.manual_seed(7)
+        out.update(head_weight=1.0, head_clean=True, head=nn.Linear(6, 3))  # ``head`` goes to purify
     else:
         out["adversary"] = adversary
     return out

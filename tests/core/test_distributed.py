@@ -337,7 +337,7 @@ def test_failing_rank_stops_the_whole_run(tmp_path: Path, where: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("adversary", ["pgd", "default", "subset", "free", "standardised"])
+@pytest.mark.parametrize("adversary", ["pgd", "default", "subset", "free", "standardised", "head"])
 def test_purify_on_two_ranks_equals_one_process_and_resumes(tmp_path: Path, adversary: str) -> None:
     """A short 2-process purify == the 1-process run (same seed, same global batch); only rank 0
     writes checkpoints; a distributed resume from the epoch-1 checkpoint ends with the same weights.
