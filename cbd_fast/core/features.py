@@ -97,6 +97,11 @@ class Features(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return encoder_features(self.encoder, x, self._feature_fn)
 
+    @property
+    def feature_fn(self) -> FeatureFn | None:
+        """The feature function (None: the encoder's own output)."""
+        return self._feature_fn
+
     def raw(self, x: torch.Tensor) -> Any:
         """What the encoder (or ``feature_fn``) returns for ``x``, not flattened or checked."""
         return self.encoder(x) if self._feature_fn is None else self._feature_fn(self.encoder, x)

@@ -350,7 +350,7 @@ def make_health_check(run: Run, images: torch.Tensor, head: HeadSpec = None) -> 
     feature_head = resolve_head(
         head,
         run.model,
-        run.features._feature_fn,
+        run.features.feature_fn,
         with_standardisation(None, cfg.input_mean, cfg.input_std),
         x,
         run.ctx.autocast,
