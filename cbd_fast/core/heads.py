@@ -111,7 +111,7 @@ def _logits(out: Any, batch: int, where: str) -> torch.Tensor:
 
 def check_head_argument(head: Any) -> None:
     """TypeError for a ``head`` argument of the wrong kind (before any work)."""
-    if head is None or head is False or isinstance(head, str) or (callable(head) and head is not True):
+    if head is None or head is False or isinstance(head, str) or callable(head):
         return
     raise TypeError(
         "head must be None (the model's own classifier, if it has a verifiable one), False (none), the "
