@@ -76,6 +76,13 @@ __all__ = [
 CLEAN_TERMS_SUPPORTED = ("none", "feature_consistency", "anchor")
 
 
+def _clean_weight(config: Any) -> float:
+    """The clean weight a headless ``cbd_fast`` run uses (``"auto"`` resolved; 0 when absent)."""
+    if hasattr(config, "loss_weights"):
+        return float(config.loss_weights(False)[1])
+    return float(getattr(config, "clean_weight", 0.0))
+
+
 def _pull_ratio(config: Any) -> float:
     extra = getattr(config, "extra", None) or {}
     if "pull_ratio" in extra:
@@ -154,7 +161,7 @@ class LoopSettings:
             weight_decay=float(getattr(config, "weight_decay", 0.0)),
             optimizer=str(getattr(config, "optimizer", "sgd")),
             clean_term=str(getattr(config, "clean_term", "none")),
-            clean_weight=float(getattr(config, "clean_weight", 0.0)),
+            clean_weight=_clean_weight(config),
             pull_ratio=_pull_ratio(config),
             bn_policy=str(getattr(config, "bn_policy", "train")),
             amp_dtype=amp_dtype,

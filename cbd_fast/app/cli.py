@@ -283,7 +283,8 @@ def _add_model(p: argparse.ArgumentParser, *, features: bool) -> None:
             metavar="NAME",
             default=None,
             help="the classifier submodule that maps the features to logits, for the health check's "
-            "changed predictions (verified against the model's output); 'none': no head; default: a "
+            "changed predictions and the head term that guides the fine-tuning (verified against the "
+            "model's output); 'none': no head; default: a "
             "timm / torchvision / Hugging Face classifier's own head when it verifiably reads the features",
         )
 
@@ -771,7 +772,9 @@ def _cmd_purify(args: argparse.Namespace) -> int:
     if result.features:
         print(f"features: {result.features}")
     if result.head:
-        print(f"head: {result.head} (the health check counts its changed predictions)")
+        weight = (result.runtime or {}).get("head_weight", 0.0)
+        guide = f"; head term weight {weight:g}" if weight else ""
+        print(f"head: {result.head} (the health check counts its changed predictions{guide})")
     health = _health_line(result.history)
     if health:
         print(health)

@@ -114,15 +114,19 @@ class PurifyConfig:
             clean x), ``"contrastive_views"`` (NT-Xent between two augmented clean views) or
             ``"anchor"`` (feature consistency plus a pull of f(x_adv) to the frozen original's
             clean features). Default ``"anchor"``.
-        clean_weight: weight of the clean term in the fine-tune loss (>= 0). Default 50.0 (chosen on
-            the dev attacks with the trigger search; ``docs/method.md``, 4.2).
-        head_weight: weight (>= 0) of a head term, used only with a known head (``purify(...,
-            head=...)``): the KL divergence of the head's predictions on the adversarial features
-            from its predictions on the ORIGINAL encoder's clean features of the same images, so
-            the adversarial images are pulled back where the head reads them. No label is read.
-            Default 0 (off; an option under measurement, ``docs/method.md`` 4.23).
-        head_clean: with ``head_weight``, also pull the head's predictions on the clean images'
-            current features to those on the original's (the two KL terms averaged). Default False.
+        clean_weight: weight of the clean term in the fine-tune loss (>= 0), or ``"auto"`` (default):
+            50 (chosen on the dev attacks with the trigger search; ``docs/method.md``, 4.2), and 100
+            when the head term is on (``head_weight`` > 0 once resolved), which keeps the clean
+            accuracy the head term would otherwise cost (``docs/method.md`` 4.23).
+        head_weight: weight (>= 0) of a head term, or ``"auto"`` (default): the KL divergence of the
+            head's predictions on the adversarial features from its predictions on the ORIGINAL
+            encoder's clean features of the same images, so the adversarial images are pulled back
+            where the head reads them. No label is read. It needs the head that reads the features
+            (``purify(..., head=...)``: the model's own head, found and verified, or given), and the
+            ``steps``-step attack. ``"auto"``: 1.0 when ``fit`` has such a head and ``free_replays``
+            is None, else 0 (off); a number > 0 without a head is an error.
+        head_clean: with the head term, also pull the head's predictions on the clean images' current
+            features to those on the original's (the two KL terms averaged). Default True.
         bn_policy: BatchNorm during the fine-tune step: ``"train"`` (batch statistics, running
             statistics updated), ``"eval"`` (running statistics kept; affine weights trained) or
             ``"frozen"`` (eval and affine weights not trained). The attack ALWAYS runs BN in eval
@@ -230,9 +234,9 @@ class PurifyConfig:
     grad_spike_factor: float | None = 5.0
     pull_target: str = "clean"
     clean_term: str = "anchor"
-    clean_weight: float = 50.0
-    head_weight: float = 0.0
-    head_clean: bool = False
+    clean_weight: float | str = "auto"
+    head_weight: float | str = "auto"
+    head_clean: bool = True
     bn_policy: str = "eval"
     augmentation: str = "none"
     crop_padding: int = 2
@@ -281,6 +285,33 @@ class PurifyConfig:
         }
     )
 
+    #: what ``"auto"`` resolves to (``docs/method.md`` 4.23): the head term's weight when ``fit`` has a
+    #: head; the clean weight without and with the head term on
+    AUTO_HEAD_WEIGHT: ClassVar[float] = 1.0
+    AUTO_CLEAN_WEIGHT: ClassVar[float] = 50.0
+    AUTO_CLEAN_WEIGHT_WITH_HEAD: ClassVar[float] = 100.0
+
+    def loss_weights(self, has_head: bool) -> tuple[float, float]:
+        """``(head_weight, clean_weight)`` of a run, ``"auto"`` resolved.
+
+        Args:
+            has_head: whether the run has the head that reads the features (``fit`` found and
+                verified it, or was given one).
+
+        ``head_weight="auto"`` is :attr:`AUTO_HEAD_WEIGHT` with a head and the ``steps``-step attack
+        (``free_replays`` None), else 0; ``clean_weight="auto"`` is :attr:`AUTO_CLEAN_WEIGHT_WITH_HEAD`
+        when the head term is on, else :attr:`AUTO_CLEAN_WEIGHT`. Numbers are used as given.
+        """
+        if self.head_weight == "auto":
+            head = self.AUTO_HEAD_WEIGHT if has_head and self.free_replays is None else 0.0
+        else:
+            head = float(self.head_weight)
+        if self.clean_weight == "auto":
+            clean = self.AUTO_CLEAN_WEIGHT_WITH_HEAD if head > 0 else self.AUTO_CLEAN_WEIGHT
+        else:
+            clean = float(self.clean_weight)
+        return head, clean
+
     # ------------------------------------------------------------------ construction helpers
     #: the published method's settings (Xiong et al., ICLR 2023, and the contrastive-PGD lineage it
     #: follows): per-sample contrastive PGD (eps 8/255, alpha 2/255, K 5, random start, tau 0.5),
@@ -302,6 +333,7 @@ class PurifyConfig:
         "pull_target": "clean",
         "clean_term": "none",
         "clean_weight": 0.0,
+        "head_weight": 0.0,
         "bn_policy": "train",
         # the paper's loop attacks every image of every batch against the model's own anchors, over
         # the run length this preset has always had ("a few epochs")
@@ -372,9 +404,9 @@ class PurifyConfig:
         if self.adv_fraction > 1:
             raise ValueError(f"adv_fraction must be in (0, 1]; got {self.adv_fraction}")
         _choice(self, "attack_anchors", ATTACK_ANCHORS)
-        _real(self, "head_weight", minimum=0.0)
+        _real_or_auto(self, "head_weight", minimum=0.0)
         _bool(self, "head_clean")
-        if self.head_weight > 0 and self.free_replays is not None:
+        if self.head_weight != "auto" and self.head_weight > 0 and self.free_replays is not None:
             raise ValueError(
                 f"head_weight > 0 needs the steps-step attack; got head_weight={self.head_weight} with "
                 f"free_replays={self.free_replays}"
@@ -399,7 +431,7 @@ class PurifyConfig:
         _choice(self, "lr_schedule", LR_SCHEDULES)
         if self.grad_spike_factor is not None:
             _real(self, "grad_spike_factor", minimum=0.0, strict=True)
-        _real(self, "clean_weight", minimum=0.0)
+        _real_or_auto(self, "clean_weight", minimum=0.0)
         _choice(self, "bn_policy", BN_POLICIES)
         _choice(self, "augmentation", AUGMENTATIONS)
         _int(self, "crop_padding", minimum=0)
@@ -486,6 +518,15 @@ def _real(cfg: PurifyConfig, name: str, *, minimum: float, strict: bool = False)
     if (value <= minimum) if strict else (value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}; got {value}")
     setattr(cfg, name, float(value))
+
+
+def _real_or_auto(cfg: PurifyConfig, name: str, *, minimum: float) -> None:
+    """``"auto"`` or a real number >= ``minimum`` (stored as float)."""
+    if getattr(cfg, name) != "auto":
+        try:
+            _real(cfg, name, minimum=minimum)
+        except TypeError:
+            raise TypeError(f"{name} must be 'auto' or a real number; got {getattr(cfg, name)!r}") from None
 
 
 def _upper_limit(cfg: PurifyConfig, name: str, allowed: str) -> None:

@@ -1,4 +1,5 @@
-"""The head that reads the purified features, for the health check's changed predictions.
+"""The head that reads the purified features, for the health check's changed predictions and the
+head term of the fine-tune loss (``PurifyConfig.head_weight``, on by default when a head is known).
 
 Purifying changes the encoder only; a classifier keeps its head. When that head is known, the share
 of held-out images whose predicted class it changes (``health_head_change``) is measured exactly,

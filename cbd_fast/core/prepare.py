@@ -109,7 +109,9 @@ class Run:
         reference_cache: the frozen original's features per sample index (``fit`` builds it when
             ``config.reference_cache`` allows; None: computed per batch).
         head: the head that reads the features (``cbd_fast.core.heads.FeatureHead``; ``fit`` sets it
-            from the health check), for ``config.head_weight``; None: none.
+            from the health check with :meth:`set_head`), for the head term; None: none.
+        head_weight, clean_weight: the fine-tune loss's weights, the config's ``"auto"`` resolved
+            for ``head`` (:meth:`set_head`).
     """
 
     config: PurifyConfig
@@ -131,6 +133,17 @@ class Run:
     requires_grad: dict[str, bool]
     reference_cache: ReferenceCache | None = None
     head: Any = None
+    head_weight: float = 0.0
+    clean_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.set_head(self.head)
+
+    def set_head(self, head: Any) -> None:
+        """Give the run its head (or None) and the loss weights that follow from it
+        (``PurifyConfig.loss_weights``: ``"auto"`` turns the head term on with a head)."""
+        self.head = head
+        self.head_weight, self.clean_weight = self.config.loss_weights(head is not None)
 
 
 def check_encoder(encoder: Any, feature_fn: Any, inplace: Any) -> None:
@@ -201,6 +214,7 @@ def prepare_run(
         clean_term.needs_reference
         or config.pull_target == "original"
         or config.attack_anchors == "original"
+        or config.head_weight == "auto"
         or config.head_weight > 0
     )
     reference = _frozen_copy(encoder, ctx, feature_fn) if needs_reference else None

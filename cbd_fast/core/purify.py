@@ -94,8 +94,9 @@ class PurifyResult:
         runtime: where and how it ran: ``device``, ``amp_dtype`` (the autocast dtype or
             ``"float32"``), ``channels_last``, ``world_size``, ``backend_requested`` (``"auto"`` or
             the config's), ``backends`` (per op, the backend float32 calls start with there; one
-            that fails at launch falls back at run time), ``backends_available`` and ``extension``
-            (``"loaded"`` or why not).
+            that fails at launch falls back at run time), ``backends_available``, ``extension``
+            (``"loaded"`` or why not), and the loss weights used, ``head_weight`` and
+            ``clean_weight`` (the config's ``"auto"`` resolved: ``PurifyConfig.loss_weights``).
     """
 
     encoder: nn.Module
@@ -168,7 +169,7 @@ class Purifier:
             the module being purified (on the run's device).
         """
         check_encoder(encoder, feature_fn, inplace)
-        if self.config.head_weight > 0:
+        if self.config.head_weight != "auto" and self.config.head_weight > 0:
             raise ValueError(
                 f"head_weight={self.config.head_weight} needs the head, which fit(..., head=...) resolves; "
                 "prepare / step take none: use fit, or head_weight=0"
@@ -307,8 +308,9 @@ class Purifier:
             images = images_at(data, held) if held else probe[: cfg.health_images]
             # 3 images at least: a neighbour and more
             health = make_health_check(run, images, head) if len(images) >= 3 else None
-        run.head = None if health is None else health.head
-        if cfg.head_weight > 0 and run.head is None:
+        run.set_head(None if health is None else health.head)
+        logger.info("loss weights: head term %g, clean term %g", run.head_weight, run.clean_weight)
+        if cfg.head_weight != "auto" and cfg.head_weight > 0 and run.head is None:
             raise ValueError(
                 f"head_weight={cfg.head_weight} needs the head that reads the features: pass "
                 "purify(..., head=...) (and keep health on); none was given or verified"
@@ -343,7 +345,7 @@ class Purifier:
             history=history,
             config=cfg,
             features=features,
-            runtime=_runtime(ctx, cfg),
+            runtime={**_runtime(ctx, cfg), "head_weight": run.head_weight, "clean_weight": run.clean_weight},
             head=None if health is None or health.head is None else health.head.source,
         )
 

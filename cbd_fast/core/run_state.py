@@ -43,6 +43,7 @@ def capture_state(run: Run, history: list[dict[str, float]], stream: ImageStream
         **run.guard.state_dict(),  # grad_ema, grad_steps
         "history": history,
         "config": run.config.to_dict(),
+        "loss_weights": [run.head_weight, run.clean_weight],
         "fingerprint": run.fingerprint,
     }
 
@@ -62,6 +63,13 @@ def _check_compatible(run: Run, state: dict[str, Any], path: Path) -> None:
     if diff:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
         raise CheckpointError(f"{path} was written with another config ({detail}); resume needs the same")
+    saved_weights, weights = state.get("loss_weights"), [run.head_weight, run.clean_weight]
+    if saved_weights is not None and list(saved_weights) != weights:
+        raise CheckpointError(
+            f"{path} was written with the loss weights (head_weight, clean_weight) = {tuple(saved_weights)}, "
+            f"this run resolves {tuple(weights)}: the head term needs the same head as the interrupted "
+            "run (pass the same head=..., and keep health on: the head is found and verified by it)"
+        )
 
 
 def restore_state(

@@ -7,7 +7,7 @@ Per batch of unlabeled images ``x`` [B, C, H, W]:
    from ``c``;
 3. one forward of ``[x_adv; x; extra clean views]`` in fine-tune mode and one optimiser step on
    ``NTXent(f(x_adv), f(x)) + clean_weight * clean_term`` (pulling plus keeping clean behaviour),
-   the gradient passed through the spike guard first. With ``head_weight`` and a known head ``h``
+   the gradient passed through the spike guard first. With the head term on and a known head ``h``
    the loss also holds ``KL(h(f0(x)) || h(f(x_adv)))`` (:func:`_head_term`).
 
 With ``free_replays`` = m (:func:`_free_step`) the batch is instead replayed m times, each replay one
@@ -250,9 +250,9 @@ def _finetune_terms(run: Run, bt: _Batch, x_adv: torch.Tensor) -> tuple[torch.Te
         loss = pull
     else:
         clean = clean.float()
-        loss = pull + cfg.clean_weight * clean
-    if cfg.head_weight > 0 and run.head is not None and bt.n_att > 0:
-        loss = loss + cfg.head_weight * _head_term(run, bt, z_adv, z_clean)
+        loss = pull + run.clean_weight * clean
+    if run.head_weight > 0 and run.head is not None and bt.n_att > 0:
+        loss = loss + run.head_weight * _head_term(run, bt, z_adv, z_clean)
     return loss, pull, clean, attack_loss, z_adv
 
 

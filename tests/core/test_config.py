@@ -20,7 +20,8 @@ def test_documented_defaults() -> None:
     assert cfg.steps == 7 and cfg.adv_fraction == 1.0 and cfg.epochs == 4
     assert cfg.reference_cache == "auto" and cfg.channels_last == "auto"
     assert cfg.temperature == 0.5
-    assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == 50.0
+    assert cfg.optimizer == "adam" and cfg.lr == 0.0015 and cfg.clean_weight == "auto"
+    assert cfg.loss_weights(False) == (0.0, 50.0) and cfg.loss_weights(True) == (1.0, 100.0)
     assert cfg.adversary == "trigger_search"
     assert cfg.health == "stop" and cfg.health_images == 256
     assert cfg.nonfinite == "stop" and cfg.amp_dtype == "auto" and cfg.device == "auto"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import cbd_fast
+from cbd_fast.core.checkpoint import CheckpointError
 from cbd_fast.core.heads import FeatureHead, check_head_argument, resolve_head
 from cbd_fast.core.health import HealthCheck, HealthError
 from tests.core.test_backbones import FakeHFClassifier, FakeTimmNet, FakeTorchvisionNet
@@ -212,10 +213,13 @@ def test_purify_records_the_head_figure_and_leaves_the_callers_head_alone():
     res2 = cbd_fast.Purifier(**RUN).fit(model, x, feature_fn=_backbone_features, head="head")
     assert res2.history[-1]["health_head_change"] == res.history[-1]["health_head_change"]
     assert res.head == "given head Linear" and res2.head == "Classifier.head"
-    # none given, none known: no figure, and the same encoder (the head only reads)
+    # none given, none known: no figure; with the head term off the head only reads (same encoder)
     plain = cbd_fast.Purifier(**RUN).fit(model.backbone, x)
     assert "health_head_change" not in plain.history[-1]
-    assert all(torch.equal(v, plain.encoder.state_dict()[k]) for k, v in res.encoder.state_dict().items())
+    read_only = cbd_fast.Purifier(**RUN, head_weight=0.0).fit(model.backbone, x, head=head)
+    assert all(
+        torch.equal(v, plain.encoder.state_dict()[k]) for k, v in read_only.encoder.state_dict().items()
+    )
 
 
 def test_a_run_that_changes_too_many_predictions_is_stopped():
@@ -232,7 +236,7 @@ def test_a_run_that_changes_too_many_predictions_is_stopped():
     def knife(z: torch.Tensor) -> torch.Tensor:
         return torch.stack([z[:, 0] - edge, edge - z[:, 0]], 1) * 100.0
 
-    cfg = dict(RUN, lr=0.015, health_max_flip=math.inf)
+    cfg = dict(RUN, lr=0.015, health_max_flip=math.inf, head_weight=0.0)  # the limit alone
     with pytest.raises(HealthError, match=r"changed predictions 0\.\d+ > 0\.12 .*health_max_head_change"):
         cbd_fast.Purifier(**cfg).fit(model.backbone, x, head=knife)
     res = cbd_fast.Purifier(**cfg).fit(model.backbone, x, head=False)  # the same run without the head
@@ -273,10 +277,54 @@ def test_head_weight_pulls_the_adversarial_predictions_to_the_original_ones(head
     torch.manual_seed(0)
     model = Classifier()
     x = torch.rand(400, 1, 4, 4)
-    base = cbd_fast.Purifier(**RUN).fit(model.backbone, x, head=model.head)
+    base = cbd_fast.Purifier(**RUN, head_weight=0.0).fit(model.backbone, x, head=model.head)
     res = cbd_fast.Purifier(**RUN, head_weight=1.0, head_clean=head_clean).fit(
         model.backbone, x, head=model.head
     )
     assert res.history[-1]["loss"] != base.history[-1]["loss"]
     assert any(not torch.equal(v, base.encoder.state_dict()[k]) for k, v in res.encoder.state_dict().items())
     assert all(p.requires_grad for p in model.head.parameters())  # the caller's head: untouched
+
+
+def test_auto_weights_turn_the_head_term_on_only_with_a_head():
+    """``head_weight`` / ``clean_weight`` "auto": 1 and 100 with a head, 0 and 50 without one (and
+    under ``free_replays``); numbers are used as given; the defaults with a head equal the explicit
+    numbers, and without one the explicit head_weight=0, clean_weight=50."""
+    cfg = cbd_fast.PurifyConfig()
+    assert (cfg.head_weight, cfg.clean_weight, cfg.head_clean) == ("auto", "auto", True)
+    assert cfg.loss_weights(True) == (1.0, 100.0) and cfg.loss_weights(False) == (0.0, 50.0)
+    assert cfg.replace(free_replays=2).loss_weights(True) == (0.0, 50.0)
+    assert cfg.replace(clean_weight=7.0).loss_weights(True) == (1.0, 7.0)
+    assert cfg.replace(head_weight=0.0).loss_weights(True) == (0.0, 50.0)
+    assert cbd_fast.PurifyConfig.paper().loss_weights(True) == (0.0, 0.0)
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.rand(400, 1, 4, 4)
+    auto = cbd_fast.Purifier(**RUN).fit(model.backbone, x, head=model.head)
+    explicit = dict(RUN, head_weight=1.0, clean_weight=100.0)
+    given = cbd_fast.Purifier(**explicit).fit(model.backbone, x, head=model.head)
+    assert (auto.runtime["head_weight"], auto.runtime["clean_weight"]) == (1.0, 100.0)
+    assert all(torch.equal(v, given.encoder.state_dict()[k]) for k, v in auto.encoder.state_dict().items())
+    none = cbd_fast.Purifier(**RUN).fit(model.backbone, x)
+    off = cbd_fast.Purifier(**RUN, head_weight=0.0, clean_weight=50.0).fit(model.backbone, x, head=model.head)
+    assert (none.runtime["head_weight"], none.runtime["clean_weight"]) == (0.0, 50.0)
+    assert all(torch.equal(v, off.encoder.state_dict()[k]) for k, v in none.encoder.state_dict().items())
+    with pytest.raises(TypeError, match="head_weight must be 'auto' or a real number; got 'on'"):
+        cbd_fast.PurifyConfig(head_weight="on").validate()
+    with pytest.raises(ValueError, match="clean_weight must be >= 0; got -1"):
+        cbd_fast.PurifyConfig(clean_weight=-1).validate()
+
+
+def test_resume_refuses_a_checkpoint_written_with_other_loss_weights(tmp_path):
+    """A run with the head term, interrupted, cannot be resumed without its head (the weights would
+    change mid-run)."""
+    torch.manual_seed(0)
+    model = Classifier()
+    x = torch.rand(400, 1, 4, 4)
+    cfg = dict(RUN, epochs=2, checkpoint_dir=tmp_path)
+    cbd_fast.Purifier(**cfg).fit(model.backbone, x, head=model.head)
+    weights = r"loss weights .* \(1\.0, 100\.0\), this run resolves \(0\.0, 50\.0\)"
+    with pytest.raises(CheckpointError, match=weights):
+        cbd_fast.Purifier(**cfg, resume=True).fit(model.backbone, x)
+    again = cbd_fast.Purifier(**cfg, resume=True).fit(model.backbone, x, head=model.head)
+    assert len(again.history) == 2

@@ -339,7 +339,8 @@ def test_history_and_result_fields() -> None:
     for h in r.history:
         assert keys <= set(h)
         assert all(math.isfinite(h[k]) for k in keys)
-        assert h["loss"] == pytest.approx(h["loss_pull"] + r.config.clean_weight * h["loss_clean"], rel=1e-5)
+        weight = r.runtime["clean_weight"]
+        assert h["loss"] == pytest.approx(h["loss_pull"] + weight * h["loss_clean"], rel=1e-5)
     assert r.history[1]["lr"] < r.history[0]["lr"]  # cosine schedule
 
 
