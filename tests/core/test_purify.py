@@ -140,6 +140,19 @@ def test_purify_removes_a_backdoor_and_keeps_clean_behaviour(backdoor: Backdoor)
     assert plain["asr"] > 0.8, plain
 
 
+def test_purify_with_the_head_removes_the_backdoor_too(backdoor: Backdoor) -> None:
+    """The defaults with the model's head known: the head term guides the fine-tuning (clean weight
+    100, docs/method.md 4.23); the same limits as above."""
+    before = backdoor.measure(backdoor.model.backbone)
+    cfg = PurifyConfig(batch_size=32, epochs=6, progress=False)
+    res = Purifier(cfg).fit(backdoor.model.backbone, backdoor.x[:192], head=backdoor.model.head)
+    assert (res.runtime["head_weight"], res.runtime["clean_weight"]) == (1.0, 100.0)
+    after = backdoor.measure(res.encoder)
+    assert after["asr"] < 0.3, (before, after)
+    assert after["acc"] > 0.95, (before, after)
+    assert after["drift"] < 0.35, (before, after)
+
+
 # --------------------------------------------------------------------------- the caller's objects
 def test_caller_module_untouched_and_copy_returned() -> None:
     enc = _encoder()
