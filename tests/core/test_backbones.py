@@ -282,6 +282,8 @@ def _purify_and_check(model: nn.Module, want: str, head: str | None) -> cbd_fast
             torch.equal(before[k], v) for k, v in res.encoder.state_dict().items() if k.startswith(head)
         )
     assert all(torch.isfinite(torch.tensor(res.history[0][k])) for k in ("loss", "health_knn"))
+    # the head term guides the fine-tuning exactly when the model's own head was found and verified
+    assert (res.runtime["head_weight"] == 1.0) == (res.head is not None), (res.head, res.runtime)
     return res
 
 
