@@ -277,13 +277,18 @@ def merge_cell(old: dict | None, new: dict) -> dict:
     """``new`` plus the results of ``old`` for methods ``new`` did not run; results that depend on
     the CBD defaults are dropped when ``old`` was computed with other defaults, and every old result
     when the cell's backdoored model changed (another clean ACC or ASR in its ``model_record``, e.g.
-    a retrained zoo model that did not come out the same)."""
+    a retrained zoo model that did not come out the same, or another ``no_defense`` ACC or ASR on the
+    test images: a zoo model rebuilt on another CPU whose record holds no scores)."""
     if old is None:
         return new
     scores = ("acc", "asr")
     old_model, new_model = old.get("model_record") or {}, new.get("model_record") or {}
     # a score only one record holds (an older record without it) is not a change
     if any(k in old_model and k in new_model and old_model[k] != new_model[k] for k in scores):
+        return new
+    old_before, new_before = old.get("results", {}).get("no_defense"), new["results"].get("no_defense")
+    both = isinstance(old_before, dict) and isinstance(new_before, dict)
+    if both and any(old_before.get(k) != new_before.get(k) for k in scores):
         return new
     kept = dict(old.get("results", {}))
     if not same_defaults(old.get("cbd_config"), new.get("cbd_config") or {}):

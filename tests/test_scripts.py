@@ -102,6 +102,14 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     old_rec = {**old, "model_record": {"seconds": 700.0, "settings": {"eps": 0.1}}}
     kept = mod.merge_cell(old_rec, {"cbd_config": {"steps": 5}, "model_record": rec, "results": {"i_bau": 4}})
     assert kept["results"] == {**old["results"], "i_bau": 4}
+    # ... unless the model itself scores differently before any defense: nothing old is kept
+    before = {"acc": 0.9, "asr": 0.785}
+    old_b = {**old_rec, "results": {**old["results"], "no_defense": before}}
+    rebuilt = {"cbd_config": {"steps": 5}, "model_record": {"seconds": 1.0}, "results": {"no_defense": {}}}
+    rebuilt["results"]["no_defense"] = {**before, "asr": 0.963}
+    assert mod.merge_cell(old_b, rebuilt)["results"] == rebuilt["results"]
+    same_b = {"cbd_config": {"steps": 5}, "results": {"no_defense": dict(before), "i_bau": 4}}
+    assert mod.merge_cell(old_b, same_b)["results"] == {**old_b["results"], "i_bau": 4}
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
