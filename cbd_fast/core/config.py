@@ -291,6 +291,11 @@ class PurifyConfig:
     AUTO_CLEAN_WEIGHT: ClassVar[float] = 50.0
     AUTO_CLEAN_WEIGHT_WITH_HEAD: ClassVar[float] = 100.0
 
+    @property
+    def head_term_required(self) -> bool:
+        """Whether ``head_weight`` is a number > 0 (not ``"auto"``): the run must then have a head."""
+        return self.head_weight != "auto" and self.head_weight > 0
+
     def loss_weights(self, has_head: bool) -> tuple[float, float]:
         """``(head_weight, clean_weight)`` of a run, ``"auto"`` resolved.
 
@@ -406,7 +411,7 @@ class PurifyConfig:
         _choice(self, "attack_anchors", ATTACK_ANCHORS)
         _real_or_auto(self, "head_weight", minimum=0.0)
         _bool(self, "head_clean")
-        if self.head_weight != "auto" and self.head_weight > 0 and self.free_replays is not None:
+        if self.head_term_required and self.free_replays is not None:
             raise ValueError(
                 f"head_weight > 0 needs the steps-step attack; got head_weight={self.head_weight} with "
                 f"free_replays={self.free_replays}"

@@ -215,7 +215,7 @@ def prepare_run(
         or config.pull_target == "original"
         or config.attack_anchors == "original"
         or config.head_weight == "auto"
-        or config.head_weight > 0
+        or config.head_term_required
     )
     reference = _frozen_copy(encoder, ctx, feature_fn) if needs_reference else None
     # The caller's flags, read from the caller's module (a copy made under no_grad loses them).

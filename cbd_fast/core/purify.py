@@ -169,7 +169,7 @@ class Purifier:
             the module being purified (on the run's device).
         """
         check_encoder(encoder, feature_fn, inplace)
-        if self.config.head_weight != "auto" and self.config.head_weight > 0:
+        if self.config.head_term_required:
             raise ValueError(
                 f"head_weight={self.config.head_weight} needs the head, which fit(..., head=...) resolves; "
                 "prepare / step take none: use fit, or head_weight=0"
@@ -310,7 +310,7 @@ class Purifier:
             health = make_health_check(run, images, head) if len(images) >= 3 else None
         run.set_head(None if health is None else health.head)
         logger.info("loss weights: head term %g, clean term %g", run.head_weight, run.clean_weight)
-        if cfg.head_weight != "auto" and cfg.head_weight > 0 and run.head is None:
+        if cfg.head_term_required and run.head is None:
             raise ValueError(
                 f"head_weight={cfg.head_weight} needs the head that reads the features: pass "
                 "purify(..., head=...) (and keep health on); none was given or verified"
