@@ -125,7 +125,7 @@ def run_demo(
 
     Returns:
         ``{"attack", "seed", "results": {method: {"acc", "asr", "der", "seconds"}}, "diagnostic",
-        "history", "config", "report"}``.
+        "history", "config", "runtime", "report", "seconds"}``.
     """
     from cbd_fast import Purifier, PurifyConfig
     from cbd_fast.evaluation.backdoors import trigger_for
@@ -168,7 +168,9 @@ def run_demo(
 
     config = PurifyConfig(**{"seed": seed, "progress": not quiet, **overrides}).validate()
     t0 = time.perf_counter()
-    fit = Purifier(config).fit(model.backbone, x_unl)
+    # a supervised model's own head guides and checks the run (docs/method.md 4.12, 4.23);
+    # the encoder attack has none the defender could use
+    fit = Purifier(config).fit(model.backbone, x_unl, head=False if head is None else head)
     purified = fit.encoder
     results["cbd"] = {**evaluate(purified), "seconds": time.perf_counter() - t0}
 
@@ -259,6 +261,7 @@ def run_demo(
         "diagnostic": diag,
         "history": fit.history,
         "config": config.to_dict() if hasattr(config, "to_dict") else vars(config),
+        "runtime": fit.runtime,  # includes the loss weights "auto" resolved to
         "report": str(report) if report else None,
         "seconds": total,
     }

@@ -33,6 +33,8 @@ def test_demo_quick_runs_and_reports(tmp_path):
     res = out["results"]
     assert set(res) == {"no_defense", "cbd"}
     assert res["no_defense"]["asr"] > 0.9  # the shipped model is backdoored
+    # the supervised model's own head is passed, so the default head term is on
+    assert out["runtime"]["head_weight"] == 1.0 and out["runtime"]["clean_weight"] == 100.0
     for r in res.values():
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["der"] <= 1.0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
