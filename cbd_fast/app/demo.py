@@ -241,6 +241,7 @@ def run_demo(
             report_dir,
             config,
             fit.history,
+            fit.runtime,
             results,
             diag,
             model.backbone,
@@ -278,14 +279,20 @@ def _print_table(attack: str, results: dict[str, dict[str, float]]) -> None:
     print()
 
 
-def _write_report(report_dir, config, history, results, diag, before, after, x, trigger, attack, seed, n_unl):
+def _write_report(
+    report_dir, config, history, runtime, results, diag, before, after, x, trigger, attack, seed, n_unl
+):
     try:
         from cbd_fast.app.report import collect_projections, write_report
     except ImportError:  # pragma: no cover - the report module is optional
         out = Path(report_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(
-            json.dumps({"results": results, "diagnostic": diag, "history": history}, default=str, indent=1)
+            json.dumps(
+                {"results": results, "diagnostic": diag, "history": history, "runtime": runtime},
+                default=str,
+                indent=1,
+            )
         )
         return out / "report.json"
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
@@ -299,7 +306,7 @@ def _write_report(report_dir, config, history, results, diag, before, after, x, 
         evaluation={"attack": attack, "seed": seed, "unlabeled_images": n_unl, "results": results},
         diagnostic=diag,
         projections=proj,
-        extra={"demo": "cbd_fast.app.demo"},
+        extra={"demo": "cbd_fast.app.demo", "runtime": runtime},
     )
 
 

@@ -39,6 +39,7 @@ def test_demo_quick_runs_and_reports(tmp_path):
         assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 and 0.0 <= r["der"] <= 1.0
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep  # a complete report was written
+    assert rep["extra"]["runtime"]["head_weight"] == 1.0  # the report says which weights ran
     json.dumps(out["results"])  # JSON-able
 
 
