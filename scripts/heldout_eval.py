@@ -134,8 +134,20 @@ def load_backdoored(arch: str, attack: str, seed: int, train):  # noqa: ANN001, 
         return load_build(stem)
 
 
-def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHODS) -> dict:
-    """Every method of ``methods`` on one (arch, attack, seed) cell; see the module docstring."""
+def run_cell(
+    arch: str,
+    attack: str,
+    seed: int,
+    methods: tuple[str, ...] = METHODS,
+    stored: dict | None = None,
+    requested: tuple[str, ...] = (),
+) -> dict:
+    """Every method of ``methods`` on one (arch, attack, seed) cell; see the module docstring.
+
+    ``stored``: the cell as stored, whose other results ``methods`` completes. When the zoo model
+    is not the one ``stored`` was computed on (:func:`same_model`), none of those results will be
+    kept, so every method of ``requested`` is run instead of ``methods`` alone.
+    """
     import torch
     from torch import nn
 
@@ -169,6 +181,11 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
     results: dict[str, dict] = {}
     before = evaluate(model.backbone, model.head)
     results["no_defense"] = {**before, "seconds": 0.0}
+    model_record = {
+        k: record.get(k) for k in ("acc", "asr", "seconds", "settings", "n_poisoned") if k in record
+    }
+    if stored is not None and not same_model(stored, model_record, before):
+        methods = tuple(dict.fromkeys((*methods, *requested)))
 
     def add(name: str, backbone: nn.Module, head: nn.Module | None, secs: float, **extra: object) -> None:
         r = evaluate(backbone, head)
@@ -249,9 +266,7 @@ def run_cell(arch: str, attack: str, seed: int, methods: tuple[str, ...] = METHO
         "floor_asr": floor["asr"],
         "cbd_config": _cbd_config(seed),
         "baseline_settings_source": settings["_source"],
-        "model_record": {
-            k: record.get(k) for k in ("acc", "asr", "seconds", "settings", "n_poisoned") if k in record
-        },
+        "model_record": model_record,
     }
 
 
@@ -273,22 +288,29 @@ def _save(data: dict) -> None:
 _DEPENDS_ON_DEFAULTS = ("cbd", "plain_finetune")
 
 
+def same_model(old: dict, model_record: dict | None, before: dict | None) -> bool:
+    """Whether a stored cell ``old`` was computed on the backdoored model that now has
+    ``model_record`` (its zoo record) and ``before`` (its ``no_defense`` ACC / ASR on the test
+    images). Another clean ACC or ASR in either is another model: a retrained zoo model that did not
+    come out the same, or one rebuilt on another CPU whose record holds no scores. A score only one
+    side holds (an older record without it) is not a change."""
+    scores = ("acc", "asr")
+    old_model, new_model = old.get("model_record") or {}, model_record or {}
+    if any(k in old_model and k in new_model and old_model[k] != new_model[k] for k in scores):
+        return False
+    old_before = old.get("results", {}).get("no_defense")
+    if isinstance(old_before, dict) and isinstance(before, dict):
+        return all(old_before.get(k) == before.get(k) for k in scores)
+    return True
+
+
 def merge_cell(old: dict | None, new: dict) -> dict:
     """``new`` plus the results of ``old`` for methods ``new`` did not run; results that depend on
     the CBD defaults are dropped when ``old`` was computed with other defaults, and every old result
-    when the cell's backdoored model changed (another clean ACC or ASR in its ``model_record``, e.g.
-    a retrained zoo model that did not come out the same, or another ``no_defense`` ACC or ASR on the
-    test images: a zoo model rebuilt on another CPU whose record holds no scores)."""
+    when the cell's backdoored model changed (:func:`same_model`)."""
     if old is None:
         return new
-    scores = ("acc", "asr")
-    old_model, new_model = old.get("model_record") or {}, new.get("model_record") or {}
-    # a score only one record holds (an older record without it) is not a change
-    if any(k in old_model and k in new_model and old_model[k] != new_model[k] for k in scores):
-        return new
-    old_before, new_before = old.get("results", {}).get("no_defense"), new["results"].get("no_defense")
-    both = isinstance(old_before, dict) and isinstance(new_before, dict)
-    if both and any(old_before.get(k) != new_before.get(k) for k in scores):
+    if not same_model(old, new.get("model_record"), new["results"].get("no_defense")):
         return new
     kept = dict(old.get("results", {}))
     if not same_defaults(old.get("cbd_config"), new.get("cbd_config") or {}):
@@ -549,13 +571,15 @@ def main(argv: list[str] | None = None) -> int:
                     fresh = args.fresh or cell is None
                     redo = methods if fresh else stale_methods(cell, methods, s, settings)
                     if redo:
-                        todo.append((arch, attack, s, tuple(redo)))
+                        todo.append((arch, attack, s, tuple(redo), cell))
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
         stamp = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine}
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-            futs = {ex.submit(run_cell, a, k, s, redo): (a, k, s) for a, k, s, redo in todo}
+            futs = {
+                ex.submit(run_cell, a, k, s, redo, cell, methods): (a, k, s) for a, k, s, redo, cell in todo
+            }
             for f in as_completed(futs):
                 a, k, s = futs[f]
                 try:

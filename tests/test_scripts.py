@@ -110,6 +110,11 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     assert mod.merge_cell(old_b, rebuilt)["results"] == rebuilt["results"]
     same_b = {"cbd_config": {"steps": 5}, "results": {"no_defense": dict(before), "i_bau": 4}}
     assert mod.merge_cell(old_b, same_b)["results"] == {**old_b["results"], "i_bau": 4}
+    # the same test decides, before a cell runs, whether it must run every requested method
+    assert mod.same_model(old_b, {"seconds": 1.0}, dict(before))
+    assert not mod.same_model(old_b, None, {**before, "asr": 0.963})
+    assert not mod.same_model(old_m, {**rec, "acc": 0.8}, None)
+    assert mod.same_model({"results": {}}, rec, before)  # nothing stored to compare: the same
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
