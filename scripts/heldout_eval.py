@@ -4,7 +4,7 @@
     python scripts/heldout_eval.py --attacks report --archs fmnistnet --seeds 1 --jobs 2
     python scripts/heldout_eval.py --attacks dev --archs fmnistnet --seeds 1 --jobs 2   # dev, for reference
     python scripts/heldout_eval.py --render                                              # table only
-    python scripts/heldout_eval.py --check fmnistnet/lf/1                                # recompute, compare
+    python scripts/heldout_eval.py --seeds 1 --out benchmarks/results/heldout_eval_rebuilt.json   # apart
 
 For every (architecture, attack, seed) cell it loads the backdoored model from the zoo cache
 (``runs/zoo/ARCH/ATTACK_seedSEED``, trained by ``scripts/train_zoo.py`` when missing), draws the
@@ -544,7 +544,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--render", action="store_true")
     p.add_argument("--readme", action="store_true", help="print the README's table (means over seeds)")
     p.add_argument("--fresh", action="store_true", help="recompute finished cells too")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="JSON",
+        help="keep the cells in this JSON instead (its table goes beside it, .md): e.g. a rerun on "
+        "zoo models rebuilt on another machine, which must not mix with the stored cells",
+    )
     args = p.parse_args(argv)
+    if args.out is not None:
+        global OUT_JSON, OUT_MD, LOCK
+        OUT_JSON = Path(args.out).resolve()
+        if OUT_JSON.suffix != ".json":
+            raise SystemExit(f"--out {args.out!r}: expected a .json path")
+        OUT_MD, LOCK = OUT_JSON.with_suffix(".md"), LOCK.with_name(OUT_JSON.stem + ".lock")
     data = _load()
     if args.readme:
         print(readme_table(data))

@@ -3,6 +3,7 @@ commands name scripts that exist (cheap checks; .ci/run itself is what CI runs).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -115,6 +116,35 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     assert not mod.same_model(old_b, None, {**before, "asr": 0.963})
     assert not mod.same_model(old_m, {**rec, "acc": 0.8}, None)
     assert mod.same_model({"results": {}}, rec, before)  # nothing stored to compare: the same
+
+
+def test_heldout_eval_out_keeps_cells_apart(tmp_path: Path) -> None:
+    """``--out`` reads and writes another JSON (and renders its table beside it), never the stored one."""
+    mod = _load_script("heldout_eval")
+    stored_path = mod.OUT_JSON
+    stored = stored_path.read_bytes() if stored_path.is_file() else None
+    cell = {
+        "arch": "fmnistnet",
+        "attack": "lf",
+        "split": "report",
+        "kind": "poison",
+        "seed": 1,
+        "floor_asr": 0.01,
+        "cbd_config": {"steps": 7},
+        "results": {
+            "no_defense": {"acc": 0.9, "asr": 0.99, "seconds": 0.0},
+            "cbd": {"acc": 0.88, "asr": 0.04, "der": 0.96, "seconds": 60.0},
+        },
+    }
+    out = tmp_path / "apart.json"
+    out.write_text(json.dumps({"cells": {"fmnistnet/lf/1": cell}}))
+    assert mod.main(["--render", "--out", str(out)]) == 0
+    table = (tmp_path / "apart.md").read_text()
+    assert "| fmnistnet | lf | 1 |" in table and "88.0 / 4.0" in table
+    assert mod.OUT_JSON == out.resolve() != stored_path
+    assert (stored_path.read_bytes() if stored_path.is_file() else None) == stored
+    with pytest.raises(SystemExit, match="apart.csv"):
+        mod.main(["--render", "--out", str(tmp_path / "apart.csv")])
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
