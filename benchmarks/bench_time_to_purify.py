@@ -90,12 +90,34 @@ TARGET_VS_PLAIN, TARGET_VS_PAPER = 1.5, 3.0
 ASR_SLACK = 0.005  # "the same ASR": within half a point
 
 
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes (a dict value keeps its commas)."""
+    items, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    items.append("".join(cur))
+    return [i for i in items if i.strip()]
+
+
 def _overrides(text: str) -> dict[str, Any]:
-    """``"adv_fraction=0.5,steps=1"`` -> ``{"adv_fraction": 0.5, "steps": 1}`` (Python literals)."""
+    """``"adv_fraction=0.5,steps=1"`` -> ``{"adv_fraction": 0.5, "steps": 1}`` (Python literals; a
+    dict value may hold commas: ``"adversary_options={'a':0,'b':1}"``)."""
     import ast
 
     out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in _top_level_items(text):
         key, _, raw = item.partition("=")
         try:
             out[key.strip()] = ast.literal_eval(raw.strip())

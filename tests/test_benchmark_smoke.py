@@ -29,10 +29,12 @@ def _run_benchmark(script: str, env: dict[str, str], out: Path) -> tuple[str, di
 
 def test_time_to_purify_quick_run(tmp_path: Path) -> None:
     env = {**os.environ, "CBD_BENCH_QUICK": "1", "CBD_BENCH_THREADS": "1"}
-    env["CBD_TTP_CANDIDATE"] = "free_replays=2"
+    # a dict value keeps its commas: the candidate below has two overrides, not three
+    env["CBD_TTP_CANDIDATE"] = "free_replays=2,adversary_options={'scan_ascent':1,'mask_window':0.0}"
     stdout, info = _run_benchmark("bench_time_to_purify.py", env, tmp_path / "ttp.json")
     assert "purify / plain_ft = " in stdout and "previous / purify = " in stdout
-    assert "candidate / plain_ft = " in stdout and info["candidate"] == {"free_replays": 2}
+    want = {"free_replays": 2, "adversary_options": {"scan_ascent": 1, "mask_window": 0.0}}
+    assert "candidate / plain_ft = " in stdout and info["candidate"] == want
     for key in ("purify", "previous", "plain_ft", "candidate"):
         assert len(info["rounds_s"][key]) == 1 and info["medians_s"][key] > 0
     assert info["paper_curve"] and info["paper_curve"][0]["epoch"] == 1
@@ -96,5 +98,9 @@ def test_scan_benchmark_quick_run(tmp_path: Path) -> None:
     env.pop("CBD_BENCH_FULL", None)
     _, info = _run_benchmark("bench_scan.py", env, tmp_path / "scan.json")
     assert info["encoder"] == "fmnist_cnn" and info["same_choice"] is True
-    assert info["halving_image_forwards"] * 4 <= info["full_image_forwards"]
+    fill = info["fill_ascent_image_forwards"]
+    assert fill["full"] == fill["halving"] > 0  # the own-pattern fills: raised on the same ~4 images
+    assert (info["halving_image_forwards"] - fill["halving"]) * 4 <= info["full_image_forwards"] - fill[
+        "full"
+    ]
     assert info["speedup"] == info["full_median_s"] / info["halving_median_s"]

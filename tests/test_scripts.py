@@ -141,6 +141,7 @@ def test_heldout_eval_out_keeps_cells_apart(tmp_path: Path) -> None:
     assert mod.main(["--render", "--out", str(out)]) == 0
     table = (tmp_path / "apart.md").read_text()
     assert "| fmnistnet | lf | 1 |" in table and "88.0 / 4.0" in table
+    assert f"from `{out.resolve()}`" in table  # the header names the file the table came from
     assert mod.OUT_JSON == out.resolve() != stored_path
     assert (stored_path.read_bytes() if stored_path.is_file() else None) == stored
     with pytest.raises(SystemExit, match="apart.csv"):

@@ -162,11 +162,63 @@ def test_scan_finds_a_planted_patch_of_any_size_and_place() -> None:
         out = adv(_inputs(enc, x, cfg))
         assert out.shape == x.shape
         score, r, c, side, kind = adv.scan_scores[0]
-        assert kind in ("white", "random")
+        assert kind in ("white", "random", "ascent")
         assert r < row + k and row < r + side and c < col + k and col < c + side, adv.scan_scores[:3]
         mask = adv._params["mask"][0][0]
         # the first mask covers the planted trigger (the rest of its area budget may lie elsewhere)
         assert mask[..., row : row + k, col : col + k].mean() > 0.6, mask[..., row : row + k, col : col + k]
+
+
+class PatternDetector(nn.Module):
+    """Features that jump when one particular +-pattern sits at (row, col): an optimised trigger.
+
+    The gate reads ``mean((x - 0.5) * template)`` over the square, ``template`` a balanced +-1
+    pattern: black, white, mid-grey and (almost every) random binary fill read 0 there, as clean
+    images do; only a fill close to ``(template + 1) / 2`` opens the gate.
+    """
+
+    def __init__(self, row: int, col: int, k: int) -> None:
+        super().__init__()
+        self.base = _encoder(1)
+        self.r, self.c, self.k = row, col, k
+        t = torch.ones(k * k)
+        t[torch.randperm(k * k, generator=torch.Generator().manual_seed(4))[: k * k // 2]] = -1.0
+        self.register_buffer("template", t.view(1, 1, k, k))
+        self.target = nn.Parameter(torch.randn(16, generator=torch.Generator().manual_seed(5)) * 5)
+        self.target.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = x[:, :, self.r : self.r + self.k, self.c : self.c + self.k]
+        m = ((region - 0.5) * self.template).mean(dim=(1, 2, 3))
+        return self.base(x) + torch.sigmoid((m - 0.2) * 10)[:, None] * self.target
+
+
+@pytest.mark.parametrize("row, col, k", [(12, 22, 4), (3, 6, 5)])
+def test_scan_ascent_finds_an_optimised_pattern_that_fixed_fills_miss(row, col, k) -> None:
+    enc = PatternDetector(row, col, k).eval()
+    x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(6)) * 0.6
+    tops = {}
+    for steps in (0, 3):
+        cfg = _cfg(scan_ascent=steps)
+        adv = TriggerSearch(cfg)
+        adv(_inputs(enc, x, cfg))
+        tops[steps] = adv.scan_scores[0]
+    score, r, c, side, kind = tops[3]
+    assert kind == "ascent" and r < row + k and row < r + side and c < col + k and col < c + side, tops
+    assert tops[0][0] < score / 3, tops  # no fixed fill opens the gate
+    # the raised pattern is the detector's template where the square covers it
+    mask, pattern = adv._params["mask"][0][:2]
+    inside = mask[0, 0, row : row + k, col : col + k] > 0.5
+    want = (enc.template[0, 0] > 0).float()
+    assert bool(inside.any()) and torch.equal(
+        pattern[0, 0, row : row + k, col : col + k][inside].round(), want[inside]
+    )
+
+
+def test_scan_ascent_is_validated() -> None:
+    for bad in (-1, 17, 1.5):
+        with pytest.raises((ValueError, TypeError), match="scan_ascent"):
+            _cfg(scan_ascent=bad)
 
 
 def test_the_strongest_family_gets_more_of_the_batch() -> None:
@@ -257,16 +309,18 @@ class _CountingEncoder(nn.Module):
         return self.encoder(x)
 
 
+@pytest.mark.parametrize("ascent", [0, 3])
 @pytest.mark.parametrize("planted", [(20, 3, 3), (2, 15, 5), None])
-def test_halving_scan_chooses_what_the_full_scan_chooses_at_a_third_of_the_forwards(planted) -> None:
+def test_halving_scan_chooses_what_the_full_scan_chooses_at_a_third_of_the_forwards(planted, ascent) -> None:
     """``scan_keep`` 0.25 against 1 (every square on every image): the same squares, scored the same,
-    for a planted patch and for an encoder with none; under a third of the image forwards."""
+    for a planted patch and for an encoder with none, with and without the own-pattern fills (raised
+    on the same images either way); under a third of the scoring forwards."""
     enc = PatchDetector(*planted).eval() if planted else _encoder(2)
     x = torch.rand(128, 1, 28, 28, generator=torch.Generator().manual_seed(5)) * 0.6
     runs = {}
     for keep in (1.0, 0.25):
         counted = _CountingEncoder(enc)
-        cfg = _cfg(scan_keep=keep)
+        cfg = _cfg(scan_keep=keep, scan_ascent=ascent)
         adv = TriggerSearch(cfg)
         with torch.no_grad():
             anchors = enc(x).flatten(1).float()
@@ -275,10 +329,15 @@ def test_halving_scan_chooses_what_the_full_scan_chooses_at_a_third_of_the_forwa
     (full, full_masks, full_n), (half, half_masks, half_n) = runs[1.0], runs[0.25]
     # the best squares: the same, in the same order, with the same scores (float32 forwards of other
     # batch compositions: equal to rounding); lower in the list a pruned square may be missing
-    assert [s[1:] for s in half[:4]] == [s[1:] for s in full[:4]]
+    # (by place and side: an own-pattern fill raised to all white ties with the white fill, and
+    # rounding may order the tie either way; the chosen masks and patterns must still be equal)
+    assert [s[1:4] for s in half[:4]] == [s[1:4] for s in full[:4]]
     assert [s[0] for s in half[:4]] == pytest.approx([s[0] for s in full[:4]], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(half_masks, full_masks))
-    assert half_n * 3.5 <= full_n, (half_n, full_n)  # 27 scan images here: rounds of 4, 8, 16, 27
+    if ascent == 0:  # 27 scan images here: rounds of 4, 8, 16, 27
+        assert half_n * 3.5 <= full_n, (half_n, full_n)
+    else:  # the own-pattern fills cost the same in both (their ~4 images); the scoring is cheaper
+        assert half_n < full_n, (half_n, full_n)
 
 
 def test_scan_rounds_follow_the_image_counts() -> None:

@@ -52,7 +52,16 @@ def _tiny_set(n: int = 256, seed: int = 0) -> ImageSet:
 
 def test_splits_and_membership():
     dev, report = zoo.attack_names("dev"), zoo.attack_names("report")
-    assert dev == ["badnets", "blended", "sig", "wanet", "badencoder", "pixels", "random_location"]
+    assert dev == [
+        "badnets",
+        "blended",
+        "sig",
+        "wanet",
+        "badencoder",
+        "pixels",
+        "random_location",
+        "adversarial_patch",
+    ]
     assert set(dev[:5]) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
     assert len(report) >= 12 and not set(report) & set(dev)
     assert {
@@ -71,7 +80,7 @@ def test_splits_and_membership():
     } <= set(report)
     assert zoo.get_attack("label_consistent").kind == "clean_label"
     assert {n for n in ALL if zoo.get_attack(n).kind == "encoder"} == {"badencoder", "badencoder_simclr"}
-    assert set(STATEFUL) == {"input_aware", "ssba", "trojannn"}
+    assert set(STATEFUL) == {"adversarial_patch", "input_aware", "ssba", "trojannn"}
     for name in ALL:
         a = zoo.get_attack(name)
         assert a.name == name and a.split in zoo.SPLITS and a.kind in zoo.KINDS
@@ -253,6 +262,8 @@ def _changed(name: str):
     g = torch.Generator().manual_seed(9)
     if name == "trojannn":
         return OptimizedPatch(pattern=torch.rand(1, 5, 5, generator=g), top=21, left=2, name="trojannn")
+    if name == "adversarial_patch":
+        return OptimizedPatch(pattern=torch.rand(1, 4, 4, generator=g), top=12, left=22, name=name)
     trig = InputAwareTrigger(seed=7) if name == "input_aware" else SampleSpecificTrigger(seed=7)
     nets = (trig.pattern_net, trig.mask_net) if name == "input_aware" else (trig.encoder,)
     with torch.no_grad():
@@ -270,7 +281,7 @@ def test_stateful_triggers_round_trip(name, tmp_path):
     assert type(loaded) is type(trig)
     assert torch.equal(loaded(x), trig(x))
     assert not torch.allclose(loaded(x), zoo.test_trigger(name)(x), atol=1e-4)  # the state was used
-    if name != "trojannn":  # the config alone does not rebuild it: the round trip needs the state
+    if name not in ("trojannn", "adversarial_patch"):  # the config alone does not rebuild it
         assert not torch.allclose(type(trig)(**trig.config())(x), trig(x), atol=1e-4)
     other = next(n for n in STATEFUL if n != name)
     with pytest.raises(ValueError, match=other):
@@ -366,6 +377,23 @@ def test_trojannn_patch_excites_the_most_connected_units():
     assert pattern.shape == (1, 5, 5) and float(pattern.min()) >= 0 and float(pattern.max()) <= 1
     assert stats["trojan"] > stats["initial_patch"] + 1e-3
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is untouched
+
+
+def test_adversarial_patch_build_sends_the_surrogate_to_the_target():
+    data = _tiny_set(256)
+    settings = {"patch_steps": 30, "patch_images": 32}
+    built = zoo.build_record(
+        "adversarial_patch", "fmnistnet", data, seed=1, epochs=1, target=3, settings=settings
+    )
+    trig = built.trigger
+    assert isinstance(trig, OptimizedPatch) and trig.name == "adversarial_patch"
+    assert (trig.top, trig.left, tuple(trig.pattern.shape)) == (12, 22, (1, 4, 4))
+    stats = built.info["surrogate_target_log_prob"]
+    assert stats["final"] > stats["initial_patch"] + 1e-3  # the patch was optimised toward class 3
+    assert len(built.poisoned_index) == 26 and built.info["split"] == "dev"
+    x = _garments()
+    changed = (trig(x) - x).abs().amax(1) > 0
+    assert bool(changed[:, 12:16, 22:26].all()) and int(changed.sum(dim=(1, 2)).max()) <= 16  # only the 4x4
 
 
 def test_pgd_raises_the_surrogate_loss_within_eps():

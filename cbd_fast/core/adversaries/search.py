@@ -19,10 +19,12 @@ The search keeps one parameterised family for each, none shaped after a particul
 The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
 size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets, used in
 turn (one per batch), refined on every batch and saved in checkpoints. The mask family starts from a
-label-free scan: constant and random squares whose areas are ``mask_area`` and a quarter of it are
-pasted at every position (stride half a side) on a few images and the ``restarts`` positions that
-move the features most become the initial masks; the gradient then reshapes the mask freely within
-its area budget.
+label-free scan: squares whose areas are ``mask_area`` and a quarter of it are pasted at every
+position (stride half a side) on a few images, filled black, white, with a random binary pattern and
+with a pattern of their own raised by ``scan_ascent`` gradient steps (so that an optimised trigger
+pattern is found as well as a hand-made one), and the ``restarts`` positions that move the features
+most become the initial masks; the gradient then reshapes the mask within its area budget and within
+its square grown by ``mask_window`` sides.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
 ``batch_steps`` (2) times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean
@@ -137,6 +139,50 @@ def _square_shifts(
     return out
 
 
+def _ascend_square_patterns(
+    encoder: Any,
+    xs: torch.Tensor,
+    z0: torch.Tensor,
+    positions: list[tuple[int, int]],
+    side: int,
+    steps: int,
+    step: float,
+    batch_size: int,
+    reduce: Any,
+) -> torch.Tensor:
+    """A pattern per square, each raised by ``steps`` signed-gradient steps of its own pixels.
+
+    For every (row, col) in ``positions`` a [C, side, side] pattern starts at 0.5 (mid-grey) and takes
+    ``steps`` steps of ``step`` along the sign of the gradient of ``sum_i ||f(x_i with it pasted) -
+    f(x_i)||^2`` over ``xs`` [n, C, H, W] (``z0`` [n, D] their features), clamped to [0, 1]: the fill
+    that moves the features most near this square, whatever pattern a trigger there has (a fixed
+    black, white or random fill finds only triggers that resemble it). ``reduce`` (None in one
+    process) sums the gradients over ranks, so every rank holds the same patterns; a rank without
+    images contributes zeros. Returns [P, C, side, side] float32.
+    """
+    c = xs.shape[1]
+    pats = torch.full((len(positions), c, side, side), 0.5, device=xs.device)
+    n = xs.shape[0]
+    chunk = max(1, batch_size // max(1, n))
+    for _ in range(steps):
+        grad = torch.zeros_like(pats)
+        if n > 0:
+            for s0 in range(0, len(positions), chunk):
+                part = positions[s0 : s0 + chunk]
+                leaf = pats[s0 : s0 + len(part)].clone().requires_grad_(True)
+                with torch.enable_grad():
+                    batch = xs.unsqueeze(0).repeat(len(part), 1, 1, 1, 1)
+                    for j, (r, q) in enumerate(part):
+                        batch[j, :, :, r : r + side, q : q + side] = leaf[j]
+                    z = encoder(batch.flatten(0, 1)).flatten(1).float().view(len(part), n, -1)
+                    (g,) = torch.autograd.grad((z - z0).pow(2).sum(), [leaf])
+                grad[s0 : s0 + len(part)] = g
+        if reduce is not None:
+            grad = reduce(grad)
+        pats = (pats + step * grad.sign()).clamp(0.0, 1.0)
+    return pats
+
+
 @register_adversary("trigger_search")
 class TriggerSearch(Adversary):
     """Per-sample PGD, a free-form mask + pattern, multi-scale warps, tone curves and universal
@@ -174,6 +220,20 @@ class TriggerSearch(Adversary):
             0.08, float, 1e-4, 1.0, doc="largest share of pixels the sparse family changes"
         ),
         "sparse_step": Option(1.0, float, 1e-3, 1.0, doc="the sparse family's largest move per step"),
+        "scan_ascent": Option(
+            3,
+            int,
+            0,
+            16,
+            doc="signed-gradient steps of each scanned square's own pattern (0: fixed fills only)",
+        ),
+        "mask_window": Option(
+            0.5,
+            float,
+            0.0,
+            8.0,
+            doc="keep each mask within its scan square grown by this many sides (0: anywhere)",
+        ),
         "batch_steps": Option(
             2,
             int,
@@ -297,12 +357,16 @@ class TriggerSearch(Adversary):
 
     @torch.no_grad()
     def _scan(self, inp: AttackInputs) -> list[list[torch.Tensor]]:
-        """Initial masks: the squares (two areas, black / white / random) that move the features most.
+        """Initial masks: the squares (two areas; black / white / random / own fills) that move the
+        features most. Own fills (``scan_ascent`` > 0): a pattern per square raised by
+        :func:`_ascend_square_patterns` on the images of the first halving round.
 
         Images scored: those of the (global) batch whose own uniform number ``u`` falls below
         ``share = scan_images / B_global`` (a choice that does not depend on ranks). Score of a square:
         the mean relative squared feature shift ``||f(x') - f(x)||^2 / mean ||f(x)||^2`` over them,
-        summed over ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs.
+        summed over ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs, each
+        with a third tensor, the [1, 1, H, W] 0/1 window the mask must stay in, when ``mask_window``
+        is > 0.
 
         Successive halving (Karnin et al. 2013; Jamieson and Talwalkar 2016) with ``scan_keep`` = q
         below 1: every square is first scored on about 4 of the images, only the best fraction q
@@ -324,10 +388,12 @@ class TriggerSearch(Adversary):
         sides = sorted({max(1, min(h, w, round(math.sqrt(a)))) for a in (area / 4, area)})
         g = torch.Generator().manual_seed(int(self.config.seed) + 15485863)
         squares: list[tuple[int, int, int, str, torch.Tensor]] = []  # (side, row, col, kind, pixels)
+        grids: list[tuple[int, list[int], list[int]]] = []
         for k in sides:
             stride = max(1, k // 2, math.ceil((max(h, w) - k + 1) / 16))
             rows = sorted(set(range(0, h - k + 1, stride)) | {h - k})
             cols = sorted(set(range(0, w - k + 1, stride)) | {w - k})
+            grids.append((k, rows, cols))
             rand = (torch.rand((1, c, k, k), generator=g) > 0.5).float().to(x.device)
             for kind, pix in (
                 ("black", torch.zeros(1, c, k, k, device=x.device)),
@@ -341,15 +407,34 @@ class TriggerSearch(Adversary):
         if inp.reduce is not None:
             counts = inp.reduce(counts)
         ends = _scan_rounds(counts.cpu().tolist(), float(opt["scan_keep"]))
-        # total: the shifts summed over ranks and over the rounds so far (the same on every rank)
-        total = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
         norm = torch.zeros(2, dtype=torch.float64, device=x.device)  # sum ||f(x)||^2, image count
-        alive = list(range(len(squares)))
         with attack_mode(inp.encoder):
             z0 = inp.encoder(xs).flatten(1).float() if xs.shape[0] > 0 else None
             if z0 is not None:
                 norm[0] = z0.pow(2).sum(1).double().sum()
                 norm[1] = xs.shape[0]
+            if opt["scan_ascent"] > 0:  # one more fill per square: its own pattern, raised on ~4 images
+                # the images of the halving schedule's first round, the same whatever scan_keep is
+                first = bucket < _scan_rounds(counts.cpu().tolist(), 0.25)[0]
+                x1 = xs[first]
+                z1 = z0[first] if z0 is not None else torch.zeros(0, 1, device=x.device)
+                for k, rows, cols in grids:
+                    pos = [(r, q) for r in rows for q in cols]
+                    pats = _ascend_square_patterns(
+                        inp.encoder,
+                        x1,
+                        z1,
+                        pos,
+                        k,
+                        opt["scan_ascent"],
+                        opt["pattern_step"],
+                        x.shape[0],
+                        inp.reduce,
+                    )
+                    squares += [(k, r, q, "ascent", pats[j : j + 1]) for j, (r, q) in enumerate(pos)]
+            # total: the shifts summed over ranks and over the rounds so far (the same on every rank)
+            total = torch.zeros(len(squares), dtype=torch.float64, device=x.device)
+            alive = list(range(len(squares)))
             lo = 0
             for i, hi in enumerate(ends):
                 if i > 0:  # keep the best fraction of the survivors, ranked on the rounds so far
@@ -387,7 +472,13 @@ class TriggerSearch(Adversary):
             m[..., r : r + k, q : q + k] = 1.0
             p = torch.full((1, c, h, w), 0.5, device=x.device)
             p[..., r : r + k, q : q + k] = pix
-            out.append([project_area(m, area), p])
+            pair = [project_area(m, area), p]
+            if opt["mask_window"] > 0:
+                e = math.ceil(opt["mask_window"] * k)
+                support = torch.zeros(1, 1, h, w, device=x.device)
+                support[..., max(0, r - e) : r + k + e, max(0, q - e) : q + k + e] = 1.0
+                pair.append(support)
+            out.append(pair)
         return out
 
     # ------------------------------------------------------------------ the transforms
@@ -413,9 +504,12 @@ class TriggerSearch(Adversary):
         opt = self.options
         h, w = x.shape[-2:]
         if family == "mask":
-            m = project_area(ps[0] + opt["mask_step"] * grads[0].sign(), opt["mask_area"] * h * w)
+            m = ps[0] + opt["mask_step"] * grads[0].sign()
+            if len(ps) > 2:  # the window the mask must stay in
+                m = m * ps[2]
+            m = project_area(m, opt["mask_area"] * h * w)
             p = (ps[1] + opt["pattern_step"] * grads[1].sign()).clamp(0.0, 1.0)
-            return [m, p]
+            return [m, p, *ps[2:]]
         if family == "warp":
             b = opt["warp_bound"] * min(h, w)
             return [(f + b / 4 * gr.sign()).clamp(-b, b) for f, gr in zip(ps, grads)]

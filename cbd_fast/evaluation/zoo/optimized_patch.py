@@ -25,6 +25,7 @@ patch, 2.14 with the optimised one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,7 +33,14 @@ from torch import nn
 from cbd_fast.evaluation.zoo.patches import PatchTrigger
 from cbd_fast.evaluation.zoo.training import BuildJob, ZooBuild, new_model, train_victim
 
-__all__ = ["OptimizedPatch", "build_trojannn", "chosen_layer", "most_connected_units", "optimize_patch"]
+__all__ = [
+    "OptimizedPatch",
+    "build_trojannn",
+    "chosen_layer",
+    "most_connected_units",
+    "optimise_pasted_pattern",
+    "optimize_patch",
+]
 
 
 class OptimizedPatch(PatchTrigger):
@@ -63,6 +71,62 @@ def _unit_activation(out: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return a.flatten(1).mean(1) if a.dim() > 2 else a.mean(1)
 
 
+def optimise_pasted_pattern(
+    model: nn.Module,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    *,
+    size: int,
+    top: int,
+    left: int,
+    steps: int,
+    generator: torch.Generator,
+    lr: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Optimise a [C, size, size] patch in [0, 1], pasted at (``top``, ``left``), that maximises the
+    mean of ``score(x)`` ([N] per image) over ``images`` [N, C, H, W].
+
+    The pixels are ``sigmoid(theta)``, theta drawn from N(0, 0.25) with ``generator``; Adam at ``lr``
+    for ``steps`` steps. ``model`` (which ``score`` runs) is put in eval mode without parameter
+    gradients for the duration and is not modified.
+
+    Returns:
+        ``(pattern, stats)``: the patch and the mean score on clean, randomly patched (the initial
+        patch) and patched images (keys ``clean``, ``initial_patch``, ``final``).
+    """
+    was_training = model.training
+    model.eval()
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    theta = (torch.randn(images.shape[1], size, size, generator=generator) * 0.5).requires_grad_(True)
+    opt = torch.optim.Adam([theta], lr=lr)
+
+    def mean_score(pattern: torch.Tensor | None) -> torch.Tensor:
+        x = images
+        if pattern is not None:
+            x = images.clone()
+            x[..., top : top + size, left : left + size] = pattern
+        return score(x).mean()
+
+    try:
+        with torch.no_grad():
+            clean = float(mean_score(None))
+            initial = float(mean_score(torch.sigmoid(theta)))
+        for _ in range(steps):
+            loss = -mean_score(torch.sigmoid(theta))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        pattern = torch.sigmoid(theta.detach())
+        with torch.no_grad():
+            final = float(mean_score(pattern))
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return pattern, {"clean": clean, "initial_patch": initial, "final": final}
+
+
 def optimize_patch(
     model: nn.Module,
     layer: nn.Module,
@@ -86,39 +150,22 @@ def optimize_patch(
     """
     captured: dict[str, torch.Tensor] = {}
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.__setitem__("out", out))
-    was_training = model.training
-    model.eval()
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    theta = (torch.randn(images.shape[1], size, size, generator=generator) * 0.5).requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
 
-    def activation(pattern: torch.Tensor | None) -> torch.Tensor:
-        x = images
-        if pattern is not None:
-            x = images.clone()
-            x[..., top : top + size, left : left + size] = pattern
+    def units_fire(x: torch.Tensor) -> torch.Tensor:
         model(x)
         return _unit_activation(captured["out"], units)
 
     try:
-        with torch.no_grad():
-            clean = float(activation(None).mean())
-            initial = float(activation(torch.sigmoid(theta)).mean())
-        for _ in range(steps):
-            loss = -activation(torch.sigmoid(theta)).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        pattern = torch.sigmoid(theta.detach())
-        with torch.no_grad():
-            final = float(activation(pattern).mean())
+        pattern, stats = optimise_pasted_pattern(
+            model, units_fire, images, size=size, top=top, left=left, steps=steps, generator=generator, lr=lr
+        )
     finally:
         handle.remove()
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
-    return pattern, {"clean": clean, "initial_patch": initial, "trojan": final}
+    return pattern, {
+        "clean": stats["clean"],
+        "initial_patch": stats["initial_patch"],
+        "trojan": stats["final"],
+    }
 
 
 def build_trojannn(job: BuildJob) -> ZooBuild:

@@ -1,10 +1,11 @@
 """The attack zoo's table: one ``ZooAttack`` per registered name, its split, kind, paper and settings.
 
 Splits: ``dev`` (the attacks anything may be tuned on: the five the defense was first designed against,
-delegated to ``backdoors.py``, and two sparse ones from ``sparse.py``) and ``report`` (twelve attacks
-never used to tune anything). Kinds: ``poison`` (dirty-label poisoning of
-the training set), ``clean_label`` (only target-class images are modified, labels kept), ``encoder``
-(a backdoor planted into an encoder without labels; evaluate with a linear probe).
+delegated to ``backdoors.py``, two sparse ones from ``sparse.py`` and an optimised patch from
+``adversarial_patch.py``) and ``report`` (twelve attacks never used to tune anything). Kinds: ``poison``
+(dirty-label poisoning of the training set), ``clean_label`` (only target-class images are modified,
+labels kept), ``encoder`` (a backdoor planted into an encoder without labels; evaluate with a linear
+probe).
 
 Lookups: ``get_attack(name)``, ``attack_names(split)``, ``select("all" | "dev" | "report" | "a,b,dev")``;
 triggers: ``test_trigger(name)`` (the test-time trigger of a stateless attack, or the untrained
@@ -21,6 +22,7 @@ from typing import Any
 
 from cbd_fast.evaluation.backdoors import Trigger
 from cbd_fast.evaluation.zoo import (
+    adversarial_patch,
     clean_label,
     dev,
     dynamic,
@@ -199,6 +201,23 @@ _ATTACKS: list[ZooAttack] = [
         lambda s: sparse.RandomLocationPatch(
             pattern=random_binary(int(s["size"]), seed=int(s["pattern_seed"]))
         ),
+    ),
+    ZooAttack(
+        name="adversarial_patch",
+        split="dev",
+        kind="poison",
+        citation=adversarial_patch.CITATION,
+        summary="4x4 patch at rows 12-15, columns 22-25 optimised on a clean surrogate toward the target "
+        "class, then dirty-label poisoning of a model trained from scratch",
+        settings=MappingProxyType(
+            {"size": 4, "top": 12, "left": 22, "patch_steps": 200, "patch_images": 256}
+        ),
+        stateful=True,
+        make_trigger=lambda s: adversarial_patch.initial_trigger(
+            int(s["size"]), int(s["top"]), int(s["left"])
+        ),
+        builder=adversarial_patch.build_adversarial_patch,
+        trigger_class=optimized_patch.OptimizedPatch,
     ),
     _report(
         "badnets_checker",
@@ -421,9 +440,9 @@ def resolve_settings(attack: ZooAttack, overrides: Mapping[str, Any] | None) -> 
 def test_trigger(name: str, *, settings: Mapping[str, Any] | None = None) -> Trigger:
     """The test-time trigger of ``name`` built from its settings.
 
-    For a stateful attack (``input_aware``, ``ssba``, ``trojannn``) this is the *untrained* initial
-    trigger (shape and range are right, the backdoor is not in it): use the trigger a build returns, or
-    ``load_trigger`` on the file saved next to the model.
+    For a stateful attack (``adversarial_patch``, ``input_aware``, ``ssba``, ``trojannn``) this is the
+    *untrained* initial trigger (shape and range are right, the backdoor is not in it): use the trigger a
+    build returns, or ``load_trigger`` on the file saved next to the model.
     """
     attack = get_attack(name)
     return attack.make_trigger(resolve_settings(attack, settings))
