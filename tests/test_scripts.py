@@ -148,6 +148,29 @@ def test_heldout_eval_out_keeps_cells_apart(tmp_path: Path) -> None:
         mod.main(["--render", "--out", str(tmp_path / "apart.csv")])
 
 
+def test_paired_defaults_restores_each_previous_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``paired_defaults.py --previous``: ``head`` restores the defaults before the head term (and
+    before the scan's own-pattern fills), ``scan`` only the search before the fills; a run's own
+    settings still override them, and the current defaults are left as they are elsewhere."""
+    import cbd_fast
+    from cbd_fast.core.adversaries.base import make_adversary
+
+    mod = _load_script("research/paired_defaults")
+    current = cbd_fast.PurifyConfig
+    monkeypatch.setattr(cbd_fast, "PurifyConfig", current)  # restored after the test
+    for which, weights in (("head", (50.0, 0.0, False)), ("scan", ("auto", "auto", True))):
+        mod._use_previous_defaults(which)
+        cfg = cbd_fast.PurifyConfig(seed=2).validate()
+        assert (cfg.clean_weight, cfg.head_weight, cfg.head_clean) == weights and cfg.seed == 2
+        opts = make_adversary(cfg).options
+        assert (opts["scan_ascent"], opts["mask_window"]) == (0, 0.0)
+        other = cbd_fast.PurifyConfig(adversary_options={"scan_ascent": 2}).validate()
+        assert make_adversary(other).options["scan_ascent"] == 2
+        monkeypatch.setattr(cbd_fast, "PurifyConfig", current)
+    opts = make_adversary(current().validate()).options
+    assert (opts["scan_ascent"], opts["mask_window"]) == (3, 0.5)
+
+
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:
     """The evaluation uses what the dev tuning chose (tune_baselines' JSON layout), recomputes a
     baseline stored with other settings, and refuses a file of another layout."""

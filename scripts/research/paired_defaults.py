@@ -1,10 +1,15 @@
-"""Paired check of a defaults change on REPORT cells: CBD with the previous loss weights (no head
-term: ``head_weight=0``, ``clean_weight=50``, ``head_clean=False``) on the same zoo models, the
-same defender images and the same test images as ``scripts/heldout_eval.py`` (its ``run_cell``),
-so that a cell's two CBD results differ only by the defaults.
+"""Paired check of a defaults change on REPORT cells: CBD with the previous defaults on the same zoo
+models, the same defender images and the same test images as ``scripts/heldout_eval.py`` (its
+``run_cell``), so that a cell's two CBD results differ only by the defaults.
 
-    python scripts/research/paired_defaults.py --cells fmnistnet/blended_image/1,fmnistnet/lf/2 \\
-        --new benchmarks/results/heldout_head_paired.json --jobs 2
+    python scripts/research/paired_defaults.py --cells fmnistnet/blended_image/1,fmnistnet/lf/2 \
+        --new benchmarks/results/heldout_head_paired.json --previous head --jobs 2
+
+``--previous``: which defaults the cells are compared with. ``head`` (the default): those before
+the head term (``docs/method.md`` 4.23: ``head_weight=0``, ``clean_weight=50``,
+``head_clean=False``, and the search without the scan's own-pattern fills and mask window, as it
+was then); ``scan``: those before 4.24 (the head term on, the search without the own-pattern fills
+and mask window: ``scan_ascent=0``, ``mask_window=0``).
 
 ``--new``: a JSON whose ``cells`` hold the current defaults' results of those cells (written by
 ``heldout_eval.py`` on the same zoo models); the previous defaults' results are added to each cell
@@ -25,25 +30,40 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _use_previous_defaults() -> None:
-    """Make ``cbd_fast.PurifyConfig`` (as ``run_cell`` imports it) default to the previous weights."""
+#: the search's settings before ``docs/method.md`` 4.24 (no own-pattern fills, masks anywhere)
+_SEARCH_BEFORE_SCAN_FILLS = {"scan_ascent": 0, "mask_window": 0.0}
+#: ``--previous`` -> the PurifyConfig defaults it restores
+PREVIOUS: dict[str, dict] = {
+    "head": {
+        "clean_weight": 50.0,
+        "head_weight": 0.0,
+        "head_clean": False,
+        "adversary_options": _SEARCH_BEFORE_SCAN_FILLS,
+    },
+    "scan": {"adversary_options": _SEARCH_BEFORE_SCAN_FILLS},
+}
+
+
+def _use_previous_defaults(which: str) -> None:
+    """Make ``cbd_fast.PurifyConfig`` (as ``run_cell`` imports it) default to ``PREVIOUS[which]``."""
     import cbd_fast
     from cbd_fast.core.config import PurifyConfig
 
-    @dataclasses.dataclass
-    class PreviousDefaults(PurifyConfig):
-        clean_weight: float | str = 50.0
-        head_weight: float | str = 0.0
-        head_clean: bool = False
+    fields = []
+    for name, value in PREVIOUS[which].items():
+        if isinstance(value, dict):
+            default = dataclasses.field(default_factory=lambda v=value: dict(v))
+        else:
+            default = dataclasses.field(default=value)
+        fields.append((name, type(value), default))
+    cbd_fast.PurifyConfig = dataclasses.make_dataclass("PreviousDefaults", fields, bases=(PurifyConfig,))
 
-    cbd_fast.PurifyConfig = PreviousDefaults
 
-
-def _run(key: str) -> tuple[str, dict]:
+def _run(key: str, which: str) -> tuple[str, dict]:
     import torch
 
     torch.set_num_threads(1)
-    _use_previous_defaults()
+    _use_previous_defaults(which)
     import heldout_eval
 
     arch, attack, seed = key.split("/")
@@ -55,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", required=True, help="comma-separated ARCH/ATTACK/SEED report cells")
     p.add_argument("--new", required=True, type=Path, help="JSON with the current defaults' cells")
+    p.add_argument("--previous", choices=sorted(PREVIOUS), default="head", help="the defaults compared with")
     p.add_argument("--jobs", type=int, default=1)
     args = p.parse_args(argv)
     data = json.loads(args.new.read_text())
@@ -63,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"--cells {missing}: not in {args.new}")
     with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-        futs = [ex.submit(_run, k) for k in keys]
+        futs = [ex.submit(_run, k, args.previous) for k in keys]
         for f in as_completed(futs):
             key, cell = f.result()
             prev, same = cell["results"]["cbd"], data["cells"][key]["results"]["no_defense"]
