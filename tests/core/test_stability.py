@@ -95,5 +95,7 @@ def test_feature_scale_does_not_change_the_run() -> None:
         with torch.no_grad():
             z = scaled.eval()(x[:64]) / c
         rel = float((z - ref).norm() / ref.norm())
-        # Adam divides by each gradient's own scale: float rounding (not the units) separates the runs
-        assert rel < 1e-2, f"features x {c}: purified features differ by {rel:.2e} (relative)"
+        # Adam divides by each gradient's own scale: float rounding (not the units) separates the runs.
+        # With the scan's own-pattern fills (method 4.24) rounding flips more of the search's signed
+        # steps and discrete choices: 0.1-1.5% here (5e-5 without them), against >= 10% moved
+        assert rel < 3e-2, f"features x {c}: purified features differ by {rel:.2e} (relative)"
