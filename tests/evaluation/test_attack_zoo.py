@@ -61,6 +61,7 @@ def test_splits_and_membership():
         "pixels",
         "random_location",
         "adversarial_patch",
+        "reflection",
     ]
     assert set(dev[:5]) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
     assert len(report) >= 12 and not set(report) & set(dev)
@@ -233,6 +234,33 @@ def test_global_and_invisible_triggers():
     assert not torch.allclose(noisy, warp(x), atol=1e-3) and noisy.shape == x.shape
     blend = zoo.test_trigger("blended_image")(x) - 0.8 * x
     assert torch.allclose(blend, blend[:1].expand_as(blend), atol=1e-6)  # the same key image for all
+
+
+def test_reflection_is_a_smooth_global_blend():
+    from cbd_fast.evaluation.zoo.reflection import ReflectionBlend, reflection_key
+
+    x = _garments()
+    trig = zoo.test_trigger("reflection")
+    assert isinstance(trig, ReflectionBlend) and trig.alpha == 0.15
+    key = (trig(x) - 0.85 * x) / 0.15
+    assert torch.allclose(key, key[:1].expand_as(key), atol=1e-5)  # one key for every image
+    k = reflection_key(28, 28, seed=23)
+    assert torch.allclose(key[0, 0], k, atol=1e-5) and float(k.max()) == pytest.approx(1.0)
+    assert float((k > 0.05).float().mean()) > 0.3, "the key must cover much of the image, not a patch"
+    # out of focus: neighbouring pixels differ little, far less than the key's range
+    assert float((k[1:] - k[:-1]).abs().max()) < 0.3 and float((k[:, 1:] - k[:, :-1]).abs().max()) < 0.3
+    assert not torch.equal(k, reflection_key(28, 28, seed=24))
+    big = reflection_key(224, 224, seed=23)  # the drawing scales with the image
+    small = torch.nn.functional.interpolate(big[None, None], size=(28, 28), mode="area")[0, 0]
+    assert float((small - k).abs().mean()) < 0.05
+    with pytest.raises(ValueError, match="alpha"):
+        ReflectionBlend(alpha=0.0)
+    with pytest.raises(ValueError, match="shapes"):
+        ReflectionBlend(shapes=0)
+    with pytest.raises(ValueError, match="blur"):
+        reflection_key(28, 28, seed=0, blur=0.9)
+    with pytest.raises(ValueError, match="3x28"):
+        reflection_key(3, 28, seed=0)
 
 
 def test_floyd_steinberg_keeps_the_mean():

@@ -1,11 +1,11 @@
 """The attack zoo's table: one ``ZooAttack`` per registered name, its split, kind, paper and settings.
 
 Splits: ``dev`` (the attacks anything may be tuned on: the five the defense was first designed against,
-delegated to ``backdoors.py``, two sparse ones from ``sparse.py`` and an optimised patch from
-``adversarial_patch.py``) and ``report`` (twelve attacks never used to tune anything). Kinds: ``poison``
-(dirty-label poisoning of the training set), ``clean_label`` (only target-class images are modified,
-labels kept), ``encoder`` (a backdoor planted into an encoder without labels; evaluate with a linear
-probe).
+delegated to ``backdoors.py``, two sparse ones from ``sparse.py``, an optimised patch from
+``adversarial_patch.py`` and a smooth global blend from ``reflection.py``) and ``report`` (twelve
+attacks never used to tune anything). Kinds: ``poison`` (dirty-label poisoning of the training set),
+``clean_label`` (only target-class images are modified, labels kept), ``encoder`` (a backdoor planted
+into an encoder without labels; evaluate with a linear probe).
 
 Lookups: ``get_attack(name)``, ``attack_names(split)``, ``select("all" | "dev" | "report" | "a,b,dev")``;
 triggers: ``test_trigger(name)`` (the test-time trigger of a stateless attack, or the untrained
@@ -28,6 +28,7 @@ from cbd_fast.evaluation.zoo import (
     dynamic,
     encoder,
     optimized_patch,
+    reflection,
     sample_specific,
     sparse,
     warps,
@@ -108,15 +109,16 @@ def _dev(name: str, summary: str) -> ZooAttack:
     )
 
 
-def _sparse_dev(
+def _fixed_dev(
     name: str, summary: str, settings: dict[str, Any], make: Callable[[Settings], Trigger]
 ) -> ZooAttack:
-    """A dev attack of ``sparse.py``: fixed-trigger dirty-label poisoning (``build_poisoned``)."""
+    """A zoo dev attack with a fixed trigger (``sparse.py``, ``reflection.py``): dirty-label
+    poisoning (``build_poisoned``)."""
     return ZooAttack(
         name=name,
         split="dev",
         kind="poison",
-        citation=_SPARSE_CITATIONS[name],
+        citation=_FIXED_DEV_CITATIONS[name],
         summary=summary,
         settings=MappingProxyType(dict(settings)),
         stateful=False,
@@ -151,10 +153,11 @@ def _report(
 
 _BADNETS = dev.DEV_CITATIONS["badnets"]
 _BLENDED = dev.DEV_CITATIONS["blended"]
-_SPARSE_CITATIONS = {
+_FIXED_DEV_CITATIONS = {
     "pixels": _BADNETS + " (the pixel backdoor, spread over the image)",
     "random_location": "Salem, Wen, Backes, Ma, Zhang. Dynamic Backdoor Attacks Against Machine Learning "
     "Models. IEEE EuroS&P 2022 (Random Backdoor: a trigger at a random location per input)",
+    "reflection": reflection.CITATION,
 }
 
 
@@ -188,13 +191,13 @@ _ATTACKS: list[ZooAttack] = [
         "badencoder",
         "BadNets patch planted into a supervised FMNISTNet backbone (backdoors.plant_feature_backdoor)",
     ),
-    _sparse_dev(
+    _fixed_dev(
         "pixels",
         "12 white pixels at fixed random positions (seed 17), 1 px from the border",
         {"count": 12, "position_seed": 17},
         lambda s: sparse.ScatteredPixels(count=int(s["count"]), position_seed=int(s["position_seed"])),
     ),
-    _sparse_dev(
+    _fixed_dev(
         "random_location",
         "4x4 fixed random binary pattern (seed 11) at a position chosen per image by its content",
         {"size": 4, "pattern_seed": 11},
@@ -218,6 +221,14 @@ _ATTACKS: list[ZooAttack] = [
         ),
         builder=adversarial_patch.build_adversarial_patch,
         trigger_class=optimized_patch.OptimizedPatch,
+    ),
+    _fixed_dev(
+        "reflection",
+        "an out-of-focus procedural scene (5 seeded ellipses, blur 6% of the side) blended at alpha 0.15",
+        {"alpha": 0.15, "seed": 23, "shapes": 5, "blur": 0.06},
+        lambda s: reflection.ReflectionBlend(
+            alpha=float(s["alpha"]), seed=int(s["seed"]), shapes=int(s["shapes"]), blur=float(s["blur"])
+        ),
     ),
     _report(
         "badnets_checker",
