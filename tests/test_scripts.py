@@ -312,3 +312,32 @@ def test_tune_defaults_refuses_bad_arguments(argv: list[str], message: str) -> N
     mod = _load_script("tune_defaults")
     with pytest.raises(SystemExit, match=message):
         mod.main(argv)
+
+
+def test_found_triggers_reads_the_search_state_of_a_checkpoint(tmp_path: Path) -> None:
+    """``found_triggers.py`` finds the trigger search's universal sets inside a real checkpoint,
+    parses ``--set`` and refuses a report attack (the protocol's split)."""
+    import torch
+    from torch import nn
+
+    from cbd_fast import Purifier, PurifyConfig
+    from cbd_fast.core.checkpoint import load_checkpoint
+
+    mod = _load_script("research/found_triggers")
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    cfg = PurifyConfig(epochs=1, batch_size=16, progress=False, checkpoint_dir=str(tmp_path), seed=1)
+    Purifier(cfg.validate()).fit(enc, torch.rand(32, 1, 12, 12))
+    state = mod._search_state(load_checkpoint(sorted(tmp_path.iterdir())[-1]))
+    assert state is not None and set(mod.UNIVERSAL) <= set(state["params"])
+    assert all(len(state["params"][f]) == 2 for f in mod.UNIVERSAL)  # the default two restarts
+    assert mod._search_state({"model": {}, "step": 3}) is None
+    assert mod._overrides(["epochs=6", "adversary=pgd"]) == {"epochs": 6, "adversary": "pgd"}
+    with pytest.raises(SystemExit, match="key=value"):
+        mod._overrides(["epochs"])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/research/found_triggers.py"), "--attack", "blended_image"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "invalid choice: 'blended_image'" in proc.stderr
