@@ -46,6 +46,14 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
+def _check_scene(shapes: object, blur: object) -> None:
+    """Raise ``ValueError`` unless ``shapes`` is an int >= 1 and ``blur`` is in (0, 0.5]."""
+    if isinstance(shapes, bool) or not isinstance(shapes, int) or shapes < 1:
+        raise ValueError(f"shapes must be an int >= 1; got {shapes!r}")
+    if not isinstance(blur, (int, float)) or not 0.0 < blur <= 0.5:
+        raise ValueError(f"blur must be in (0, 0.5] (a fraction of the image side); got {blur!r}")
+
+
 def reflection_key(h: int, w: int, *, seed: int, shapes: int = 5, blur: float = 0.06) -> torch.Tensor:
     """An out-of-focus procedural scene: [h, w] float32 in [0, 1], maximum 1.
 
@@ -56,10 +64,7 @@ def reflection_key(h: int, w: int, *, seed: int, shapes: int = 5, blur: float = 
     """
     if h < 4 or w < 4:
         raise ValueError(f"a reflection key needs an image of at least 4x4; got {h}x{w}")
-    if isinstance(shapes, bool) or not isinstance(shapes, int) or shapes < 1:
-        raise ValueError(f"shapes must be an int >= 1; got {shapes!r}")
-    if not 0.0 < blur <= 0.5:
-        raise ValueError(f"blur must be in (0, 0.5] (a fraction of the image side); got {blur!r}")
+    _check_scene(shapes, blur)
     g = torch.Generator().manual_seed(int(seed))
     u = torch.rand(shapes, 5, generator=g, dtype=torch.float64)
     ys = (torch.arange(h, dtype=torch.float64) + 0.5) / h
@@ -96,10 +101,7 @@ class ReflectionBlend(ZooTrigger):
     def __post_init__(self) -> None:
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"alpha must be in (0, 1]; got {self.alpha!r}")
-        if isinstance(self.shapes, bool) or not isinstance(self.shapes, int) or self.shapes < 1:
-            raise ValueError(f"shapes must be an int >= 1; got {self.shapes!r}")
-        if not 0.0 < self.blur <= 0.5:
-            raise ValueError(f"blur must be in (0, 0.5]; got {self.blur!r}")
+        _check_scene(self.shapes, self.blur)
 
     def key(self, h: int, w: int) -> torch.Tensor:
         """The [h, w] reflection key."""
