@@ -365,6 +365,70 @@ def summarize(rows: list[dict], method: str) -> dict | None:
     }
 
 
+#: DER of a run that stopped instead of returning a model: the defender keeps the backdoored model,
+#: which is what "no change" scores ((0 - 0 + 1) / 2)
+STOPPED_DER = 0.5
+
+
+def der_by_attack(cells: list[dict]) -> list[dict]:
+    """Per attack, CBD's DER against the best label-using baseline's, each a mean over the same seeds:
+    those where CBD and a label-using baseline ran (a stopped run counts ``STOPPED_DER``). A baseline
+    is compared when it ran on every one of those seeds. Returns one dict per attack with a comparison:
+    ``attack``, ``seeds``, ``cbd`` (mean DER), ``best`` (the baseline's name), ``best_der``, ``wins``
+    (CBD's mean >= the best baseline's)."""
+
+    def der(r: dict) -> float:
+        return STOPPED_DER if "error" in r else r["der"]
+
+    out = []
+    for attack in sorted({c["attack"] for c in cells}):
+        mine = [
+            c
+            for c in cells
+            if c["attack"] == attack and "cbd" in c["results"] and any(m in c["results"] for m in LABELED)
+        ]
+        seeds = {c["seed"] for c in mine}
+        rivals = [m for m in LABELED if mine and all(m in c["results"] for c in mine)]
+        if not rivals:
+            continue
+        means = {m: statistics.mean(der(c["results"][m]) for c in mine) for m in ("cbd", *rivals)}
+        best = max(rivals, key=lambda m: means[m])
+        out.append(
+            {
+                "attack": attack,
+                "seeds": sorted(seeds),
+                "cbd": means["cbd"],
+                "best": best,
+                "best_der": means[best],
+                "wins": means["cbd"] >= means[best] - 1e-9,
+            }
+        )
+    return out
+
+
+def _der_summary(cells: list[dict]) -> list[str]:
+    """Markdown lines: the per-attack DER comparison of ``der_by_attack`` and its count."""
+    rows = der_by_attack(cells)
+    if not rows:
+        return []
+    lines = [
+        "| attack | seeds | CBD mean DER | best label-using (mean DER) | CBD at least as good |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['attack']} | {', '.join(map(str, r['seeds']))} | {r['cbd']:.3f} | "
+            f"{r['best']} ({r['best_der']:.3f}) | {'yes' if r['wins'] else 'no'} |"
+        )
+    wins = sum(r["wins"] for r in rows)
+    lines += [
+        "",
+        f"CBD's mean DER >= the best label-using baseline's on {wins} of {len(rows)} attacks (means over "
+        f"the seeds where every compared method ran; a stopped run counts DER {STOPPED_DER}).",
+    ]
+    return lines
+
+
 def _relative(path: Path) -> str:
     """``path`` relative to the repository when it lies inside it, else as given."""
     try:
@@ -482,6 +546,10 @@ def render(data: dict) -> str:
                     "",
                     f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells.",
                 ]
+            for a in archs:
+                per_attack = _der_summary([c for c in rows if c["arch"] == a])
+                if per_attack:
+                    lines += ["", f"Per attack (`{a}`):", "", *per_attack]
         lines.append("")
     cfg = next(iter(cells.values()))["cbd_config"] if cells else {}
     lines += (
@@ -539,7 +607,12 @@ def readme_table(data: dict, arch: str = "fmnistnet", split: str = "report") -> 
             row.append((f"**{text}**" if miss else text) + n)
         row.append(f"{100 * statistics.mean(c['floor_asr'] for c in mine):.1f}")
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + f"\n\nseeds: {', '.join(map(str, seeds))}\n"
+    der = _der_summary(cells)
+    return (
+        "\n".join(lines)
+        + f"\n\nseeds: {', '.join(map(str, seeds))}\n"
+        + ("\n" + "\n".join(der) + "\n" if der else "")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

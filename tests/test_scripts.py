@@ -252,6 +252,33 @@ def test_heldout_eval_readme_table_shows_stopped_runs() -> None:
     assert "| stopped |" in mod.readme_table(data).splitlines()[2]
 
 
+def test_heldout_eval_der_by_attack_compares_means_over_the_same_seeds() -> None:
+    """Per attack, CBD's mean DER against the best label-using baseline's over the seeds where both
+    ran; a stopped CBD run counts as keeping the backdoored model (DER 0.5), never skipped."""
+    mod = _load_script("heldout_eval")
+
+    def cell(attack: str, seed: int, **ders: float | None) -> dict:
+        res = {m: ({"error": "HealthError"} if d is None else {"der": d}) for m, d in ders.items()}
+        return {"attack": attack, "seed": seed, "results": res}
+
+    cells = [
+        cell("a", 1, cbd=0.90, nad=0.95, i_bau=0.80),
+        cell("a", 2, cbd=0.96, nad=0.85, i_bau=0.99),
+        cell("a", 3, cbd=0.97),  # no baseline on this seed: left out of the means
+        cell("b", 1, cbd=0.99, nad=0.90),
+        cell("b", 2, cbd=None, nad=0.90),  # CBD stopped: 0.5
+        cell("c", 1, cbd=0.95),  # nothing to compare with
+    ]
+    rows = {r["attack"]: r for r in mod.der_by_attack(cells)}
+    assert set(rows) == {"a", "b"}
+    a, b = rows["a"], rows["b"]
+    assert a["seeds"] == [1, 2] and abs(a["cbd"] - 0.93) < 1e-9
+    assert a["best"] == "nad" and abs(a["best_der"] - 0.90) < 1e-9 and a["wins"]  # i_bau: 0.895
+    assert abs(b["cbd"] - (0.99 + mod.STOPPED_DER) / 2) < 1e-9 and b["best"] == "nad" and not b["wins"]
+    text = "\n".join(mod._der_summary(cells))
+    assert "on 1 of 2 attacks" in text
+
+
 def _tune_record(attack: str, seed: int, asr: float | None, **extra: object) -> dict:
     after = None if asr is None else {"acc": 0.88, "asr": asr}
     return {"tag": "t", "attack": attack, "seed": 0, "before": {"acc": 0.9, "asr": 1.0}, "after": after} | {
