@@ -370,15 +370,17 @@ def summarize(rows: list[dict], method: str) -> dict | None:
 STOPPED_DER = 0.5
 
 
+def _der(result: dict) -> float:
+    """A method's DER in one cell; ``STOPPED_DER`` when it stopped without a model."""
+    return STOPPED_DER if "error" in result else result["der"]
+
+
 def der_by_attack(cells: list[dict]) -> list[dict]:
     """Per attack, CBD's DER against the best label-using baseline's, each a mean over the same seeds:
     those where CBD and a label-using baseline ran (a stopped run counts ``STOPPED_DER``). A baseline
     is compared when it ran on every one of those seeds. Returns one dict per attack with a comparison:
     ``attack``, ``seeds``, ``cbd`` (mean DER), ``best`` (the baseline's name), ``best_der``, ``wins``
     (CBD's mean >= the best baseline's)."""
-
-    def der(r: dict) -> float:
-        return STOPPED_DER if "error" in r else r["der"]
 
     out = []
     for attack in sorted({c["attack"] for c in cells}):
@@ -391,7 +393,7 @@ def der_by_attack(cells: list[dict]) -> list[dict]:
         rivals = [m for m in LABELED if mine and all(m in c["results"] for c in mine)]
         if not rivals:
             continue
-        means = {m: statistics.mean(der(c["results"][m]) for c in mine) for m in ("cbd", *rivals)}
+        means = {m: statistics.mean(_der(c["results"][m]) for c in mine) for m in ("cbd", *rivals)}
         best = max(rivals, key=lambda m: means[m])
         out.append(
             {
@@ -536,15 +538,14 @@ def render(data: dict) -> str:
         if split == "report":
             best = []
             for c in rows:
-                lab = [
-                    c["results"][m]["der"] for m in LABELED if m in c["results"] and "der" in c["results"][m]
-                ]
-                if lab and "der" in c["results"].get("cbd", {}):
-                    best.append(c["results"]["cbd"]["der"] >= max(lab) - 1e-9)
+                lab = [_der(c["results"][m]) for m in LABELED if m in c["results"]]
+                if lab and "cbd" in c["results"]:
+                    best.append(_der(c["results"]["cbd"]) >= max(lab) - 1e-9)
             if best:
                 lines += [
                     "",
-                    f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells.",
+                    f"CBD's DER >= the best label-using baseline's on {sum(best)} of {len(best)} cells "
+                    f"(a stopped run counts DER {STOPPED_DER}).",
                 ]
             for a in archs:
                 per_attack = _der_summary([c for c in rows if c["arch"] == a])
