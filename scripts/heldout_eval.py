@@ -381,7 +381,6 @@ def der_by_attack(cells: list[dict]) -> list[dict]:
     is compared when it ran on every one of those seeds. Returns one dict per attack with a comparison:
     ``attack``, ``seeds``, ``cbd`` (mean DER), ``best`` (the baseline's name), ``best_der``, ``wins``
     (CBD's mean >= the best baseline's)."""
-
     out = []
     for attack in sorted({c["attack"] for c in cells}):
         mine = [
