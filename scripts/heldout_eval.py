@@ -78,10 +78,22 @@ def baseline_settings(path: Path = BASELINE_SETTINGS) -> dict:
 
 def same_defaults(stored: dict | None, current: dict) -> bool:
     """Whether CBD results stored with the defaults ``stored`` hold for the defaults ``current``: the
-    same settings, where a field added since and left at None (a switch that is off) changes nothing."""
-    if not isinstance(stored, dict):
+    same settings, where a field added since and left at None (a switch that is off) changes nothing,
+    at any depth (the adversary's options are a nested dict)."""
+    if not isinstance(stored, dict) or not isinstance(current, dict):
         return False
-    return stored == {k: v for k, v in current.items() if k in stored or v is not None}
+    if set(stored) - set(current):
+        return False
+    for k, v in current.items():
+        if k not in stored:
+            if v is not None:
+                return False
+        elif isinstance(v, dict) and isinstance(stored[k], dict):
+            if not same_defaults(stored[k], v):  # e.g. the adversary's own options
+                return False
+        elif stored[k] != v:
+            return False
+    return True
 
 
 def stale_methods(cell: dict, methods: tuple[str, ...], seed: int, settings: dict) -> list[str]:

@@ -90,6 +90,16 @@ def test_heldout_eval_merges_cells_without_losing_other_methods() -> None:
     assert added["results"] == old["results"]
     on = mod.merge_cell(old, {"cbd_config": {"steps": 5, "new_switch": 2}, "results": {}})
     assert on["results"] == {"nad": 3, "no_defense": 0}
+    # ... at any depth: a new adversary option left at None; a changed or removed one is another setting
+    nested = {**old, "cbd_config": {"steps": 5, "adversary_defaults": {"restarts": 2}}}
+    for adv, kept in (
+        ({"restarts": 2, "mask_restarts": None}, True),
+        ({"restarts": 2, "mask_restarts": 1}, False),
+        ({"restarts": 1, "mask_restarts": None}, False),
+        ({}, False),
+    ):
+        new = mod.merge_cell(nested, {"cbd_config": {"steps": 5, "adversary_defaults": adv}, "results": {}})
+        assert (new["results"] == old["results"]) is kept, adv
     # another backdoored model (a retrained zoo model that came out differently): nothing old is kept
     rec = {"acc": 0.9, "asr": 0.99, "seconds": 80.0}
     old_m = {**old, "model_record": rec}

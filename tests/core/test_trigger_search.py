@@ -256,6 +256,31 @@ def test_state_dict_resumes_exactly() -> None:
     assert torch.equal(resumed(_inputs(enc, x, cfg)), outs[2])
 
 
+def test_mask_restarts_sets_the_number_of_masks_alone() -> None:
+    enc, x = _encoder(), torch.rand(24, 1, 12, 12)
+    cfg = _cfg(restarts=1, mask_restarts=3)
+    adv = TriggerSearch(cfg)
+    seen_masks, seen_warps = [], []
+    for _ in range(4):
+        adv(_inputs(enc, x, cfg))
+        params = adv.state_dict()["params"]
+        seen_masks.append([ps[0].clone() for ps in params["mask"]])
+        seen_warps.append([[t.clone() for t in ps] for ps in params["warp"]])
+    assert len(seen_masks[0]) == 3 and all(len(w) == 1 for w in seen_warps)
+    # the masks are used (and refined) in turn: batch i changes mask i mod 3 only
+    for i in (1, 2, 3):
+        changed = [not torch.equal(a, b) for a, b in zip(seen_masks[i - 1], seen_masks[i])]
+        assert changed == [j == i % 3 for j in range(3)], (i, changed)
+    # the one warp set (a flow field per grid) is refined on every batch
+    for i in (1, 2, 3):
+        assert any(not torch.equal(a, b) for a, b in zip(seen_warps[i - 1][0], seen_warps[i][0])), i
+    default = TriggerSearch(_cfg())
+    default(_inputs(enc, x, default.config))
+    assert len(default.state_dict()["params"]["mask"]) == default.options["restarts"]  # None: restarts
+    with pytest.raises(ValueError, match="mask_restarts"):
+        _cfg(mask_restarts=0)
+
+
 def test_only_the_mask_family_changes_pixels_inside_the_mask() -> None:
     enc, x = _encoder(), torch.rand(16, 1, 12, 12)
     cfg = _cfg(**{f"{f}_weight": 0.0 for f in FAMILIES if f != "mask"}, min_share=0.0)

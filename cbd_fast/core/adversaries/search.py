@@ -17,14 +17,15 @@ The search keeps one parameterised family for each, none shaped after a particul
   have in common, wherever they are; ``transforms.sparse_step``).
 
 The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
-size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets, used in
-turn (one per batch), refined on every batch and saved in checkpoints. The mask family starts from a
-label-free scan: squares whose areas are ``mask_area`` and a quarter of it are pasted at every
-position (stride half a side) on a few images, filled black, white, with a random binary pattern and
-with a pattern of their own raised by ``scan_ascent`` gradient steps (so that an optimised trigger
-pattern is found as well as a hand-made one), and the ``restarts`` positions that move the features
-most become the initial masks; the gradient then reshapes the mask within its area budget and within
-its square grown by ``mask_window`` sides.
+size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets (the mask
+family ``mask_restarts``, by default as many), used in turn (one per batch), refined on every batch
+and saved in checkpoints. The mask family starts from a label-free scan: squares whose areas are
+``mask_area`` and a quarter of it are pasted at every position (stride half a side) on a few images,
+filled black, white, with a random binary pattern and with a pattern of their own raised by
+``scan_ascent`` gradient steps (so that an optimised trigger pattern is found as well as a hand-made
+one), and the ``mask_restarts`` positions that move the features most become the initial masks; the
+gradient then reshapes the mask within its area budget and within its square grown by
+``mask_window`` sides.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
 ``batch_steps`` (2) times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean
@@ -202,6 +203,9 @@ class TriggerSearch(Adversary):
         "min_share": Option(0.08, float, 0.0, 0.2, doc="floor of each active family's share of a batch"),
         "share_momentum": Option(0.9, float, 0.0, 0.999, doc="EMA momentum of the measured strengths"),
         "restarts": Option(2, int, 1, 16, doc="persistent parameter sets per universal family, in turn"),
+        "mask_restarts": Option(
+            None, int, 1, 16, doc="persistent masks (the scan's best squares), in turn; None: restarts"
+        ),
         "mask_area": Option(0.04, float, 1e-4, 1.0, doc="largest mask area, a fraction of the image"),
         "mask_step": Option(0.1, float, 0.0, 1.0, doc="signed-gradient step of the mask values"),
         "pattern_step": Option(0.25, float, 0.0, 1.0, doc="signed-gradient step of the pattern values"),
@@ -351,6 +355,10 @@ class TriggerSearch(Adversary):
                 params["mask"] = self._scan(inp)
         self._params = params
 
+    def _mask_restarts(self) -> int:
+        v = self.options["mask_restarts"]
+        return int(self.options["restarts"] if v is None else v)
+
     def _additive_eps(self) -> float:
         v = self.options["additive_epsilon"]
         return float(self.config.epsilon if v is None else v)
@@ -364,14 +372,14 @@ class TriggerSearch(Adversary):
         Images scored: those of the (global) batch whose own uniform number ``u`` falls below
         ``share = scan_images / B_global`` (a choice that does not depend on ranks). Score of a square:
         the mean relative squared feature shift ``||f(x') - f(x)||^2 / mean ||f(x)||^2`` over them,
-        summed over ranks. Returns ``restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs, each
-        with a third tensor, the [1, 1, H, W] 0/1 window the mask must stay in, when ``mask_window``
+        summed over ranks. Returns ``mask_restarts`` [mask [1, 1, H, W], pattern [1, C, H, W]] pairs,
+        each with a third tensor, the [1, 1, H, W] 0/1 window the mask must stay in, when ``mask_window``
         is > 0.
 
         Successive halving (Karnin et al. 2013; Jamieson and Talwalkar 2016) with ``scan_keep`` = q
         below 1: every square is first scored on about 4 of the images, only the best fraction q
         goes on to be scored on the next images (about 8 in all, then 16, then all of them), at
-        least ``max(_SCAN_FINALISTS, 8 * restarts)`` squares each round. Scores accumulate, so the
+        least ``max(_SCAN_FINALISTS, 8 * mask_restarts)`` squares each round. Scores accumulate, so the
         finalists are ranked on every scan image exactly as the full scan (q = 1) ranks them: the
         two choose the same squares unless the full scan's choice is among the pruned. Rounds are
         fixed by ``u`` in 256 buckets of [0, share) with globally summed counts, so every rank
@@ -438,7 +446,8 @@ class TriggerSearch(Adversary):
             lo = 0
             for i, hi in enumerate(ends):
                 if i > 0:  # keep the best fraction of the survivors, ranked on the rounds so far
-                    finalists = max(_SCAN_FINALISTS, 8 * opt["restarts"])  # room for non-overlapping picks
+                    # room for non-overlapping picks
+                    finalists = max(_SCAN_FINALISTS, 8 * self._mask_restarts())
                     n_keep = max(finalists, math.ceil(opt["scan_keep"] * len(alive)))
                     ranked = torch.argsort(total[alive].cpu(), descending=True, stable=True).tolist()
                     alive = sorted(alive[j] for j in ranked[:n_keep])
@@ -461,7 +470,7 @@ class TriggerSearch(Adversary):
             k, r, q, kind, pix = squares[i]
             if all(r + k <= r2 or r2 + k2 <= r or q + k <= q2 or q2 + k2 <= q for k2, r2, q2, _, _ in chosen):
                 chosen.append(squares[i])
-            if len(chosen) == opt["restarts"]:
+            if len(chosen) == self._mask_restarts():
                 break
         self.scan_scores = [
             (float(score[i]), squares[i][1], squares[i][2], squares[i][0], squares[i][3]) for i in order[:16]
@@ -537,7 +546,7 @@ class TriggerSearch(Adversary):
         assert self._params is not None
         fam = self._assign(inp, families)
         rows = {f: (fam == i).nonzero().squeeze(1) for i, f in enumerate(families)}
-        turn = self._calls % self.options["restarts"]
+        turn = self._calls  # each family uses its sets in turn: set (turn mod its number of sets)
         uni = {
             f: [t.to(x.device) for t in self._params[f][turn % len(self._params[f])]]
             for f in families
