@@ -10,6 +10,7 @@ Example output (CPU machine, CPU build; abridged)::
       torch_version      2.13.0+cpu
     compiled extension: loaded (CPU kernels: avx2)
     runtime: python 3.11.7, torch 2.13.0+cpu (CUDA None), GPUs visible 0, triton 3.9.0, ...
+    CPU bfloat16: emulated: keep amp_dtype float32 (the CPU default)
     backends for cpu tensors:
       cuda    no   the compiled extension was built without CUDA kernels
       triton  no   CPU tensors need TRITON_INTERPRET=1 (interpreter)
@@ -48,6 +49,7 @@ def collect() -> dict[str, Any]:
     Returns:
         ``{"version", "package_dir", "build": <build record>, "extension_error": str | None,
         "cpu_isa": str | None (the CPU kernels' instruction set),
+        "cpu_bf16": {"native": bool (AVX512-BF16 or AMX, as oneDNN reports), "amx": bool},
         "runtime": {"torch", "torch_cuda", "cuda_available", "gpu_count", "triton",
         "triton_interpret"}, "backends": {device: {backend: None | reason}}}``.
         Asking whether CUDA is available initialises nothing but the driver query.
@@ -69,6 +71,7 @@ def collect() -> dict[str, Any]:
         "build": dict(build_info()),
         "extension_error": _ext.load_error(),
         "cpu_isa": _ext.cpu_isa(),
+        "cpu_bf16": cpu_bf16(),
         "runtime": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -81,6 +84,20 @@ def collect() -> dict[str, Any]:
         "backends": backends,
         "fallbacks": fallback_report(),
     }
+
+
+def cpu_bf16() -> dict[str, bool]:
+    """Whether this CPU computes bfloat16 natively (``native``: AVX512-BF16 or AMX, as oneDNN
+    reports it) and has AMX tiles (``amx``); False where this torch cannot tell."""
+    from cbd_fast.core.purify import cpu_has_native_bf16
+
+    try:
+        import torch
+
+        amx = bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # an older torch
+        amx = False
+    return {"native": cpu_has_native_bf16(), "amx": amx}
 
 
 def _fmt(value: Any) -> str:
@@ -108,6 +125,15 @@ def format_report(info: dict[str, Any]) -> str:
         f"GPUs visible {rt['gpu_count']}, triton {rt['triton'] or 'not installed'}, "
         f"TRITON_INTERPRET={rt['triton_interpret'] or 'unset'}"
     )
+    bf16 = info.get("cpu_bf16")
+    if bf16 is not None:
+        if bf16["amx"]:
+            hint = "native, AMX: amp_dtype='bfloat16' is the faster CPU choice (method.md 4.15)"
+        elif bf16["native"]:
+            hint = "native (AVX512-BF16): amp_dtype='bfloat16' pays for wide convolutions (method.md 4.15)"
+        else:
+            hint = "emulated: keep amp_dtype float32 (the CPU default)"
+        lines.append(f"CPU bfloat16: {hint}")
     for dev, status in info["backends"].items():
         lines.append(f"backends for {dev} tensors:")
         for name, reason in status.items():

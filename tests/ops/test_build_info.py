@@ -124,6 +124,19 @@ def test_info_json_and_interpreter() -> None:
         assert status["torch"] is None
         for name, reason in status.items():
             assert reason is None or (isinstance(reason, str) and reason), (dev, name, reason)
+    # the CPU's bfloat16 support, as oneDNN and torch report it, and the hint the text prints for it
+    from cbd_fast.core.purify import cpu_has_native_bf16
+
+    assert info["cpu_bf16"]["native"] is cpu_has_native_bf16()
+    assert isinstance(info["cpu_bf16"]["amx"], bool)
+    assert not info["cpu_bf16"]["amx"] or info["cpu_bf16"]["native"]  # AMX computes bf16 natively
+    for flags, words in (
+        ({"native": True, "amx": True}, "AMX"),
+        ({"native": True, "amx": False}, "AVX512-BF16"),
+        ({"native": False, "amx": False}, "emulated"),
+    ):
+        line = [x for x in format_report({**info, "cpu_bf16": flags}).splitlines() if x.startswith("CPU bf")]
+        assert len(line) == 1 and words in line[0], (flags, line)
     cpu = info["backends"]["cpu"]
     if importlib.util.find_spec("triton") is not None:
         assert cpu["triton"] is None, cpu
