@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -169,6 +171,20 @@ def test_scan_finds_a_planted_patch_of_any_size_and_place() -> None:
         assert mask[..., row : row + k, col : col + k].mean() > 0.6, mask[..., row : row + k, col : col + k]
 
 
+def test_scan_areas_is_a_geometric_ladder_between_a_quarter_and_the_whole() -> None:
+    from cbd_fast.core.adversaries.search import _scan_areas
+
+    area = 0.04 * 28 * 28
+    assert _scan_areas(area, 2) == [area / 4, area]  # the default: exactly the two areas of before
+    assert _scan_areas(area, 1) == [area]
+    three = _scan_areas(area, 3)
+    assert three[0] == area / 4 and three[-1] == area and abs(three[1] - area / 2) < 1e-9
+    # the sides a 28 x 28 image is scanned with: 3 and 6, and 4 in between with three areas
+    assert sorted({round(a**0.5) for a in three}) == [3, 4, 6]
+    with pytest.raises(ValueError, match="scan_areas"):
+        _cfg(scan_areas=0)
+
+
 class PatternDetector(nn.Module):
     """Features that jump when one particular +-pattern sits at (row, col): an optimised trigger.
 
@@ -254,6 +270,37 @@ def test_state_dict_resumes_exactly() -> None:
     resumed = TriggerSearch(cfg)
     resumed.load_state_dict(first.state_dict())
     assert torch.equal(resumed(_inputs(enc, x, cfg)), outs[2])
+
+
+def test_rescan_every_scans_the_current_encoder_again_at_its_epochs() -> None:
+    enc, x = _encoder(), torch.rand(24, 1, 12, 12)
+
+    def run(cfg: PurifyConfig, epochs: list[int], adv: TriggerSearch | None = None) -> tuple:
+        adv = adv or TriggerSearch(cfg)
+        scanned = []
+        scan = adv._scan
+
+        def counting(inp: AttackInputs) -> list:
+            scanned.append(inp.epoch)
+            return scan(inp)
+
+        adv._scan = counting  # type: ignore[method-assign]
+        for e in epochs:
+            adv(dataclasses.replace(_inputs(enc, x, cfg), epoch=e))
+        return adv, scanned
+
+    epochs = [0, 0, 1, 1, 2, 2, 3, 4]
+    assert run(_cfg(), epochs)[1] == [0]  # the default: one scan, at the start
+    adv, scanned = run(_cfg(rescan_every=2), epochs)
+    assert scanned == [0, 2, 4]  # the first batch of epochs 2 and 4 only
+    # resuming after the epoch-2 scan does not scan epoch 2 again
+    cfg = _cfg(rescan_every=2)
+    first, _ = run(cfg, [0, 1, 2])
+    resumed = TriggerSearch(cfg)
+    resumed.load_state_dict(first.state_dict())
+    assert run(cfg, [2, 3, 4], resumed)[1] == [4]
+    with pytest.raises(ValueError, match="rescan_every"):
+        _cfg(rescan_every=-1)
 
 
 def test_mask_restarts_sets_the_number_of_masks_alone() -> None:

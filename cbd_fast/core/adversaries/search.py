@@ -25,7 +25,8 @@ filled black, white, with a random binary pattern and with a pattern of their ow
 ``scan_ascent`` gradient steps (so that an optimised trigger pattern is found as well as a hand-made
 one), and the ``mask_restarts`` positions that move the features most become the initial masks; the
 gradient then reshapes the mask within its area budget and within its square grown by
-``mask_window`` sides.
+``mask_window`` sides. With ``rescan_every`` k > 0 the scan runs again on the encoder being
+fine-tuned at the first batch of every k-th epoch, and its squares replace the masks.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
 ``batch_steps`` (2) times: one forward of the whole adversarial batch, ``L = NTXent(f(x'), clean
@@ -184,6 +185,14 @@ def _ascend_square_patterns(
     return pats
 
 
+def _scan_areas(area: float, n: int) -> list[float]:
+    """``n`` areas on a geometric ladder from ``area / 4`` to ``area`` (1: ``area`` alone; 2: the
+    quarter and the whole; 3 adds the half)."""
+    if n == 1:
+        return [area]
+    return [area / 4 * 4 ** (i / (n - 1)) for i in range(n)]
+
+
 @register_adversary("trigger_search")
 class TriggerSearch(Adversary):
     """Per-sample PGD, a free-form mask + pattern, multi-scale warps, tone curves and universal
@@ -238,6 +247,16 @@ class TriggerSearch(Adversary):
             8.0,
             doc="keep each mask within its scan square grown by this many sides (0: anywhere)",
         ),
+        "scan_areas": Option(
+            2, int, 1, 8, doc="square areas the scan tries: a geometric ladder, mask_area / 4 to mask_area"
+        ),
+        "rescan_every": Option(
+            0,
+            int,
+            0,
+            doc="run the mask scan again on the current encoder at the first batch of every k-th "
+            "epoch, replacing the masks (0: only at the start)",
+        ),
         "batch_steps": Option(
             2,
             int,
@@ -267,12 +286,13 @@ class TriggerSearch(Adversary):
         self._strength: dict[str, float] = {}
         self._params: dict[str, list[list[torch.Tensor]]] | None = None
         self._calls = 0
+        self._scanned_epoch = 0  # the epoch of the last mask scan
         self.scan_scores: list[tuple[float, int, int, int, str]] = []
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """``params`` (family -> restarts -> list of CPU tensors; None before the first batch),
-        ``strength`` (family -> float), ``calls`` and ``scan_scores``."""
+        ``strength`` (family -> float), ``calls``, ``scanned_epoch`` and ``scan_scores``."""
         params = None
         if self._params is not None:
             params = {
@@ -282,6 +302,7 @@ class TriggerSearch(Adversary):
             "params": params,
             "strength": dict(self._strength),
             "calls": self._calls,
+            "scanned_epoch": self._scanned_epoch,
             "scan_scores": [list(s) for s in self.scan_scores],
         }
 
@@ -295,6 +316,7 @@ class TriggerSearch(Adversary):
         )
         self._strength = {str(k): float(v) for k, v in state["strength"].items()}
         self._calls = int(state["calls"])
+        self._scanned_epoch = int(state.get("scanned_epoch", 0))  # absent in older checkpoints
         self.scan_scores = [
             (float(a), int(b), int(c), int(d), str(e)) for a, b, c, d, e in state["scan_scores"]
         ]
@@ -355,6 +377,14 @@ class TriggerSearch(Adversary):
                 params["mask"] = self._scan(inp)
         self._params = params
 
+    def _rescan_due(self, epoch: int, families: list[str], x: torch.Tensor) -> bool:
+        """Whether this batch scans again (``rescan_every`` k > 0): the first batch of an epoch that is
+        a multiple of k and later than the last scan's, with the mask family on and image inputs."""
+        k = self.options["rescan_every"]
+        if k <= 0 or "mask" not in families or x.dim() != 4:
+            return False
+        return epoch > self._scanned_epoch and epoch % k == 0
+
     def _mask_restarts(self) -> int:
         v = self.options["mask_restarts"]
         return int(self.options["restarts"] if v is None else v)
@@ -393,7 +423,7 @@ class TriggerSearch(Adversary):
         picked = u < share
         xs, us = x[picked].float(), u[picked]
         area = opt["mask_area"] * h * w
-        sides = sorted({max(1, min(h, w, round(math.sqrt(a)))) for a in (area / 4, area)})
+        sides = sorted({max(1, min(h, w, round(math.sqrt(a)))) for a in _scan_areas(area, opt["scan_areas"])})
         g = torch.Generator().manual_seed(int(self.config.seed) + 15485863)
         squares: list[tuple[int, int, int, str, torch.Tensor]] = []  # (side, row, col, kind, pixels)
         grids: list[tuple[int, list[int], list[int]]] = []
@@ -533,7 +563,8 @@ class TriggerSearch(Adversary):
     def needs_anchors_to_begin(self) -> bool:
         """Whether :meth:`begin` reads the anchors' values (the first batch's mask scan); otherwise
         it reads only their number of rows, and :meth:`ascend` their values."""
-        return self._params is None and self.options["mask_weight"] > 0
+        scans_again = self.options["rescan_every"] > 0  # the epoch is not known here: any batch may
+        return self.options["mask_weight"] > 0 and (self._params is None or scans_again)
 
     def begin(self, inp: AttackInputs) -> _Attack:
         """Start the attack of one batch: the families' rows, the per-sample starts and this turn's
@@ -543,6 +574,12 @@ class TriggerSearch(Adversary):
         families = self.active_families(x)
         if self._params is None:
             self._init_params(inp, families)
+            self._scanned_epoch = inp.epoch
+        elif self._rescan_due(inp.epoch, families, x):
+            # the masks start again from a scan of the current encoder: what the fine-tuning has not
+            # removed yet may sit where the refined masks no longer look
+            self._params["mask"] = self._scan(inp)
+            self._scanned_epoch = inp.epoch
         assert self._params is not None
         fam = self._assign(inp, families)
         rows = {f: (fam == i).nonzero().squeeze(1) for i, f in enumerate(families)}
