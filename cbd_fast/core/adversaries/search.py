@@ -20,12 +20,13 @@ The bounds are fractions of the image or of the pixel range; nothing fixes a tri
 size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets (the mask
 family ``mask_restarts``, by default as many), used in turn (one per batch), refined on every batch
 and saved in checkpoints. The mask family starts from a label-free scan: squares whose areas are
-``mask_area`` and a quarter of it are pasted at every position (stride half a side) on a few images,
-filled black, white, with a random binary pattern and with a pattern of their own raised by
-``scan_ascent`` gradient steps (so that an optimised trigger pattern is found as well as a hand-made
-one), and the ``mask_restarts`` positions that move the features most become the initial masks; the
-gradient then reshapes the mask within its area budget and within its square grown by
-``mask_window`` sides. With ``rescan_every`` k > 0 the scan runs again on the encoder being
+``mask_area`` and a quarter of it (with ``scan_areas`` > 2, areas in between too, on a geometric
+ladder) are pasted at every position (stride half a side) on a few images, filled black, white,
+with a random binary pattern and with a pattern of their own raised by ``scan_ascent`` gradient
+steps (so that an optimised trigger pattern is found as well as a hand-made one), and the
+``mask_restarts`` positions that move the features most become the initial masks; the gradient
+then reshapes the mask within its area budget and within its square grown by ``mask_window``
+sides. With ``rescan_every`` k > 0 the scan runs again on the encoder being
 fine-tuned at the first batch of every k-th epoch, and its squares replace the masks.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
