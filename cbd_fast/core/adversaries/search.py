@@ -378,13 +378,11 @@ class TriggerSearch(Adversary):
                 params["mask"] = self._scan(inp)
         self._params = params
 
-    def _rescan_due(self, epoch: int, families: list[str], x: torch.Tensor) -> bool:
+    def _rescan_due(self, epoch: int, families: list[str]) -> bool:
         """Whether this batch scans again (``rescan_every`` k > 0): the first batch of an epoch that is
-        a multiple of k and later than the last scan's, with the mask family on and image inputs."""
+        a multiple of k and later than the last scan's, with the mask family active (image inputs)."""
         k = self.options["rescan_every"]
-        if k <= 0 or "mask" not in families or x.dim() != 4:
-            return False
-        return epoch > self._scanned_epoch and epoch % k == 0
+        return k > 0 and "mask" in families and epoch > self._scanned_epoch and epoch % k == 0
 
     def _mask_restarts(self) -> int:
         v = self.options["mask_restarts"]
@@ -576,7 +574,7 @@ class TriggerSearch(Adversary):
         if self._params is None:
             self._init_params(inp, families)
             self._scanned_epoch = inp.epoch
-        elif self._rescan_due(inp.epoch, families, x):
+        elif self._rescan_due(inp.epoch, families):
             # the masks start again from a scan of the current encoder: what the fine-tuning has not
             # removed yet may sit where the refined masks no longer look
             self._params["mask"] = self._scan(inp)
