@@ -173,12 +173,41 @@ def test_paired_defaults_restores_each_previous_default(monkeypatch: pytest.Monk
         cfg = cbd_fast.PurifyConfig(seed=2).validate()
         assert (cfg.clean_weight, cfg.head_weight, cfg.head_clean) == weights and cfg.seed == 2
         opts = make_adversary(cfg).options
-        assert (opts["scan_ascent"], opts["mask_window"]) == (0, 0.0)
+        assert (opts["scan_ascent"], opts["mask_window"], opts["scan_areas"]) == (0, 0.0, 2)
         other = cbd_fast.PurifyConfig(adversary_options={"scan_ascent": 2}).validate()
         assert make_adversary(other).options["scan_ascent"] == 2
         monkeypatch.setattr(cbd_fast, "PurifyConfig", current)
+    mod._use_previous_defaults("areas")  # before 4.28: two scan sizes, nothing else changed
+    opts = make_adversary(cbd_fast.PurifyConfig().validate()).options
+    assert (opts["scan_areas"], opts["scan_ascent"], opts["mask_window"]) == (2, 3, 0.5)
+    monkeypatch.setattr(cbd_fast, "PurifyConfig", current)
     opts = make_adversary(current().validate()).options
-    assert (opts["scan_ascent"], opts["mask_window"]) == (3, 0.5)
+    assert (opts["scan_ascent"], opts["mask_window"], opts["scan_areas"]) == (3, 0.5, 3)
+
+
+def test_paired_defaults_summary_pairs_returned_runs_and_counts_stops() -> None:
+    """``paired_defaults.py --summary``: per-attack means over the seeds (a stopped run left out of
+    its mean and counted), totals over the cells where both settings returned."""
+    mod = _load_script("research/paired_defaults")
+
+    def cell(attack: str, seed: int, before: float, prev: dict, cur: dict) -> dict:
+        res = {"no_defense": {"acc": 0.90, "asr": before}, "cbd_previous": prev, "cbd": cur}
+        return {"attack": attack, "seed": seed, "results": res}
+
+    stop = {"error": "HealthError: ..."}
+    cells = [
+        cell("a", 1, 1.0, {"acc": 0.89, "asr": 0.10}, {"acc": 0.885, "asr": 0.04}),
+        cell("a", 2, 1.0, {"acc": 0.885, "asr": 0.02}, {"acc": 0.87, "asr": 0.02}),
+        cell("b", 1, 0.9, stop, {"acc": 0.86, "asr": 0.30}),
+    ]
+    out = mod.summarize({"cells": {str(i): c for i, c in enumerate(cells)}})
+    assert "| a | 1,2 | 90.0 / 100.0 | 88.8 / 6.0 | 87.8 / 3.0 |" in out
+    assert "| b | 1 | 90.0 / 90.0 | stopped | 86.0 / 30.0 |" in out
+    assert "previous defaults: 2 cells where both returned: mean ASR 6.00%, mean ACC drop 1.25; " in out
+    # met: a/1 current (4%, 1.5 points) and a/2 previous (2%, 1.5 points); a/2 current loses 3 points
+    assert "of all 3 cells 1 meet both targets, 1 stopped" in out
+    assert "current defaults: 2 cells where both returned: mean ASR 3.00%, mean ACC drop 2.25; " in out
+    assert "current against previous: lower on 1, higher on 0, equal on 1 of 2" in out
 
 
 def test_heldout_eval_reads_the_settings_tune_baselines_chose(tmp_path: Path) -> None:

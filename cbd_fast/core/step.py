@@ -187,6 +187,7 @@ def _attack_inputs(run: Run, bt: _Batch) -> AttackInputs:
         rank=dctx.rank if dctx.enabled else 0,
         reduce=(lambda t: dist.all_reduce_sum(t, dctx)) if dctx.enabled else None,
         offset=bt.layout.offset if (bt.layout is not None and dctx.enabled) else None,
+        head=run.head.logits if run.head is not None else None,
     )
 
 

@@ -9,11 +9,13 @@ models, the same defender images and the same test images as ``scripts/heldout_e
 the head term (``docs/method.md`` 4.23: ``head_weight=0``, ``clean_weight=50``,
 ``head_clean=False``, and the search without the scan's own-pattern fills and mask window, as it
 was then); ``scan``: those before 4.24 (the head term on, the search without the own-pattern fills
-and mask window: ``scan_ascent=0``, ``mask_window=0``).
+and mask window: ``scan_ascent=0``, ``mask_window=0``); ``areas``: those before 4.28 (two square
+sizes in the mask scan: ``scan_areas=2``).
 
 ``--new``: a JSON whose ``cells`` hold the current defaults' results of those cells (written by
 ``heldout_eval.py`` on the same zoo models); the previous defaults' results are added to each cell
-under ``results["cbd_previous"]``, and the file is rewritten. Nothing here chooses a setting: the
+under ``results["cbd_previous"]``, and the file is rewritten. ``--summary`` prints the per-attack
+comparison of such a file (:func:`summarize`) and runs nothing. Nothing here chooses a setting: the
 cells are report cells, read after the choice was made on the dev attacks.
 """
 
@@ -30,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-#: the search's settings before ``docs/method.md`` 4.24 (no own-pattern fills, masks anywhere)
-_SEARCH_BEFORE_SCAN_FILLS = {"scan_ascent": 0, "mask_window": 0.0}
+#: the search's settings before ``docs/method.md`` 4.24 (no own-pattern fills, masks anywhere; and
+#: two scan sizes, as every default before 4.28)
+_SEARCH_BEFORE_SCAN_FILLS = {"scan_ascent": 0, "mask_window": 0.0, "scan_areas": 2}
 #: ``--previous`` -> the PurifyConfig defaults it restores
 PREVIOUS: dict[str, dict] = {
     "head": {
@@ -41,6 +44,7 @@ PREVIOUS: dict[str, dict] = {
         "adversary_options": _SEARCH_BEFORE_SCAN_FILLS,
     },
     "scan": {"adversary_options": _SEARCH_BEFORE_SCAN_FILLS},
+    "areas": {"adversary_options": {"scan_areas": 2}},
 }
 
 
@@ -71,14 +75,76 @@ def _run(key: str, which: str) -> tuple[str, dict]:
     return key, cell
 
 
+def _met(r: dict, before: dict) -> bool:
+    """ASR <= 5% and ACC drop <= 2 points, in percent as ``heldout_eval.summarize`` counts them (a
+    stopped or failed run: not met)."""
+    return "asr" in r and 100 * r["asr"] <= 5 and 100 * (before["acc"] - r["acc"]) <= 2
+
+
+def summarize(data: dict) -> str:
+    """Markdown: per attack, the means over its seeds of ACC / ASR before, with the previous and with
+    the current defaults (``cbd_previous`` and ``cbd`` of every cell that has both; a run stopped by
+    the health check is left out of its mean and counted in brackets), then the totals over the
+    cells where both returned: mean ASR, mean ACC drop, cells lower / higher, cells meeting both
+    targets (ASR <= 5%, drop <= 2)."""
+    import statistics
+
+    cells = [c for c in data["cells"].values() if {"cbd", "cbd_previous"} <= set(c["results"])]
+    if not cells:
+        return "no cell holds both cbd and cbd_previous"
+    by_attack: dict[str, list[dict]] = {}
+    for c in sorted(cells, key=lambda c: (c["attack"], c["seed"])):
+        by_attack.setdefault(c["attack"], []).append(c)
+
+    def cell(rs: list[dict]) -> str:
+        ok = [r for r in rs if "asr" in r]
+        if not ok:
+            return "stopped"
+        acc, asr = (100 * statistics.mean(r[k] for r in ok) for k in ("acc", "asr"))
+        return f"{acc:.1f} / {asr:.1f}" + (f" ({len(rs) - len(ok)} stopped)" if len(ok) < len(rs) else "")
+
+    lines = [
+        "| attack | seeds | before | previous defaults | current defaults |",
+        "|---|---|---|---|---|",
+    ]
+    for attack, cs in by_attack.items():
+        res = [[c["results"][m] for c in cs] for m in ("no_defense", "cbd_previous", "cbd")]
+        seeds = ",".join(str(c["seed"]) for c in cs)
+        lines.append(f"| {attack} | {seeds} | " + " | ".join(cell(r) for r in res) + " |")
+    both = [c for c in cells if all("asr" in c["results"][m] for m in ("cbd", "cbd_previous"))]
+    lines.append("")
+    for m, name in (("cbd_previous", "previous defaults"), ("cbd", "current defaults")):
+        rs = [(c["results"]["no_defense"], c["results"][m]) for c in both]
+        asr = 100 * statistics.mean(r["asr"] for _, r in rs)
+        drop = 100 * statistics.mean(b["acc"] - r["acc"] for b, r in rs)
+        met = sum(_met(r, c["results"]["no_defense"]) for c in cells for r in [c["results"][m]])
+        stopped = sum("asr" not in c["results"][m] for c in cells)
+        lines.append(
+            f"- {name}: {len(both)} cells where both returned: mean ASR {asr:.2f}%, mean ACC drop "
+            f"{drop:.2f}; of all {len(cells)} cells {met} meet both targets, {stopped} stopped"
+        )
+    d = [c["results"]["cbd"]["asr"] - c["results"]["cbd_previous"]["asr"] for c in both]
+    lines.append(
+        f"- current against previous: lower on {sum(x < 0 for x in d)}, higher on {sum(x > 0 for x in d)}, "
+        f"equal on {sum(x == 0 for x in d)} of {len(both)}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", required=True, help="comma-separated ARCH/ATTACK/SEED report cells")
+    p.add_argument("--cells", help="comma-separated ARCH/ATTACK/SEED report cells")
     p.add_argument("--new", required=True, type=Path, help="JSON with the current defaults' cells")
     p.add_argument("--previous", choices=sorted(PREVIOUS), default="head", help="the defaults compared with")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--summary", action="store_true", help="print the per-attack comparison of --new and exit")
     args = p.parse_args(argv)
     data = json.loads(args.new.read_text())
+    if args.summary:
+        print(summarize(data))
+        return 0
+    if not args.cells:
+        p.error("--cells is required (or --summary)")
     keys = [k for k in args.cells.split(",") if k]
     missing = [k for k in keys if k not in data["cells"]]
     if missing:

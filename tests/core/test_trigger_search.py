@@ -175,12 +175,13 @@ def test_scan_areas_is_a_geometric_ladder_between_a_quarter_and_the_whole() -> N
     from cbd_fast.core.adversaries.search import _scan_areas
 
     area = 0.04 * 28 * 28
-    assert _scan_areas(area, 2) == [area / 4, area]  # the default: exactly the two areas of before
+    assert _scan_areas(area, 2) == [area / 4, area]  # the two areas of the defaults before 4.28
     assert _scan_areas(area, 1) == [area]
     three = _scan_areas(area, 3)
     assert three[0] == area / 4 and three[-1] == area and abs(three[1] - area / 2) < 1e-9
     # the sides a 28 x 28 image is scanned with: 3 and 6, and 4 in between with three areas
     assert sorted({round(a**0.5) for a in three}) == [3, 4, 6]
+    assert TriggerSearch.check_options(None)["scan_areas"] == 3  # the default (method.md 4.28)
     with pytest.raises(ValueError, match="scan_areas"):
         _cfg(scan_areas=0)
 
@@ -494,3 +495,53 @@ def test_batch_steps_is_validated() -> None:
         with pytest.raises((ValueError, TypeError), match="batch_steps"):
             _cfg(batch_steps=bad)
     assert TriggerSearch.check_options({"batch_steps": 0})["batch_steps"] == 0
+
+
+# ---- head_attack: the head's divergence in the search's objective ------------------------------------
+
+
+def _head_kl(head: nn.Module, z0: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(h(z0) || h(z)) [n]."""
+    p = head(z0).log_softmax(1)
+    return (p.exp() * (p - head(z).log_softmax(1))).sum(1)
+
+
+def test_head_attack_is_off_without_a_head_and_reads_it_with_one() -> None:
+    """With no head the option changes nothing; with one, the objective holds
+    ``head_attack * sum KL(h(anchors) || h(f(x'))) / B`` (checked against a direct computation) and
+    the search moves the head's predictions further than without it."""
+    enc, x = _encoder(), torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    head = nn.Linear(enc(x[:1]).flatten(1).shape[1], 10)
+    torch.nn.init.normal_(head.weight, std=3.0, generator=torch.Generator().manual_seed(5))
+    head.requires_grad_(False)
+    inp0 = _inputs(enc, x, _cfg())
+    outs = {}
+    for w, with_head in ((0.0, False), (10.0, False), (0.0, True), (10.0, True)):
+        cfg = _cfg(head_attack=w)
+        inp = dataclasses.replace(inp0, config=cfg, head=head if with_head else None)
+        outs[w, with_head] = TriggerSearch(cfg)(inp)
+    assert torch.equal(outs[0.0, False], outs[10.0, False])  # no head: the option does nothing
+    assert torch.equal(outs[0.0, False], outs[0.0, True])  # a head with head_attack 0: nothing either
+    with torch.no_grad():
+        kl = {
+            w: float(_head_kl(head, inp0.clean_features, enc(outs[w, True]).flatten(1)).mean())
+            for w in (0, 10)
+        }
+    assert kl[10] > 1.3 * kl[0], kl  # the head-guided search moves the predictions further
+
+    # the term itself, against a direct computation (with a subset of rows, as the sparse steps use)
+    adv = TriggerSearch(_cfg(head_attack=2.5))
+    inp = dataclasses.replace(inp0, config=adv.config, head=head)
+    st = adv.begin(inp)
+    z = enc(x.flip(-1)).flatten(1)
+    rows = torch.tensor([3, 7, 11])
+    got = adv._head_divergence(st, z[rows], rows)
+    want = 2.5 * _head_kl(head, inp0.clean_features[rows], z[rows]).sum() / 64
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert float(adv._head_divergence(st, z).detach()) > float(got.detach())
+
+
+def test_head_attack_is_validated() -> None:
+    for bad in (-1.0, 101.0, "x"):
+        with pytest.raises((ValueError, TypeError), match="head_attack"):
+            _cfg(head_attack=bad)

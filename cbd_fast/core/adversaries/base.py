@@ -38,6 +38,9 @@ class AttackInputs:
             (universal parameters' gradients, statistics).
         offset: where this rank's rows start in ``clean_features`` when ranks hold different numbers
             of images (``adv_fraction < 1`` under torch.distributed); None: ``rank * B``.
+        head: None, or the run's known head as a function [M, D] features -> [M, K] float32 logits,
+            differentiable in the features (its own parameters frozen), for adversaries that read
+            the head's predictions (``trigger_search``'s ``head_attack``).
     """
 
     encoder: nn.Module
@@ -50,6 +53,7 @@ class AttackInputs:
     rank: int = 0
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     offset: int | None = None
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def local_clean_features(self) -> torch.Tensor:
@@ -91,6 +95,7 @@ class AttackInputs:
             config=self.config,
             rank=self.rank if gather is not None else 0,
             reduce=self.reduce if gather is not None else None,
+            head=self.head,
         )
 
 

@@ -19,14 +19,14 @@ The search keeps one parameterised family for each, none shaped after a particul
 The bounds are fractions of the image or of the pixel range; nothing fixes a trigger's position,
 size, pattern or grid. Each universal family keeps ``restarts`` persistent parameter sets (the mask
 family ``mask_restarts``, by default as many), used in turn (one per batch), refined on every batch
-and saved in checkpoints. The mask family starts from a label-free scan: squares whose areas are
-``mask_area`` and a quarter of it (with ``scan_areas`` > 2, areas in between too, on a geometric
-ladder) are pasted at every position (stride half a side) on a few images, filled black, white,
-with a random binary pattern and with a pattern of their own raised by ``scan_ascent`` gradient
-steps (so that an optimised trigger pattern is found as well as a hand-made one), and the
-``mask_restarts`` positions that move the features most become the initial masks; the gradient
-then reshapes the mask within its area budget and within its square grown by ``mask_window``
-sides. With ``rescan_every`` k > 0 the scan runs again on the encoder being
+and saved in checkpoints. The mask family starts from a label-free scan: squares of ``scan_areas``
+sizes (a geometric ladder of areas from a quarter of ``mask_area`` to ``mask_area``; by default
+three: sides 3, 4 and 6 on 28 x 28) are pasted at every position (stride half a side) on a few
+images, filled black, white, with a random binary pattern and with a pattern of their own raised
+by ``scan_ascent`` gradient steps (so that an optimised trigger pattern is found as well as a
+hand-made one), and the ``mask_restarts`` positions that move the features most become the
+initial masks; the gradient then reshapes the mask within its area budget and within its square
+grown by ``mask_window`` sides. With ``rescan_every`` k > 0 the scan runs again on the encoder being
 fine-tuned at the first batch of every k-th epoch, and its squares replace the masks.
 
 One attack per batch: every image is assigned one family; all of them are attacked TOGETHER,
@@ -38,7 +38,9 @@ shared forward in the same NT-Xent batch. The universal families persist and are
 and an L-inf PGD row reaches its ball in a few steps; the L0 search picks its pixels step by step
 and is the one that needs the steps (``docs/method.md`` 4.20). Cost: ``2 * batch_steps + 2 * s *
 (steps - batch_steps)`` passes of the batch for a sparse share s, against ``2 * steps`` for
-per-sample PGD.
+per-sample PGD. With ``head_attack`` w > 0 and a known head h, ``L`` also holds
+``w * sum_i KL(h(anchor_i) || h(f(x'_i))) / B`` (the head's predictions moved away from its clean
+ones, as TRADES's inner maximisation; off by default: ``docs/method.md`` 4.28).
 
 Budget by measurement: a family's share of the batch is ``min_share`` plus the rest split in
 proportion to ``weight_f * strength_f``, where ``strength_f`` is an exponential moving average
@@ -249,7 +251,15 @@ class TriggerSearch(Adversary):
             doc="keep each mask within its scan square grown by this many sides (0: anywhere)",
         ),
         "scan_areas": Option(
-            2, int, 1, 8, doc="square areas the scan tries: a geometric ladder, mask_area / 4 to mask_area"
+            3, int, 1, 8, doc="square areas the scan tries: a geometric ladder, mask_area / 4 to mask_area"
+        ),
+        "head_attack": Option(
+            0.0,
+            float,
+            0.0,
+            100.0,
+            doc="weight of KL(h(f(x)) || h(f(x'))) added to the objective the search raises, when the "
+            "run knows the model's head h (0: off; no effect without a head)",
         ),
         "rescan_every": Option(
             0,
@@ -394,7 +404,7 @@ class TriggerSearch(Adversary):
 
     @torch.no_grad()
     def _scan(self, inp: AttackInputs) -> list[list[torch.Tensor]]:
-        """Initial masks: the squares (two areas; black / white / random / own fills) that move the
+        """Initial masks: the squares (``scan_areas`` areas; black / white / random / own fills) that move the
         features most. Own fills (``scan_ascent`` > 0): a pattern per square raised by
         :func:`_ascend_square_patterns` on the images of the first halving round.
 
@@ -698,6 +708,25 @@ class TriggerSearch(Adversary):
                 j += t.numel()
             st.uni[f] = self._update(f, ps, gs, st.x)
 
+    def _head_divergence(
+        self, st: _Attack, z: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``head_attack * sum_i KL(h(a_i) || h(z_i)) / B_global``: how far the head's predictions on
+        the attacked features ``z`` [n, D] (this rank's rows, or its ``rows`` [n] of the batch) have
+        moved from its predictions on the same images' clean anchors ``a``, in the units of the
+        NT-Xent mean (0-dim float32; 0 without a head or with ``head_attack`` 0). No label is read:
+        the targets are the model's own clean predictions."""
+        w, inp = float(self.options["head_attack"]), st.inp
+        if w == 0.0 or inp.head is None:
+            return z.new_zeros(())
+        if st.head_target is None:
+            with torch.no_grad():
+                st.head_target = inp.head(inp.local_clean_features.float()).float().log_softmax(1)
+        target = st.head_target if rows is None else st.head_target[rows]
+        log_q = inp.head(z).float().log_softmax(1)
+        kl = F.kl_div(log_q, target, log_target=True, reduction="sum")
+        return w * kl / inp.clean_features.shape[0]
+
     def _sparse_only_steps(self, st: _Attack, z: torch.Tensor, extra: int) -> None:
         """``extra`` more steps of the sparse rows alone: each forwards only those rows; the other
         rows keep ``z`` [B, D] float32 (detached), the features of the last shared forward (taken
@@ -719,6 +748,7 @@ class TriggerSearch(Adversary):
             loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
             if leaf is None:
                 continue
+            loss = loss + self._head_divergence(st, zs, st.idx_s)
             (g_s,) = torch.autograd.grad(loss, [leaf])
             with torch.no_grad():
                 shift = 1.0 - F.cosine_similarity(
@@ -751,7 +781,8 @@ class TriggerSearch(Adversary):
 
     def __call__(self, inp: AttackInputs) -> torch.Tensor:
         """``steps`` ascent steps on ``NTXent(f(x'), clean anchors)`` (eval mode, input-only
-        gradients); returns the detached adversarial batch."""
+        gradients; plus the head's divergence, :meth:`_head_divergence`, with ``head_attack`` > 0
+        and a known head); returns the detached adversarial batch."""
         cfg = self.config
         st = self.begin(inp)
         steps = int(cfg.steps)
@@ -763,6 +794,7 @@ class TriggerSearch(Adversary):
                 z = inp.encoder(x_adv).flatten(1).float()
                 zg = inp.gather(z) if inp.gather is not None else z
                 loss = nt_xent(zg, inp.clean_features.to(zg.dtype), cfg.temperature, backend=cfg.backend)
+                loss = loss + self._head_divergence(st, z)
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True) if leaves else []
                 self.ascend(st, leaves, list(grads), z)
             if steps > shared and z is not None and "sparse" in st.families:
@@ -795,3 +827,4 @@ class _Attack:
     sparse_pixels: int
     stats: torch.Tensor
     stepped: bool = False
+    head_target: torch.Tensor | None = None  # [B, K] log h(anchors), for head_attack (lazily)
