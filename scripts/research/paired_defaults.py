@@ -75,12 +75,6 @@ def _run(key: str, which: str) -> tuple[str, dict]:
     return key, cell
 
 
-def _met(r: dict, before: dict) -> bool:
-    """ASR <= 5% and ACC drop <= 2 points, in percent as ``heldout_eval.summarize`` counts them (a
-    stopped or failed run: not met)."""
-    return "asr" in r and 100 * r["asr"] <= 5 and 100 * (before["acc"] - r["acc"]) <= 2
-
-
 def summarize(data: dict) -> str:
     """Markdown: per attack, the means over its seeds of ACC / ASR before, with the previous and with
     the current defaults (``cbd_previous`` and ``cbd`` of every cell that has both; a run stopped by
@@ -113,15 +107,16 @@ def summarize(data: dict) -> str:
         lines.append(f"| {attack} | {seeds} | " + " | ".join(cell(r) for r in res) + " |")
     both = [c for c in cells if all("asr" in c["results"][m] for m in ("cbd", "cbd_previous"))]
     lines.append("")
+    if not both:
+        return "\n".join([*lines, "- no cell where both settings returned a model"])
+    import heldout_eval  # the held-out tables' own statistics and met rule
+
     for m, name in (("cbd_previous", "previous defaults"), ("cbd", "current defaults")):
-        rs = [(c["results"]["no_defense"], c["results"][m]) for c in both]
-        asr = 100 * statistics.mean(r["asr"] for _, r in rs)
-        drop = 100 * statistics.mean(b["acc"] - r["acc"] for b, r in rs)
-        met = sum(_met(r, c["results"]["no_defense"]) for c in cells for r in [c["results"][m]])
-        stopped = sum("asr" not in c["results"][m] for c in cells)
+        paired, every = heldout_eval.summarize(both, m), heldout_eval.summarize(cells, m)
         lines.append(
-            f"- {name}: {len(both)} cells where both returned: mean ASR {asr:.2f}%, mean ACC drop "
-            f"{drop:.2f}; of all {len(cells)} cells {met} meet both targets, {stopped} stopped"
+            f"- {name}: {len(both)} cells where both returned: mean ASR {paired['mean_asr']:.2f}%, mean "
+            f"ACC drop {paired['mean_drop']:.2f}; of all {len(cells)} cells {every['met']} meet both "
+            f"targets, {every['stopped']} stopped"
         )
     d = [c["results"]["cbd"]["asr"] - c["results"]["cbd_previous"]["asr"] for c in both]
     lines.append(
