@@ -9,7 +9,7 @@ Every (attack, arch, seed) is built with ``zoo.build_record`` on the Fashion-MNI
 stored under ``runs/zoo/{arch}/`` (``runs/`` is git-ignored):
 
 - ``{attack}_seed{seed}.pt``: the model's float32 state_dict;
-- ``{attack}_seed{seed}.trigger.pt``: the trigger's state (stateful attacks: adversarial_patch,
+- ``{attack}_seed{seed}.trigger.pt``: the trigger's state (stateful attacks: adversarial_patch, ban,
   input_aware, ssba, trojannn);
 - ``{attack}_seed{seed}.json``: written last: clean ACC and ASR on the 10,000 test images (encoder
   attacks: of a linear probe on the first ``--probe-images`` clean training images), seconds, the

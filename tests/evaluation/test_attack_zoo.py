@@ -16,6 +16,7 @@ from cbd_fast.evaluation.models import FMNISTNet
 from cbd_fast.evaluation.zoo import clean_label, optimized_patch, warps
 from cbd_fast.evaluation.zoo.base import save_trigger
 from cbd_fast.evaluation.zoo.dynamic import InputAwareTrigger
+from cbd_fast.evaluation.zoo.generated_patch import GeneratedPatch
 from cbd_fast.evaluation.zoo.optimized_patch import OptimizedPatch
 from cbd_fast.evaluation.zoo.quantize import floyd_steinberg
 from cbd_fast.evaluation.zoo.sample_specific import SampleSpecificTrigger
@@ -62,6 +63,7 @@ def test_splits_and_membership():
         "random_location",
         "adversarial_patch",
         "reflection",
+        "ban",
     ]
     assert set(dev[:5]) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
     assert len(report) >= 12 and not set(report) & set(dev)
@@ -81,7 +83,7 @@ def test_splits_and_membership():
     } <= set(report)
     assert zoo.get_attack("label_consistent").kind == "clean_label"
     assert {n for n in ALL if zoo.get_attack(n).kind == "encoder"} == {"badencoder", "badencoder_simclr"}
-    assert set(STATEFUL) == {"adversarial_patch", "input_aware", "ssba", "trojannn"}
+    assert set(STATEFUL) == {"adversarial_patch", "ban", "input_aware", "ssba", "trojannn"}
     for name in ALL:
         a = zoo.get_attack(name)
         assert a.name == name and a.split in zoo.SPLITS and a.kind in zoo.KINDS
@@ -282,6 +284,37 @@ def test_sample_specific_triggers_differ_per_image():
         assert not torch.allclose(ia.patterns(x)[0], ia.patterns(x)[1], atol=1e-5)
 
 
+def test_generated_patch_pastes_a_different_pattern_per_image_at_one_of_its_places():
+    trig = zoo.test_trigger("ban")
+    corners = trig.corners(28, 28)
+    assert corners.shape == (4, 2) and len({tuple(c) for c in corners.tolist()}) == 4
+    tiles = torch.zeros(28, 28)
+    for top, left in corners.tolist():  # non-overlapping and inside the 1-pixel margin
+        assert 1 <= top <= 28 - 1 - 4 and 1 <= left <= 28 - 1 - 4
+        tiles[top : top + 4, left : left + 4] += 1
+    assert float(tiles.max()) == 1.0
+    x = torch.full((32, 1, 28, 28), 0.5)
+    y = trig(x)
+    changed = (y != x)[:, 0]
+    used = set()
+    for i in range(len(x)):
+        rows, cols = changed[i].nonzero(as_tuple=True)
+        assert len(rows) <= 16 and len(rows) > 0
+        top, left = int(rows.min()), int(cols.min())
+        match = [
+            k for k, c in enumerate(corners.tolist()) if c[0] <= top < c[0] + 4 and c[1] <= left < c[1] + 4
+        ]
+        assert match, f"image {i}: changed pixels outside every place"
+        used.add(match[0])
+    assert len(used) >= 3, "the place is not drawn per image"
+    with torch.no_grad():
+        noise, _ = trig.draw(8, torch.Generator().manual_seed(1))
+        pats = trig.patterns(noise)
+    assert pats.shape == (8, 1, 4, 4) and not torch.allclose(pats[0], pats[1], atol=1e-4)
+    with pytest.raises(ValueError, match="size"):
+        GeneratedPatch(size=0)
+
+
 # ---------------------------------------------------------------------------- state files
 
 
@@ -292,8 +325,15 @@ def _changed(name: str):
         return OptimizedPatch(pattern=torch.rand(1, 5, 5, generator=g), top=21, left=2, name="trojannn")
     if name == "adversarial_patch":
         return OptimizedPatch(pattern=torch.rand(1, 4, 4, generator=g), top=12, left=22, name=name)
-    trig = InputAwareTrigger(seed=7) if name == "input_aware" else SampleSpecificTrigger(seed=7)
-    nets = (trig.pattern_net, trig.mask_net) if name == "input_aware" else (trig.encoder,)
+    if name == "ban":
+        trig = GeneratedPatch(seed=7)
+        nets = (trig.net,)
+    elif name == "input_aware":
+        trig = InputAwareTrigger(seed=7)
+        nets = (trig.pattern_net, trig.mask_net)
+    else:
+        trig = SampleSpecificTrigger(seed=7)
+        nets = (trig.encoder,)
     with torch.no_grad():
         for net in nets:
             for p in net.parameters():
@@ -477,6 +517,23 @@ def test_tiny_input_aware_build_and_reload(tmp_path):
     assert torch.equal(trigger(x), built.trigger(x))
     assert torch.equal(model(trigger(x)), built.model(built.trigger(x)))
     assert record["poisoned_index"] == bd.tolist() and record["acc"] == 0.5 and record["cross"] == 26
+
+
+def test_tiny_ban_build_trains_the_generator_and_reloads(tmp_path):
+    data = _tiny_set(256)
+    before = data.images.clone()
+    built = zoo.build_record("ban", "fmnistnet", data, seed=2, epochs=2)
+    assert torch.equal(data.images, before)
+    assert len(built.poisoned_index) == 26 and built.info["relabelled"] == 26
+    assert isinstance(built.trigger, GeneratedPatch)
+    untrained = zoo.test_trigger("ban")
+    x = _garments()
+    assert not torch.allclose(built.trigger(x), GeneratedPatch(seed=2)(x)), "the generator did not train"
+    assert built.info["pattern_spread"] > 0 and built.info["corners"] == untrained.corners(28, 28).tolist()
+    zoo.save_build(built, tmp_path / "fmnistnet" / "ban_seed2", {"acc": 0.5})
+    model, trigger, _ = zoo.load_build(tmp_path / "fmnistnet" / "ban_seed2")
+    assert torch.equal(trigger(x), built.trigger(x))
+    assert torch.equal(model(trigger(x)), built.model(built.trigger(x)))
 
 
 def test_tiny_badencoder_simclr_build():

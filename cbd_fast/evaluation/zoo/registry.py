@@ -2,10 +2,11 @@
 
 Splits: ``dev`` (the attacks anything may be tuned on: the five the defense was first designed against,
 delegated to ``backdoors.py``, two sparse ones from ``sparse.py``, an optimised patch from
-``adversarial_patch.py`` and a smooth global blend from ``reflection.py``) and ``report`` (twelve
-attacks never used to tune anything). Kinds: ``poison`` (dirty-label poisoning of the training set),
-``clean_label`` (only target-class images are modified, labels kept), ``encoder`` (a backdoor planted
-into an encoder without labels; evaluate with a linear probe).
+``adversarial_patch.py``, a smooth global blend from ``reflection.py`` and a per-image generated patch
+from ``generated_patch.py``) and ``report`` (twelve attacks never used to tune anything). Kinds:
+``poison`` (dirty-label poisoning of the training set), ``clean_label`` (only target-class images are
+modified, labels kept), ``encoder`` (a backdoor planted into an encoder without labels; evaluate with a
+linear probe).
 
 Lookups: ``get_attack(name)``, ``attack_names(split)``, ``select("all" | "dev" | "report" | "a,b,dev")``;
 triggers: ``test_trigger(name)`` (the test-time trigger of a stateless attack, or the untrained
@@ -27,6 +28,7 @@ from cbd_fast.evaluation.zoo import (
     dev,
     dynamic,
     encoder,
+    generated_patch,
     optimized_patch,
     reflection,
     sample_specific,
@@ -229,6 +231,34 @@ _ATTACKS: list[ZooAttack] = [
         lambda s: reflection.ReflectionBlend(
             alpha=float(s["alpha"]), seed=int(s["seed"]), shapes=int(s["shapes"]), blur=float(s["blur"])
         ),
+    ),
+    ZooAttack(
+        name="ban",
+        split="dev",
+        kind="poison",
+        citation=generated_patch.CITATION,
+        summary="a 4x4 pattern made per image by a generator from random noise, pasted at one of 4 seeded "
+        "places; generator and model trained together",
+        settings=MappingProxyType(
+            {
+                "size": 4,
+                "noise_dim": 16,
+                "hidden": 64,
+                "positions": 4,
+                "position_seed": 29,
+                "lambda_div": 1.0,
+            }
+        ),
+        stateful=True,
+        make_trigger=lambda s: generated_patch.GeneratedPatch(
+            size=int(s["size"]),
+            noise_dim=int(s["noise_dim"]),
+            hidden=int(s["hidden"]),
+            positions=int(s["positions"]),
+            position_seed=int(s["position_seed"]),
+        ),
+        builder=generated_patch.build_ban,
+        trigger_class=generated_patch.GeneratedPatch,
     ),
     _report(
         "badnets_checker",
@@ -451,9 +481,9 @@ def resolve_settings(attack: ZooAttack, overrides: Mapping[str, Any] | None) -> 
 def test_trigger(name: str, *, settings: Mapping[str, Any] | None = None) -> Trigger:
     """The test-time trigger of ``name`` built from its settings.
 
-    For a stateful attack (``adversarial_patch``, ``input_aware``, ``ssba``, ``trojannn``) this is the
-    *untrained* initial trigger (shape and range are right, the backdoor is not in it): use the trigger a
-    build returns, or ``load_trigger`` on the file saved next to the model.
+    For a stateful attack (``adversarial_patch``, ``ban``, ``input_aware``, ``ssba``, ``trojannn``) this is
+    the *untrained* initial trigger (shape and range are right, the backdoor is not in it): use the
+    trigger a build returns, or ``load_trigger`` on the file saved next to the model.
     """
     attack = get_attack(name)
     return attack.make_trigger(resolve_settings(attack, settings))
