@@ -49,7 +49,7 @@ ZOO_ROOT = ROOT / "runs" / "zoo"
 #: the five attacks of ``backdoors.py`` (their models come from ``app.demo.load_or_train``)
 BACKDOOR_ATTACKS = ("badnets", "blended", "sig", "wanet", "badencoder")
 #: the dev attacks built by the zoo only (their models come from ``runs/zoo/fmnistnet``, trained when missing)
-ZOO_DEV_ATTACKS = ("pixels", "random_location", "adversarial_patch", "reflection", "ban")
+ZOO_DEV_ATTACKS = ("pixels", "random_location", "adversarial_patch", "reflection", "ban", "poison_ink")
 DEV_ATTACKS = BACKDOOR_ATTACKS + ZOO_DEV_ATTACKS
 
 

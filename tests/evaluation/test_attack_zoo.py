@@ -64,6 +64,7 @@ def test_splits_and_membership():
         "adversarial_patch",
         "reflection",
         "ban",
+        "poison_ink",
     ]
     assert set(dev[:5]) == set(backdoors.SUPERVISED_ATTACKS + backdoors.SELF_SUPERVISED_ATTACKS)
     assert len(report) >= 12 and not set(report) & set(dev)
@@ -313,6 +314,31 @@ def test_generated_patch_pastes_a_different_pattern_per_image_at_one_of_its_plac
     assert pats.shape == (8, 1, 4, 4) and not torch.allclose(pats[0], pats[1], atol=1e-4)
     with pytest.raises(ValueError, match="size"):
         GeneratedPatch(size=0)
+
+
+def test_inked_edges_follow_the_image():
+    from cbd_fast.evaluation.zoo.edges import InkedEdges, edge_mask
+
+    x = torch.zeros(2, 1, 28, 28)
+    x[0, :, 6:20, 6:20] = 0.8  # a square ...
+    x[1, :, 10:24, 8:22] = 0.8  # ... moved by (4, 2)
+    m = edge_mask(x, 0.04)
+    assert m.shape == (2, 1, 28, 28) and torch.equal(m.sum((1, 2, 3)), torch.full((2,), 31.0))
+    assert float(m[..., 0, :].sum() + m[..., -1, :].sum() + m[..., 0].sum() + m[..., -1].sum()) == 0
+    assert not torch.equal(m[0], m[1])
+    ys, xs = m[1, 0].nonzero(as_tuple=True)
+    assert 8 <= int(ys.min()) <= int(ys.max()) <= 25 and 6 <= int(xs.min()) <= int(xs.max()) <= 23
+    y = zoo.test_trigger("poison_ink")(x)
+    changed = (y != x).float()
+    assert float((changed * (1 - m)).sum()) == 0, "a pixel off the edges changed"
+    assert bool((y[m.bool().expand_as(y)] == 1.0).all()), "an edge pixel is not inked white"
+    half = InkedEdges(strength=0.5)(x)
+    assert torch.allclose(half[m.bool().expand_as(x)], x[m.bool().expand_as(x)] * 0.5 + 0.5)
+    with pytest.raises(ValueError, match=r"\(1, 1, 2, 2\)"):
+        InkedEdges()(torch.rand(1, 1, 2, 2))
+    for bad in ({"density": 0.0}, {"strength": 1.5}, {"value": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            InkedEdges(**bad)
 
 
 # ---------------------------------------------------------------------------- state files

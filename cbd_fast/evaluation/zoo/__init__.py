@@ -1,6 +1,6 @@
-"""The attack zoo, FOR EVALUATION ONLY: 22 backdoor attacks on the evaluation's architectures.
+"""The attack zoo, FOR EVALUATION ONLY: 23 backdoor attacks on the evaluation's architectures.
 
-Nothing here is part of the defense. Ten ``dev`` attacks (the ones the defense may be tuned on: the
+Nothing here is part of the defense. Eleven ``dev`` attacks (the ones the defense may be tuned on: the
 first five delegated to ``cbd_fast.evaluation.backdoors`` so their models are bit-identical) and twelve
 ``report`` attacks (never used for tuning), each following its paper (see each module's docstring for
 the recipe, the settings and the deviations forced by 28x28 grayscale and a CPU budget).
@@ -13,7 +13,7 @@ the recipe, the settings and the deviations forced by 28x28 grayscale and a CPU 
 Modules: ``registry`` (the table), ``build`` (building, storing, reloading), ``training`` (victim
 recipes), ``dev``, ``patches``, ``blends``, ``warps``, ``frequency``, ``quantize``, ``filters``,
 ``dynamic``, ``sample_specific``, ``optimized_patch``, ``clean_label``, ``encoder``, ``sparse``,
-``adversarial_patch``, ``reflection``, ``generated_patch``.
+``adversarial_patch``, ``reflection``, ``generated_patch``, ``edges``.
 """
 
 from __future__ import annotations

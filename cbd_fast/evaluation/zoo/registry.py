@@ -2,11 +2,11 @@
 
 Splits: ``dev`` (the attacks anything may be tuned on: the five the defense was first designed against,
 delegated to ``backdoors.py``, two sparse ones from ``sparse.py``, an optimised patch from
-``adversarial_patch.py``, a smooth global blend from ``reflection.py`` and a per-image generated patch
-from ``generated_patch.py``) and ``report`` (twelve attacks never used to tune anything). Kinds:
-``poison`` (dirty-label poisoning of the training set), ``clean_label`` (only target-class images are
-modified, labels kept), ``encoder`` (a backdoor planted into an encoder without labels; evaluate with a
-linear probe).
+``adversarial_patch.py``, a smooth global blend from ``reflection.py``, a per-image generated patch
+from ``generated_patch.py`` and inked edges from ``edges.py``) and ``report`` (twelve attacks never
+used to tune anything). Kinds: ``poison`` (dirty-label poisoning of the training set), ``clean_label``
+(only target-class images are modified, labels kept), ``encoder`` (a backdoor planted into an encoder
+without labels; evaluate with a linear probe).
 
 Lookups: ``get_attack(name)``, ``attack_names(split)``, ``select("all" | "dev" | "report" | "a,b,dev")``;
 triggers: ``test_trigger(name)`` (the test-time trigger of a stateless attack, or the untrained
@@ -27,6 +27,7 @@ from cbd_fast.evaluation.zoo import (
     clean_label,
     dev,
     dynamic,
+    edges,
     encoder,
     generated_patch,
     optimized_patch,
@@ -114,7 +115,7 @@ def _dev(name: str, summary: str) -> ZooAttack:
 def _fixed_dev(
     name: str, summary: str, settings: dict[str, Any], make: Callable[[Settings], Trigger]
 ) -> ZooAttack:
-    """A zoo dev attack with a fixed trigger (``sparse.py``, ``reflection.py``): dirty-label
+    """A zoo dev attack with a fixed trigger (``sparse.py``, ``reflection.py``, ``edges.py``): dirty-label
     poisoning (``build_poisoned``)."""
     return ZooAttack(
         name=name,
@@ -160,6 +161,7 @@ _FIXED_DEV_CITATIONS = {
     "random_location": "Salem, Wen, Backes, Ma, Zhang. Dynamic Backdoor Attacks Against Machine Learning "
     "Models. IEEE EuroS&P 2022 (Random Backdoor: a trigger at a random location per input)",
     "reflection": reflection.CITATION,
+    "poison_ink": edges.CITATION,
 }
 
 
@@ -259,6 +261,14 @@ _ATTACKS: list[ZooAttack] = [
         ),
         builder=generated_patch.build_ban,
         trigger_class=generated_patch.GeneratedPatch,
+    ),
+    _fixed_dev(
+        "poison_ink",
+        "the image's own edges (the 4% of pixels with the largest Sobel gradient) set to white",
+        {"density": 0.04, "strength": 1.0, "value": 1.0},
+        lambda s: edges.InkedEdges(
+            density=float(s["density"]), strength=float(s["strength"]), value=float(s["value"])
+        ),
     ),
     _report(
         "badnets_checker",
