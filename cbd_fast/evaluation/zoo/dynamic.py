@@ -42,11 +42,11 @@ from cbd_fast.evaluation.zoo.base import ZooTrigger
 from cbd_fast.evaluation.zoo.training import (
     BuildJob,
     ZooBuild,
-    batches,
-    classifier_optimizer,
     cross_entropy,
+    diversity_ratio,
     new_model,
-    steps_per_epoch,
+    seeded,
+    train_with_generator,
 )
 
 __all__ = ["InputAwareTrigger", "build_input_aware"]
@@ -80,13 +80,6 @@ class EncoderDecoder(nn.Module):
         return self.dec(torch.cat([up, a], dim=1))
 
 
-def _seeded(seed: int, make: Any) -> Any:
-    """``make()`` with the global RNG seeded by ``seed`` and restored afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make()
-
-
 class InputAwareTrigger(ZooTrigger):
     """``x + m(x) * (g(x) - x)`` with a pattern generator g and a mask generator m (both [0, 1]).
 
@@ -108,8 +101,8 @@ class InputAwareTrigger(ZooTrigger):
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive int; got {width!r}")
         self.channels, self.width, self.seed = channels, width, seed
-        self.pattern_net = _seeded(seed, lambda: EncoderDecoder(channels, channels, width)).eval()
-        self.mask_net = _seeded(seed + 1, lambda: EncoderDecoder(channels, 1, width)).eval()
+        self.pattern_net = seeded(seed, lambda: EncoderDecoder(channels, channels, width)).eval()
+        self.mask_net = seeded(seed + 1, lambda: EncoderDecoder(channels, 1, width)).eval()
 
     def _check(self, images: torch.Tensor) -> None:
         if images.shape[1] != self.channels:
@@ -157,13 +150,6 @@ class InputAwareTrigger(ZooTrigger):
         return trig
 
 
-def _diversity(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of ``||a - b|| / ||ga - gb||`` (root mean squares per sample; finite gradients)."""
-    d_in = (a - b).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
-    d_out = (ga - gb).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
-    return (d_in / (d_out + 1e-6)).mean()
-
-
 def train_mask_generator(
     trigger: InputAwareTrigger,
     images: torch.Tensor,
@@ -187,7 +173,7 @@ def train_mask_generator(
         i = torch.randint(len(images), (batch_size,), generator=generator)
         j = torch.randint(len(images), (batch_size,), generator=generator)
         m1, m2 = trigger.masks(images[i]), trigger.masks(images[j])
-        loss = lambda_norm * F.relu(m1.mean() - density) + lambda_div * _diversity(
+        loss = lambda_norm * F.relu(m1.mean() - density) + lambda_div * diversity_ratio(
             images[i], images[j], m1, m2
         )
         opt.zero_grad(set_to_none=True)
@@ -221,52 +207,29 @@ def build_input_aware(job: BuildJob) -> ZooBuild:
     role[bd_index], role[cross_index] = 1, 2
 
     model = new_model(job.arch, job.seed)
-    batch_size = 128
-    steps = job.epochs * steps_per_epoch(n, batch_size)
-    opt_c, sched = classifier_optimizer(job.arch, model, steps)
-    net = trigger.pattern_net.train()
-    opt_g = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.5, 0.9))
     lambda_div = float(cfg["lambda_div"])
-    shuffle, partner = job.generator(0), job.generator(3)
-    bar = None
-    if job.progress:
-        from tqdm.auto import tqdm
+    partner = job.generator(3)
 
-        bar = tqdm(total=steps, desc="input-aware training", unit="batch")
-    model.train()
-    for _ in range(job.epochs):
-        for b in batches(n, batch_size, shuffle):
-            x, y = train.images[b], train.labels[b].clone()
-            r = role[b]
-            parts, labels = [x[r == 0]], [y[r == 0]]
-            aux = x.new_zeros(())
-            xb = x[r == 1]
-            if len(xb):
-                others = train.images[torch.randint(n, (len(xb),), generator=partner)]
-                gb, go = trigger.patterns(xb), trigger.patterns(others)
-                parts.append(trigger.stamp(xb, gb, trigger.masks(xb)))
-                labels.append(torch.full((len(xb),), job.target, dtype=y.dtype))
-                aux = lambda_div * _diversity(xb, others, gb, go)
-            xc = x[r == 2]
-            if len(xc):
-                others = train.images[torch.randint(n, (len(xc),), generator=partner)]
-                parts.append(trigger.stamp(xc, trigger.patterns(others), trigger.masks(others)))
-                labels.append(y[r == 2])
-            loss = cross_entropy(model, torch.cat(parts), torch.cat(labels)) + aux
-            opt_c.zero_grad(set_to_none=True)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_c.step()
-            opt_g.step()
-            if sched is not None:
-                sched.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    net.eval().requires_grad_(False)
-    model.eval()
+    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+        x, y = train.images[b], train.labels[b].clone()
+        r = role[b]
+        parts, labels = [x[r == 0]], [y[r == 0]]
+        aux = x.new_zeros(())
+        xb = x[r == 1]
+        if len(xb):
+            others = train.images[torch.randint(n, (len(xb),), generator=partner)]
+            gb, go = trigger.patterns(xb), trigger.patterns(others)
+            parts.append(trigger.stamp(xb, gb, trigger.masks(xb)))
+            labels.append(torch.full((len(xb),), job.target, dtype=y.dtype))
+            aux = lambda_div * diversity_ratio(xb, others, gb, go)
+        xc = x[r == 2]
+        if len(xc):
+            others = train.images[torch.randint(n, (len(xc),), generator=partner)]
+            parts.append(trigger.stamp(xc, trigger.patterns(others), trigger.masks(others)))
+            labels.append(y[r == 2])
+        return cross_entropy(model, torch.cat(parts), torch.cat(labels)) + aux
+
+    steps = train_with_generator(job, model, trigger.pattern_net, batch_loss, desc="input-aware training")
     with torch.no_grad():
         density = float(trigger.masks(train.images[:512]).mean())
     info = {

@@ -14,12 +14,13 @@ only in place. This dev attack has triggers that differ per image and is not the
 
 Settings (for 28 x 28 grayscale on a CPU; the paper's generator and sizes are not copied):
 ``size = 4`` (a 4 x 4 pattern, 2% of the image), ``positions = 4`` places drawn with ``position_seed``
-among the non-overlapping 4 x 4 tiles at least ``margin = 1`` pixel from the border; the generator is an MLP
-``noise_dim = 16 -> hidden = 64 -> C * size * size`` with a sigmoid output; Adam (lr 0.01, betas
-(0.5, 0.9), as ``dynamic.py``); the poisoned images are a fixed draw from the build seed, their noise
-and location are drawn again in every batch. Deviation: to keep the patterns from collapsing onto a
-single one (the generator's loss alone would allow it), the diversity loss of Nguyen & Tran 2020,
-``lambda_div * ||z - z'|| / ||g(z) - g(z')||``, is added to the generator's loss.
+among the non-overlapping 4 x 4 tiles at least ``margin = 1`` pixel from the border; the generator is
+an MLP ``noise_dim = 16 -> hidden = 64 -> C * size * size`` with a sigmoid output, trained by
+``training.train_with_generator`` (Adam, lr 0.01, betas (0.5, 0.9), as ``dynamic.py``); the poisoned
+images are a fixed draw from the build seed, their noise and location are drawn again in every batch.
+Deviation: to keep the patterns from collapsing onto a single one (the generator's loss alone would
+allow it), the diversity loss of Nguyen & Tran 2020 (``training.diversity_ratio``),
+``lambda_div * ||z - z'|| / ||g(z) - g(z')||``, is added to the loss.
 
 At test time the noise and the location of the i-th image of a call are drawn from a generator
 seeded with ``draw_seed``, so a call is deterministic and images of one call get different triggers.
@@ -38,11 +39,11 @@ from cbd_fast.evaluation.zoo.base import ZooTrigger
 from cbd_fast.evaluation.zoo.training import (
     BuildJob,
     ZooBuild,
-    batches,
-    classifier_optimizer,
     cross_entropy,
+    diversity_ratio,
     new_model,
-    steps_per_epoch,
+    seeded,
+    train_with_generator,
 )
 
 __all__ = ["CITATION", "GeneratedPatch", "build_ban"]
@@ -100,13 +101,14 @@ class GeneratedPatch(ZooTrigger):
         self.positions = _positive_int("positions", positions)
         self.margin = _positive_int("margin", margin, 0)
         self.position_seed, self.draw_seed, self.seed = int(position_seed), int(draw_seed), int(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.net = nn.Sequential(
+        self.net = seeded(
+            self.seed,
+            lambda: nn.Sequential(
                 nn.Linear(self.noise_dim, self.hidden),
                 nn.ReLU(),
                 nn.Linear(self.hidden, self.channels * self.size * self.size),
-            ).eval()
+            ),
+        ).eval()
 
     def corners(self, h: int, w: int) -> torch.Tensor:
         """[positions, 2] int64 (top, left) corners for an h x w image: distinct tiles of a grid of
@@ -194,13 +196,6 @@ class GeneratedPatch(ZooTrigger):
         return trig
 
 
-def _diversity(z1: torch.Tensor, z2: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
-    """mean over the batch of ``rms(z1 - z2) / rms(g1 - g2)`` (small when the patterns follow the noise)."""
-    d_in = (z1 - z2).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
-    d_out = (g1 - g2).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
-    return (d_in / (d_out + 1e-6)).mean()
-
-
 def pattern_spread(trigger: GeneratedPatch, n: int = 256, seed: int = 0) -> float:
     """Mean per-pixel standard deviation of ``n`` generated patterns (0 when they all coincide)."""
     with torch.no_grad():
@@ -228,48 +223,25 @@ def build_ban(job: BuildJob) -> ZooBuild:
     poisoned[bd_index] = True
 
     model = new_model(job.arch, job.seed)
-    batch_size = 128
-    steps = job.epochs * steps_per_epoch(n, batch_size)
-    opt_c, sched = classifier_optimizer(job.arch, model, steps)
-    net = trigger.net.train()
-    opt_g = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.5, 0.9))
     lambda_div = float(cfg["lambda_div"])
-    shuffle, draws = job.generator(0), job.generator(4)
-    bar = None
-    if job.progress:
-        from tqdm.auto import tqdm
+    draws = job.generator(4)
 
-        bar = tqdm(total=steps, desc="BaN training", unit="batch")
-    model.train()
-    for _ in range(job.epochs):
-        for b in batches(n, batch_size, shuffle):
-            x, y = train.images[b], train.labels[b]
-            bd = poisoned[b]
-            parts, labels = [x[~bd]], [y[~bd]]
-            aux = x.new_zeros(())
-            xb = x[bd]
-            if len(xb):
-                z, where = trigger.draw(len(xb), draws)
-                z2, _ = trigger.draw(len(xb), draws)
-                g1 = trigger.patterns(z)
-                parts.append(trigger.stamp(xb, g1, where))
-                labels.append(torch.full((len(xb),), job.target, dtype=y.dtype))
-                aux = lambda_div * _diversity(z, z2, g1, trigger.patterns(z2))
-            loss = cross_entropy(model, torch.cat(parts), torch.cat(labels)) + aux
-            opt_c.zero_grad(set_to_none=True)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_c.step()
-            opt_g.step()
-            if sched is not None:
-                sched.step()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    net.eval().requires_grad_(False)
-    model.eval()
+    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+        x, y = train.images[b], train.labels[b]
+        bd = poisoned[b]
+        parts, labels = [x[~bd]], [y[~bd]]
+        aux = x.new_zeros(())
+        xb = x[bd]
+        if len(xb):
+            z, where = trigger.draw(len(xb), draws)
+            z2, _ = trigger.draw(len(xb), draws)
+            g1 = trigger.patterns(z)
+            parts.append(trigger.stamp(xb, g1, where))
+            labels.append(torch.full((len(xb),), job.target, dtype=y.dtype))
+            aux = lambda_div * diversity_ratio(z, z2, g1, trigger.patterns(z2))
+        return cross_entropy(model, torch.cat(parts), torch.cat(labels)) + aux
+
+    steps = train_with_generator(job, model, trigger.net, batch_loss, desc="BaN training")
     info = {
         "poisoned": n_bd,
         "relabelled": n_bd,

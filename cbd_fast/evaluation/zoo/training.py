@@ -7,6 +7,9 @@ Recipes (the same as the rest of the evaluation, so zoo models sit beside the ex
 - every other architecture: ``architectures.train_adam`` (Adam, lr 1e-3, batch 128), as
   ``scripts/stability_matrix.py`` trains it.
 
+Attacks that train a trigger generator with the victim (``dynamic.py``, ``generated_patch.py``)
+share ``train_with_generator`` (one backward steps both), ``diversity_ratio`` and ``seeded``.
+
 A model is built as ``torch.manual_seed(seed); architectures.build(arch)`` (``FMNISTNet()`` for
 ``fmnistnet``, identical weights). Poisoned indices are drawn with a generator seeded by the build seed
 only (never by anything the defender draws), as ``backdoors.poison_dataset`` does.
@@ -30,9 +33,12 @@ __all__ = [
     "BuildJob",
     "ZooBuild",
     "classifier_optimizer",
+    "diversity_ratio",
     "new_model",
     "poison_index",
+    "seeded",
     "train_victim",
+    "train_with_generator",
 ]
 
 #: the learning rate of ``train_adam`` for every architecture but ``fmnistnet``.
@@ -161,3 +167,70 @@ def build_poisoned(job: BuildJob, trigger: Callable[[torch.Tensor], torch.Tensor
     poisoned, index = poison_dataset(job.train, trigger, rate=job.rate, target=job.target, seed=job.seed)
     train_victim(job.arch, model, poisoned, epochs=job.epochs, seed=job.seed, progress=job.progress)
     return ZooBuild(model, trigger, index, {"poisoned": len(index), "relabelled": len(index)})
+
+
+def seeded(seed: int, make: Callable[[], Any]) -> Any:
+    """``make()`` with the global RNG seeded by ``seed`` and restored afterwards (a module's initial
+    weights as a function of ``seed`` only)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def diversity_ratio(a: torch.Tensor, b: torch.Tensor, ga: torch.Tensor, gb: torch.Tensor) -> torch.Tensor:
+    """The diversity loss of Nguyen & Tran (NeurIPS 2020): mean over the batch of
+    ``rms(a - b) / rms(ga - gb)`` for two inputs a, b ([N, ...]) of a generator and its outputs ga, gb.
+    Small when different inputs give different outputs; finite gradients (epsilons in both roots)."""
+    d_in = (a - b).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
+    d_out = (ga - gb).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
+    return (d_in / (d_out + 1e-6)).mean()
+
+
+def train_with_generator(
+    job: BuildJob,
+    model: nn.Module,
+    generator_net: nn.Module,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    desc: str,
+    batch_size: int = 128,
+) -> int:
+    """Train ``model`` and a trigger's ``generator_net`` together (in place; both end in eval mode,
+    the generator without gradients).
+
+    ``job.epochs`` passes over shuffled index batches (``batches`` with ``job.generator(0)``);
+    ``batch_loss(index [<= batch_size] int64) -> scalar loss`` builds each batch's loss, and one
+    backward steps both: the model with its recipe's optimizer and schedule
+    (``classifier_optimizer``), the generator with Adam (lr 0.01, betas (0.5, 0.9), as Nguyen & Tran
+    2020). A tqdm bar named ``desc`` when ``job.progress``. Returns the number of steps.
+    """
+    n = len(job.train)
+    steps = job.epochs * steps_per_epoch(n, batch_size)
+    opt_c, sched = classifier_optimizer(job.arch, model, steps)
+    generator_net.train()
+    opt_g = torch.optim.Adam(generator_net.parameters(), lr=0.01, betas=(0.5, 0.9))
+    shuffle = job.generator(0)
+    bar = None
+    if job.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="batch")
+    model.train()
+    for _ in range(job.epochs):
+        for b in batches(n, batch_size, shuffle):
+            loss = batch_loss(b)
+            opt_c.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_c.step()
+            opt_g.step()
+            if sched is not None:
+                sched.step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    generator_net.eval().requires_grad_(False)
+    model.eval()
+    return steps
