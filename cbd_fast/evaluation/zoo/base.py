@@ -24,6 +24,7 @@ from cbd_fast.evaluation.backdoors import Trigger
 __all__ = [
     "TRIGGER_FILE_FORMAT",
     "ZooTrigger",
+    "check_channels",
     "check_images",
     "check_pattern",
     "pattern_for",
@@ -50,6 +51,14 @@ def check_images(images: Any, *, where: str = "images") -> torch.Tensor:
             f"got shape {tuple(images.shape)} dtype {images.dtype}"
         )
     return images
+
+
+def check_channels(images: torch.Tensor, channels: int, *, who: str, what: str) -> None:
+    """Raise ``ValueError`` unless ``images`` [N, C, H, W] has ``channels`` channels (for a trigger whose
+    learned parts were built for one channel count); the message is
+    ``f"{who}: {what} {channels}-channel images; got shape {shape}"``."""
+    if images.shape[1] != channels:
+        raise ValueError(f"{who}: {what} {channels}-channel images; got shape {tuple(images.shape)}")
 
 
 def check_pattern(pattern: torch.Tensor) -> None:

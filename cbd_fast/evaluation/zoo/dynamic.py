@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbd_fast.evaluation.zoo.base import ZooTrigger
+from cbd_fast.evaluation.zoo.base import ZooTrigger, check_channels
 from cbd_fast.evaluation.zoo.training import (
     BuildJob,
     ZooBuild,
@@ -105,11 +105,7 @@ class InputAwareTrigger(ZooTrigger):
         self.mask_net = seeded(seed + 1, lambda: EncoderDecoder(channels, 1, width)).eval()
 
     def _check(self, images: torch.Tensor) -> None:
-        if images.shape[1] != self.channels:
-            raise ValueError(
-                f"{self.name}: the generators take {self.channels}-channel images; "
-                f"got shape {tuple(images.shape)}"
-            )
+        check_channels(images, self.channels, who=self.name, what="the generators take")
 
     def patterns(self, images: torch.Tensor) -> torch.Tensor:
         """g(x): [N, C, H, W] in [0, 1] (differentiable)."""

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbd_fast.evaluation.zoo.base import ZooTrigger
+from cbd_fast.evaluation.zoo.base import ZooTrigger, check_channels
 from cbd_fast.evaluation.zoo.training import (
     BuildJob,
     ZooBuild,
@@ -156,11 +156,7 @@ class GeneratedPatch(ZooTrigger):
         return noise, where
 
     def _check(self, images: torch.Tensor) -> None:
-        if images.shape[1] != self.channels:
-            raise ValueError(
-                f"{self.name}: the generator makes {self.channels}-channel patterns; "
-                f"got shape {tuple(images.shape)}"
-            )
+        check_channels(images, self.channels, who=self.name, what="the generator makes patterns for")
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         self._check(images)

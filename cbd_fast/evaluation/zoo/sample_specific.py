@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbd_fast.evaluation.zoo.base import ZooTrigger
+from cbd_fast.evaluation.zoo.base import ZooTrigger, check_channels
 from cbd_fast.evaluation.zoo.dynamic import EncoderDecoder
 from cbd_fast.evaluation.zoo.training import BuildJob, ZooBuild, build_poisoned
 
@@ -106,11 +106,7 @@ class SampleSpecificTrigger(ZooTrigger):
 
     def residual(self, images: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
         """[N, C, H, W] residuals in [-eps, eps] for ``codes`` [N, bits] (default: the fixed code)."""
-        if images.shape[1] != self.channels:
-            raise ValueError(
-                f"{self.name}: the encoder takes {self.channels}-channel images; "
-                f"got shape {tuple(images.shape)}"
-            )
+        check_channels(images, self.channels, who=self.name, what="the encoder takes")
         if codes is None:
             codes = self.code.expand(len(images), -1)
         out = self.encoder(images.to(torch.float32), codes.to(torch.float32))
